@@ -1,0 +1,440 @@
+"""Typed configuration: dataclasses are the source of truth, YAML presets and `key=value` overrides
+layer on top, and every mistake becomes a one-line `ConfigError` naming the offending key.
+
+A preset `{method}-{size}` is the merge of `presets/sizes/{size}.yaml` (model, data and training
+budget) and `presets/methods/{method}.yaml` (which objectives, and anything the method changes), so
+every method of one size shares exactly the same model and budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from harmony.typed import NONE_WORDS, ConfigError, from_dict, merge, to_dict
+
+__all__ = ["Config", "ConfigError", "build_config", "dump_yaml", "from_dict", "load_preset", "to_dict", "validate"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadConfig:
+    """DINO/iBOT projection head: MLP (hidden) -> bottleneck -> L2 norm -> weight-normed linear."""
+
+    out_dim: int = 8192
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+
+
+@dataclass
+class DecoderConfig:
+    depth: int = 8
+    width: int = 512
+    heads: int = 16
+
+
+@dataclass
+class ModelConfig:
+    vision: str = "tiny-test"
+    text: str = "tiny-test"
+    embed_dim: int = 512
+    context_length: int = 77
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives (an objective is switched off by leaving it out: `objectives.mae=null`)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClipConfig:
+    """Image-text contrast. `alpha` weighs hard targets: L = a*L_hard + (1-a)*L_soft."""
+
+    weight: float = 1.0
+    soft_targets: bool = False
+    alpha_start: float = 1.0
+    alpha_end: float = 0.2
+    alpha_epochs: float = 10.0
+    soft_temperature: float = 0.1
+    logit_scale_init: float = 1 / 0.07
+    logit_scale_max: float = 100.0
+
+
+@dataclass
+class IBOTConfig:
+    """iBOT self-distillation (CLS over all cross-view pairs + masked patch tokens); DINO without patches."""
+
+    weight: float = 1.0
+    patch_loss: bool = True
+    local_crops: int = 8
+    student_temp: float = 0.1
+    teacher_temp_cls: float = 0.04
+    teacher_temp_patch_start: float = 0.04
+    teacher_temp_patch_end: float = 0.07
+    teacher_temp_warmup_epochs: float = 10.0
+    center_momentum: float = 0.9
+    mask_probability: float = 0.5
+    mask_ratio_min: float = 0.1
+    mask_ratio_max: float = 0.5
+    mask_min_patches: int = 16
+    mask_aspect_min: float = 0.3
+    freeze_last_layer_epochs: float = 1.0
+
+
+@dataclass
+class MAEConfig:
+    """MAE pixel reconstruction on every global crop; loss over removed patches, normalised targets."""
+
+    weight: float = 1.0
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(depth=8, width=512, heads=16))
+
+
+@dataclass
+class MLMConfig:
+    """Masked language modelling: words -> [MASK] with probability `mask_prob`, decoded to the vocabulary."""
+
+    weight: float = 1.0
+    mask_prob: float = 0.2
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(depth=4, width=512, heads=8))
+
+
+@dataclass
+class TextDistillConfig:
+    """Per-token self-distillation: text teacher on the clean caption, student on the masked one."""
+
+    weight: float = 1.0
+    mask_prob: float = 0.2
+    student_temp: float = 0.1
+    teacher_temp_start: float = 0.04
+    teacher_temp_end: float = 0.07
+    teacher_temp_warmup_epochs: float = 10.0
+    center_momentum: float = 0.9
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class SimCLRConfig:
+    """SLIP's image-image contrast between the two global crops (MLP projection, NT-Xent)."""
+
+    weight: float = 1.0
+    temperature: float = 0.1
+    hidden_dim: int = 4096
+    out_dim: int = 256
+
+
+@dataclass
+class MaskedDistillConfig:
+    """MaskCLIP's masked self-distillation: student sees `keep_ratio` of the patches, a small decoder
+    predicts the teacher's head output for the removed ones."""
+
+    weight: float = 0.05
+    keep_ratio: float = 0.25
+    decoder_depth: int = 1
+    decoder_heads: int = 16
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9
+
+
+@dataclass
+class ObjectivesConfig:
+    clip: ClipConfig | None = None
+    ibot: IBOTConfig | None = None
+    mae: MAEConfig | None = None
+    mlm: MLMConfig | None = None
+    text_distill: TextDistillConfig | None = None
+    simclr: SimCLRConfig | None = None
+    masked_distill: MaskedDistillConfig | None = None
+
+    def enabled(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, optimisation, training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentConfig:
+    """Multi-crop augmentation (iBOT's recipe). Probabilities are per crop; `*_blur` are per global crop."""
+
+    global_size: int = 224
+    local_size: int = 96
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    flip: float = 0.5
+    color_jitter: float = 0.8
+    jitter_strength: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    grayscale: float = 0.2
+    global_blur: tuple[float, float] = (1.0, 0.1)
+    global_solarize: tuple[float, float] = (0.0, 0.2)
+    local_blur: float = 0.5
+    eval_resize_ratio: float = 1.0
+
+
+@dataclass
+class BuiltinDataConfig:
+    """The generated `builtin:shapes` dataset."""
+
+    image_size: int = 64
+    num_train: int = 10000
+    num_val: int = 1000
+    seed: int = 0
+    mismatch_rate: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    num_workers: int = 2
+    epoch_size: int = 0
+    shuffle_buffer: int = 1000
+    resample_shards: bool = False
+    pin_memory: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; `lr` is per 256 images of global batch (lr_actual = lr * batch_size / 256)."""
+
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 3.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    fused: bool = True
+
+
+@dataclass
+class TeacherConfig:
+    """EMA teachers: momentum goes start -> end over training with the given schedule."""
+
+    momentum_start: float = 0.996
+    momentum_end: float = 1.0
+    schedule: Literal["cosine", "linear"] = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 25.0
+    batch_size: int = 768
+    max_steps: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0
+    keep_last: int = 3
+    compile: bool = False
+    threads: int = 0
+    max_bad_steps: int = 20
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    data_spec: str = "builtin:shapes"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def set_override(cfg: Config, assignment: str) -> Config:
+    """Apply one `dotted.key=value` override and re-validate the whole config."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' is not of the form key=value")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{assignment}' has an empty key")
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and value.strip().lower() in NONE_WORDS:
+        value = None
+    if isinstance(value, (dict, list)) and not raw.strip().startswith(("{", "[")):
+        value = raw
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return from_dict(Config, merge(to_dict(cfg), nested))
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+
+_PRESETS = resources.files("harmony") / "presets"
+
+
+def _yaml(path: Any) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset file {path} is not a mapping")
+    return data
+
+
+def _names(kind: str) -> list[str]:
+    folder = _PRESETS / kind
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def method_names() -> list[str]:
+    return _names("methods")
+
+
+def size_names() -> list[str]:
+    return _names("sizes")
+
+
+def preset_names() -> list[str]:
+    return [f"{m}-{s}" for m in method_names() for s in size_names()]
+
+
+def describe(kind: str, name: str) -> str:
+    """The `description` line of a method or size file."""
+    return str(_yaml(_PRESETS / kind / f"{name}.yaml").get("description", ""))
+
+
+def split_preset(name: str) -> tuple[str, str]:
+    for size in sorted(size_names(), key=len, reverse=True):
+        if name.endswith("-" + size):
+            method = name[: -len(size) - 1]
+            if method in method_names():
+                return method, size
+    raise ConfigError(
+        f"unknown preset '{name}': presets are '{{method}}-{{size}}' with method in "
+        f"{', '.join(method_names())} and size in {', '.join(size_names())} (see `harmony presets`)"
+    )
+
+
+def _strip(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != "description"}
+
+
+def compose(size: dict[str, Any], method: dict[str, Any]) -> dict[str, Any]:
+    """Merge a size file and a method file. The method decides which objectives are on; the size
+    file's `objectives` entries are size-dependent defaults (decoder widths, head sizes) applied only
+    to objectives the method enables, and the method's own values win."""
+    size = _strip(size)
+    size_objectives = size.pop("objectives", {}) or {}
+    data = merge(size, _strip(method))
+    enabled = data.get("objectives") or {}
+    for name, defaults in size_objectives.items():
+        if enabled.get(name) is not None:
+            enabled[name] = merge(defaults, enabled[name] if isinstance(enabled[name], dict) else {})
+    return data
+
+
+def load_preset(name: str) -> Config:
+    """A preset by name (`harmony-tiny`) or a YAML file holding a full or partial config."""
+    path = Path(name)
+    if name.endswith((".yaml", ".yml")):
+        if not path.is_file():
+            raise ConfigError(f"config file '{name}' does not exist")
+        try:
+            data = _yaml(path)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{name}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return from_dict(Config, _strip(data))
+    method, size = split_preset(name)
+    data = compose(_yaml(_PRESETS / "sizes" / f"{size}.yaml"), _yaml(_PRESETS / "methods" / f"{method}.yaml"))
+    data["name"] = name
+    return from_dict(Config, data)
+
+
+def build_config(preset: str, overrides: list[str] | None = None) -> Config:
+    cfg = load_preset(preset)
+    for assignment in overrides or []:
+        cfg = set_override(cfg, assignment)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks beyond types, each naming its key."""
+    from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
+
+    if cfg.model.vision not in VISION_SIZES:
+        raise ConfigError(
+            f"config key 'model.vision' must be one of {', '.join(VISION_SIZES)}, got {cfg.model.vision!r}"
+        )
+    if cfg.model.text not in TEXT_SIZES:
+        raise ConfigError(f"config key 'model.text' must be one of {', '.join(TEXT_SIZES)}, got {cfg.model.text!r}")
+    positive = {
+        "train.batch_size": cfg.train.batch_size,
+        "train.epochs": cfg.train.epochs,
+        "train.log_every": cfg.train.log_every,
+        "model.embed_dim": cfg.model.embed_dim,
+        "model.context_length": cfg.model.context_length,
+        "data.augment.global_size": cfg.data.augment.global_size,
+        "data.augment.local_size": cfg.data.augment.local_size,
+        "data.builtin.image_size": cfg.data.builtin.image_size,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if cfg.model.context_length < 3:
+        raise ConfigError("config key 'model.context_length' must be at least 3 (start, one word, end)")
+    for key, value in {"train.max_steps": cfg.train.max_steps, "data.num_workers": cfg.data.num_workers}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    probs = {
+        "data.augment.flip": cfg.data.augment.flip,
+        "data.augment.color_jitter": cfg.data.augment.color_jitter,
+        "data.augment.grayscale": cfg.data.augment.grayscale,
+        "data.augment.local_blur": cfg.data.augment.local_blur,
+        "data.builtin.mismatch_rate": cfg.data.builtin.mismatch_rate,
+    }
+    obj = cfg.objectives
+    if obj.ibot:
+        probs["objectives.ibot.mask_probability"] = obj.ibot.mask_probability
+        if not 0 <= obj.ibot.mask_ratio_min <= obj.ibot.mask_ratio_max < 1:
+            raise ConfigError("config keys 'objectives.ibot.mask_ratio_min/max' need 0 <= min <= max < 1")
+    if obj.mae:
+        probs["objectives.mae.mask_ratio"] = obj.mae.mask_ratio
+    if obj.mlm:
+        probs["objectives.mlm.mask_prob"] = obj.mlm.mask_prob
+    if obj.text_distill:
+        probs["objectives.text_distill.mask_prob"] = obj.text_distill.mask_prob
+    if obj.masked_distill:
+        probs["objectives.masked_distill.keep_ratio"] = obj.masked_distill.keep_ratio
+    if obj.mlm and obj.text_distill and obj.mlm.mask_prob != obj.text_distill.mask_prob:
+        raise ConfigError(
+            "config keys 'objectives.mlm.mask_prob' and 'objectives.text_distill.mask_prob' must match: "
+            "both objectives read the same masked caption"
+        )
+    for key, value in probs.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value}")
+    if not obj.enabled():
+        raise ConfigError("config key 'objectives' enables no objective; a method needs at least one")
+    for name in ("mlm", "text_distill"):
+        if getattr(obj, name) is not None and obj.clip is None:
+            raise ConfigError(f"config key 'objectives.{name}' needs 'objectives.clip', which trains the text tower")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,98 @@
+"""From one (image, caption) to every tensor the enabled objectives read, and batching them.
+
+`ViewMaker` is configured by the task's `Needs`: how many global/local crops, whether iBOT masks,
+MAE keep indices or a masked caption are needed. All randomness comes from the per-sample seed.
+`collate` stacks samples crop-major ([G, B, ...]) and precomputes flat token indices and weights so
+the training step indexes tensors without host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from PIL import Image
+
+from harmony.config import Config
+from harmony.data.augment import global_crop, local_crop, to_uint8_tensor
+from harmony.data.masking import (
+    block_mask,
+    flat_index,
+    ibot_ratio,
+    num_kept,
+    patch_loss_weights,
+    random_split,
+)
+from harmony.models.tokenizer import PAD_ID, CaptionTokenizer, mask_caption
+from harmony.objectives.base import Needs
+
+
+class ViewMaker:
+    def __init__(self, cfg: Config, needs: Needs, tokenizer: CaptionTokenizer | None, patch_size: int) -> None:
+        self.aug = cfg.data.augment
+        self.needs = needs
+        self.tokenizer = tokenizer
+        self.grid = (self.aug.global_size // patch_size, self.aug.global_size // patch_size)
+        self.ibot = cfg.objectives.ibot if cfg.objectives.ibot and cfg.objectives.ibot.patch_loss else None
+        self.dropped = sorted(needs.dropped_crops)
+        self.keep = num_kept(self.grid[0] * self.grid[1], needs.keep_ratio) if self.dropped else 0
+
+    def __call__(self, image: Image.Image, caption: str, seed: int) -> dict[str, torch.Tensor]:
+        rng = random.Random(seed)
+        gen = torch.Generator().manual_seed(rng.getrandbits(62))
+        img = to_uint8_tensor(image)
+        out: dict[str, torch.Tensor] = {
+            "global": torch.stack([global_crop(img, i, self.aug, rng) for i in range(self.needs.num_global)])
+        }
+        if self.needs.local_crops:
+            out["local"] = torch.stack([local_crop(img, self.aug, rng) for _ in range(self.needs.local_crops)])
+        if self.ibot is not None:
+            ib = self.ibot
+            out["ibot_mask"] = torch.stack(
+                [
+                    block_mask(
+                        self.grid,
+                        ibot_ratio(rng, ib.mask_probability, ib.mask_ratio_min, ib.mask_ratio_max),
+                        rng,
+                        ib.mask_min_patches,
+                        ib.mask_aspect_min,
+                    )
+                    for _ in range(self.needs.num_global)
+                ]
+            )
+        if self.dropped:
+            n = self.grid[0] * self.grid[1]
+            splits = [random_split(n, self.keep, gen) for _ in self.dropped]
+            out["mae_keep"] = torch.stack([keep for keep, _ in splits])
+            out["mae_remove"] = torch.stack([remove for _, remove in splits])
+        if self.needs.needs_text:
+            assert self.tokenizer is not None
+            tokens = self.tokenizer(caption)[0]
+            out["text"] = tokens
+            if self.needs.text_masked:
+                maskable = self.tokenizer.word_positions(tokens)
+                masked, where = mask_caption(tokens, maskable, self.needs.text_mask_prob, self.tokenizer.mask_id, gen)
+                out["text_masked"], out["text_mask"] = masked, where
+        return out
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack per-sample dicts; crop tensors become crop-major [G, B, ...]; add flat indices."""
+    batch: dict[str, torch.Tensor] = {}
+    for key in samples[0]:
+        stacked = torch.stack([torch.as_tensor(s[key]) for s in samples])
+        if key in ("global", "local", "ibot_mask", "mae_keep", "mae_remove"):
+            stacked = stacked.transpose(0, 1).contiguous()
+        batch[key] = stacked
+    if "ibot_mask" in batch:
+        masks = batch["ibot_mask"]
+        batch["ibot_index"], batch["ibot_weight"] = patch_loss_weights(masks.flatten(2))
+    if "text" in batch:
+        real = batch["text"] != PAD_ID
+        batch["text_real_index"] = flat_index(real)
+        if "text_mask" in batch:
+            mlm_index = flat_index(batch["text_mask"])
+            batch["mlm_index"] = mlm_index
+            batch["mlm_in_real"] = (real.flatten().long().cumsum(0) - 1)[mlm_index]
+    return batch

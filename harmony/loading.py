@@ -1,0 +1,67 @@
+"""Load pre-trained encoders from a checkpoint: `harmony.load(path)` for Python users, eval and export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from harmony.config import Config, ConfigError, from_dict, validate
+from harmony.models.pair import ImageTextModel, build_pair
+from harmony.models.tokenizer import CaptionTokenizer
+from harmony.train import checkpoint as ckpt
+
+Weights = Literal["auto", "student", "teacher"]
+
+
+@dataclass
+class Pretrained:
+    """Ready-to-use encoders: `model.encode_image(images)`, `model.encode_text(tokenizer(captions))`."""
+
+    model: ImageTextModel
+    tokenizer: CaptionTokenizer | None
+    config: Config
+    weights: str
+    step: int
+    path: Path
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.augment.global_size
+
+
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load(path: str | Path, weights: Weights = "auto", device: str | torch.device = "cpu") -> Pretrained:
+    """Build the image-text model of a checkpoint and load its weights (strictly).
+
+    `weights='auto'` takes the EMA teacher when it holds every tower the student has (DINO/iBOT
+    convention: the teacher is the better encoder), else the student. A teacher without a text tower
+    (e.g. CLIP + iBOT) loads as a vision-only model.
+    """
+    state = ckpt.load(path)
+    try:
+        cfg = from_dict(Config, state["config"])
+        validate(cfg)
+    except ConfigError as exc:
+        raise ckpt.CheckpointError(f"checkpoint '{path}' holds a config this version cannot use: {exc}") from None
+    model_state: dict[str, torch.Tensor] = state["model"]
+    student = _sub_state(model_state, "student.")
+    teacher = _sub_state(model_state, "teacher.")
+    has_text = any(k.startswith("text.") for k in student)
+    teacher_complete = bool(teacher) and (not has_text or any(k.startswith("text.") for k in teacher))
+    if weights == "auto":
+        weights = "teacher" if teacher_complete else "student"
+    if weights == "teacher" and not teacher:
+        raise ckpt.CheckpointError(f"checkpoint '{path}' has no teacher (method {cfg.name}); use weights=student")
+    chosen = teacher if weights == "teacher" else student
+    chosen_text = any(k.startswith("text.") for k in chosen)
+    tokenizer = CaptionTokenizer(cfg.model.context_length)
+    model = build_pair(cfg, tokenizer, with_text=chosen_text, use_mask_token=False)
+    ckpt.load_state_strict(model, chosen, f"checkpoint '{path}' ({weights})")
+    model.requires_grad_(False).eval().to(device)
+    return Pretrained(model, tokenizer if chosen_text else None, cfg, weights, int(state.get("step", 0)), Path(path))

@@ -1,0 +1,106 @@
+"""The image-text pair: vision tower, optional text tower, CLIP projections and logit scale.
+
+Students and EMA teachers are both instances of this class; evaluation and export load it too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harmony.config import Config
+from harmony.models.text import TextTower
+from harmony.models.tokenizer import CaptionTokenizer
+from harmony.models.vision import VisionTower
+
+
+class ImageTextModel(nn.Module):
+    def __init__(
+        self,
+        vision_size: str,
+        text_size: str | None,
+        embed_dim: int,
+        img_size: int,
+        vocab_size: int,
+        context_length: int,
+        eot_id: int,
+        drop_path_rate: float = 0.0,
+        use_mask_token: bool = True,
+        logit_scale_init: float = 1 / 0.07,
+        logit_scale_max: float = 100.0,
+    ) -> None:
+        super().__init__()
+        self.visual = VisionTower(
+            vision_size, img_size=img_size, drop_path_rate=drop_path_rate, use_mask_token=use_mask_token
+        )
+        self.logit_scale_max = logit_scale_max
+        self.text: TextTower | None = None
+        if text_size is not None:
+            self.text = TextTower(text_size, vocab_size=vocab_size, context_length=context_length, eot_id=eot_id)
+            self.visual_projection = nn.Linear(self.visual.embed_dim, embed_dim, bias=False)
+            self.text_projection = nn.Parameter(torch.empty(self.text.width, embed_dim))
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+            nn.init.normal_(self.visual_projection.weight, std=self.visual.embed_dim**-0.5)
+            nn.init.normal_(self.text_projection, std=self.text.width**-0.5)
+
+    @property
+    def has_text(self) -> bool:
+        return self.text is not None
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"visual.{n}" for n in self.visual.no_weight_decay()}
+        if self.text is not None:
+            names |= {f"text.{n}" for n in self.text.no_weight_decay()} | {"logit_scale"}
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        if self.text is not None:
+            self.text.set_grad_checkpointing(enable)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at `logit_scale_max` (CLIP's 100)."""
+        return self.logit_scale.exp().clamp(max=self.logit_scale_max)
+
+    def image_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised joint-space embedding from the CLS token of vision-tower output."""
+        return F.normalize(self.visual_projection(tokens[:, 0]), dim=-1)
+
+    def text_embedding(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        assert self.text is not None
+        return F.normalize(self.text.pool(features, ids) @ self.text_projection, dim=-1)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_embedding(self.visual(images))
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        assert self.text is not None, "this model has no text tower"
+        return self.text_embedding(self.text(ids), ids)
+
+
+def build_pair(
+    cfg: Config, tokenizer: CaptionTokenizer | None, with_text: bool, use_mask_token: bool
+) -> ImageTextModel:
+    """The student/teacher pair for a config (the text tower only when a text objective is on)."""
+    if with_text and tokenizer is None:
+        raise ValueError("a text tower needs a tokenizer")
+    clip = cfg.objectives.clip
+    model = ImageTextModel(
+        vision_size=cfg.model.vision,
+        text_size=cfg.model.text if with_text else None,
+        embed_dim=cfg.model.embed_dim,
+        img_size=cfg.data.augment.global_size,
+        vocab_size=tokenizer.vocab_size if tokenizer else 0,
+        context_length=cfg.model.context_length,
+        eot_id=tokenizer.eot_id if tokenizer else -1,
+        drop_path_rate=cfg.model.drop_path_rate,
+        use_mask_token=use_mask_token,
+        logit_scale_init=clip.logit_scale_init if clip else 1 / 0.07,
+        logit_scale_max=clip.logit_scale_max if clip else 100.0,
+    )
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model

@@ -1,0 +1,49 @@
+"""Teacher centring and sharpening (DINO/iBOT), shared by every self-distillation objective."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harmony.train.distributed import all_reduce_sum
+
+
+def sharpen(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher targets softmax((t - c) / tau), in float32."""
+    return F.softmax((teacher_logits.float() - center) / temperature, dim=-1)
+
+
+def soft_cross_entropy(targets: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row CE(p, q) = -sum p log softmax(s / tau); returns one value per row."""
+    return -(targets * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(dim=-1)
+
+
+class Center(nn.Module):
+    """EMA of the all-reduced mean of raw teacher logits.
+
+    `observe` records this step's batch mean; `update` folds it in once per optimiser step (after the
+    loss used the previous centre, as in DINO/iBOT).
+    """
+
+    value: torch.Tensor
+
+    def __init__(self, dim: int, momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("value", torch.zeros(1, dim))
+        self._pending: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def observe(self, logits: torch.Tensor) -> None:
+        """logits [M, K] raw teacher outputs of the tokens that define the centre (any M, even 0)."""
+        stats = torch.cat([logits.float().sum(dim=0), logits.new_tensor([logits.shape[0]], dtype=torch.float32)])
+        stats = all_reduce_sum(stats)
+        mean = stats[:-1] / stats[-1].clamp(min=1.0)
+        self._pending = torch.where(stats[-1] > 0, mean, self.value[0]).unsqueeze(0)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self._pending is not None:
+            self.value.mul_(self.momentum).add_(self._pending, alpha=1 - self.momentum)
+            self._pending = None

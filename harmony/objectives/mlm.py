@@ -1,0 +1,45 @@
+"""Masked language modelling: the student text tower reads the masked caption, a bidirectional
+decoder predicts the original word piece at every masked position (cross-entropy over the vocabulary).
+
+The loss is normalised by the global number of masked tokens, so it does not depend on how the
+masked tokens happen to be spread over ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from harmony.config import MLMConfig
+from harmony.models.decoders import MLMDecoder
+from harmony.models.tokenizer import PAD_ID
+from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
+from harmony.train.distributed import global_count
+
+
+def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies / normaliser (the global masked-token count per rank)."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum") / normaliser
+
+
+class MLMObjective(Objective):
+    name = "mlm"
+
+    def __init__(self, cfg: MLMConfig, text_width: int, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.decoder
+        self.decoder = MLMDecoder(text_width, vocab_size, width=d.width, depth=d.depth, heads=d.heads)
+
+    def needs(self) -> Needs:
+        return Needs(text_masked=True, text_mask_prob=self.cfg.mask_prob)
+
+    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
+        assert enc.text_masked is not None
+        index = batch["mlm_index"]
+        logits = self.decoder(enc.text_masked, batch["text"] == PAD_ID, index)
+        targets = batch["text"].flatten()[index]
+        loss = mlm_loss(logits, targets, global_count(index.new_tensor(index.numel())))
+        with torch.no_grad():
+            accuracy = (logits.argmax(-1) == targets).float().mean() if index.numel() else logits.new_zeros(())
+        return LossOutput(loss, {"mlm_accuracy": accuracy})

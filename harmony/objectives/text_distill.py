@@ -1,0 +1,63 @@
+"""Text self-distillation: iBOT's patch loss on caption tokens.
+
+Teacher text tower + head on the clean caption; student on the masked caption (the MLM forward is
+reused). Per-token CE between the centred/sharpened teacher distribution and the student's, over the
+masked tokens, normalised by the global masked count. The centre is an EMA of raw teacher logits of
+real (non-padding) tokens only (the authors' code centred probabilities, padding included).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from harmony.config import TextDistillConfig
+from harmony.models.heads import DINOHead
+from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
+from harmony.objectives.centering import Center, sharpen, soft_cross_entropy
+from harmony.train.distributed import global_count
+from harmony.train.schedules import linear_ramp
+
+
+def text_distill_loss(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float, normaliser: torch.Tensor
+) -> torch.Tensor:
+    return soft_cross_entropy(teacher_probs, student_logits, student_temp).sum() / normaliser
+
+
+class TextDistillObjective(Objective):
+    name = "text_distill"
+
+    def __init__(self, cfg: TextDistillConfig, text_width: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.head
+        self.student_head = DINOHead(text_width, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.num_layers)
+        self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
+        self.center = Center(h.out_dim, cfg.center_momentum)
+
+    def needs(self) -> Needs:
+        return Needs(text_masked=True, teacher_text=True, text_mask_prob=self.cfg.mask_prob)
+
+    def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+        return [(self.teacher_head, self.student_head)]
+
+    def after_step(self) -> None:
+        self.center.update()
+
+    def teacher_temperature(self, step: StepInfo) -> float:
+        cfg = self.cfg
+        progress = step.epoch / cfg.teacher_temp_warmup_epochs if cfg.teacher_temp_warmup_epochs > 0 else 1.0
+        return linear_ramp(cfg.teacher_temp_start, cfg.teacher_temp_end, progress)
+
+    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
+        assert enc.text_masked is not None and enc.teacher_text is not None
+        index = batch["mlm_index"]
+        student = self.student_head(enc.text_masked.flatten(0, 1)[index])
+        with torch.no_grad():
+            teacher_real = self.teacher_head(enc.teacher_text.flatten(0, 1)[batch["text_real_index"]])
+            probs = sharpen(teacher_real[batch["mlm_in_real"]], self.center.value, self.teacher_temperature(step))
+            self.center.observe(teacher_real)
+        normaliser = global_count(index.new_tensor(index.numel()))
+        return LossOutput(text_distill_loss(student, probs, self.cfg.student_temp, normaliser))

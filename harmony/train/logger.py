@@ -1,0 +1,85 @@
+"""Run logging on rank 0: `metrics.jsonl` (one object per log step), TensorBoard scalars, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop records with step > after_step (lines a killed run wrote after its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= after_step:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool = True) -> None:
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self._bar: tqdm[Any] | None = None
+        self._writer: Any = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(self.path, start_step)
+        self._file = open(self.path, "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            self._writer = None
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        step = int(record["step"])
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(key, value, step)
+        if self._bar is not None:
+            shown = {"loss": f"{record.get('loss', float('nan')):.3f}", "img/s": f"{record.get('images_per_s', 0):.0f}"}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        self._file.close()

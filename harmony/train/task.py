@@ -1,0 +1,218 @@
+"""The pre-training task: student, EMA teacher, objectives; one call returns the weighted loss terms.
+
+The task unions what the enabled objectives need and runs each distinct forward pass once per step:
+
+- student, global resolution: the iBOT-masked global crops and any clean crops (CLIP, SimCLR) in ONE
+  batched call (clean crops carry an all-false mask; without iBOT masks the clean pass is reused);
+- student, local resolution: all local crops in one call;
+- student, MAE-dropped: all dropped crops in one call (shared by MAE and MaskCLIP);
+- teacher: the clean global crops once, under no_grad (serves iBOT, soft CLIP and MaskCLIP targets);
+- student text: clean and masked captions in one call; teacher text: the clean caption once.
+
+The training loop around it knows nothing about any single objective.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from harmony.config import Config
+from harmony.data.augment import normalize
+from harmony.models.pair import ImageTextModel, build_pair
+from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
+from harmony.models.tokenizer import CaptionTokenizer
+from harmony.objectives.base import Encoded, Needs, Objective, StepInfo
+from harmony.objectives.clip import ClipObjective
+from harmony.objectives.ibot import IBOTObjective
+from harmony.objectives.mae import MAEObjective
+from harmony.objectives.masked_distill import MaskedDistillObjective
+from harmony.objectives.mlm import MLMObjective
+from harmony.objectives.simclr import SimCLRObjective
+from harmony.objectives.text_distill import TextDistillObjective
+
+
+def build_objectives(cfg: Config, vocab_size: int) -> dict[str, Objective]:
+    """The enabled objectives (with their heads/decoders), sized from the config alone."""
+    o = cfg.objectives
+    vision = VISION_SIZES[cfg.model.vision]
+    dim, patch = vision.embed_dim, vision.patch_size
+    text_width = TEXT_SIZES[cfg.model.text].width
+    num_global = 2 if (o.ibot or o.mae or o.simclr) else 1
+    objectives: dict[str, Objective] = {}
+    if o.clip:
+        objectives["clip"] = ClipObjective(o.clip)
+    if o.ibot:
+        objectives["ibot"] = IBOTObjective(o.ibot, cfg.model.head, dim, num_global)
+    if o.mae:
+        objectives["mae"] = MAEObjective(o.mae, dim, patch, num_global)
+    if o.mlm:
+        objectives["mlm"] = MLMObjective(o.mlm, text_width, vocab_size)
+    if o.text_distill:
+        objectives["text_distill"] = TextDistillObjective(o.text_distill, text_width)
+    if o.simclr:
+        objectives["simclr"] = SimCLRObjective(o.simclr, dim)
+    if o.masked_distill:
+        objectives["masked_distill"] = MaskedDistillObjective(o.masked_distill, cfg.model.head, dim)
+    return objectives
+
+
+def union_needs(objectives: dict[str, Objective]) -> Needs:
+    needs = Needs()
+    for objective in objectives.values():
+        needs = needs.union(objective.needs())
+    return needs
+
+
+class PretrainTask(nn.Module):
+    def __init__(self, cfg: Config, tokenizer: CaptionTokenizer | None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        vocab = tokenizer.vocab_size if tokenizer is not None else 0
+        objectives = build_objectives(cfg, vocab)
+        self.needs = needs = union_needs(objectives)
+        if needs.needs_text and tokenizer is None:
+            raise ValueError("a text objective is enabled but no tokenizer was given")
+        self.uses_masks = bool(cfg.objectives.ibot and cfg.objectives.ibot.patch_loss)
+        self.student = build_pair(cfg, tokenizer, with_text=needs.needs_text, use_mask_token=self.uses_masks)
+        self.teacher: ImageTextModel | None = None
+        if needs.needs_teacher:
+            teacher = copy.deepcopy(self.student).requires_grad_(False)
+            if not needs.teacher_text and teacher.text is not None:
+                teacher.text = None
+                del teacher.visual_projection, teacher.text_projection, teacher.logit_scale
+            self.teacher = teacher
+        self.objectives = nn.ModuleDict(objectives)
+        self._ema_cache: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def weights(self) -> dict[str, float]:
+        return {name: float(getattr(self.cfg.objectives, name).weight) for name in self.objectives}
+
+    def student_modules(self) -> nn.ModuleDict:
+        """Everything the optimiser trains (student towers, student heads, decoders)."""
+        return nn.ModuleDict({"student": self.student, "objectives": self.objectives})
+
+    def ema_parameter_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(teacher tensors, matching student tensors) for every EMA'd module, computed once."""
+        if self._ema_cache is None:
+            teachers: list[torch.Tensor] = []
+            students: list[torch.Tensor] = []
+            pairs: list[tuple[nn.Module, nn.Module]] = []
+            if self.teacher is not None:
+                pairs.append((self.teacher, self.student))
+            for objective in self.objectives.values():
+                pairs.extend(objective.ema_pairs())  # type: ignore[operator]
+            for teacher, student in pairs:
+                source = dict(student.named_parameters())
+                for name, param in teacher.named_parameters():
+                    teachers.append(param.data)
+                    students.append(source[name].data)
+            self._ema_cache = (teachers, students)
+        return self._ema_cache
+
+    @torch.no_grad()
+    def after_step(self, momentum: float) -> None:
+        """Once per optimiser step: EMA teachers (theta_t <- m theta_t + (1 - m) theta_s), then centres."""
+        teachers, students = self.ema_parameter_pairs()
+        if teachers:
+            torch._foreach_lerp_(teachers, students, 1.0 - momentum)
+        for objective in self.objectives.values():
+            objective.after_step()  # type: ignore[operator]
+
+    def frozen_parameters(self, step: StepInfo) -> list[nn.Parameter]:
+        return [p for o in self.objectives.values() for p in o.frozen_parameters(step)]  # type: ignore[operator]
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> Encoded:
+        needs, student = self.needs, self.student
+        images = normalize(batch["global"])  # [G, B, 3, H, W]
+        num_global, bsz = images.shape[:2]
+        enc = Encoded(images=images, grid=student.visual.grid(images.shape[-2], images.shape[-1]))
+        masks = batch.get("ibot_mask")
+        clean = sorted(needs.clean_crops)
+
+        # Student, global resolution: masked crops (if any) + clean crops, one call.
+        inputs, input_masks = [], []
+        if needs.masked_crops:
+            inputs.append(images.flatten(0, 1))
+            input_masks.append(masks.flatten(0, 1) if masks is not None else None)
+        separate_clean = clean if (masks is not None or not needs.masked_crops) else []
+        if separate_clean:
+            inputs.append(images[separate_clean].flatten(0, 1))
+            input_masks.append(torch.zeros_like(masks[separate_clean]).flatten(0, 1) if masks is not None else None)
+        if inputs:
+            mask = torch.cat(input_masks) if input_masks[0] is not None else None  # type: ignore[arg-type]
+            tokens = student.visual(torch.cat(inputs), mask=mask)
+            if needs.masked_crops:
+                enc.masked = tokens[: num_global * bsz].unflatten(0, (num_global, bsz))
+                tokens = tokens[num_global * bsz :]
+            for i, g in enumerate(separate_clean):
+                enc.clean[g] = tokens[i * bsz : (i + 1) * bsz]
+            if not separate_clean and enc.masked is not None:
+                enc.clean = {g: enc.masked[g] for g in clean}
+
+        if needs.local_crops:
+            local = normalize(batch["local"])
+            enc.local = student.visual(local.flatten(0, 1)).unflatten(0, local.shape[:2])
+
+        if needs.dropped_crops:
+            dropped = sorted(needs.dropped_crops)
+            keep = batch["mae_keep"][: len(dropped)].flatten(0, 1)
+            tokens = student.visual(images[dropped].flatten(0, 1), keep_index=keep)
+            enc.dropped = {g: tokens[i * bsz : (i + 1) * bsz] for i, g in enumerate(dropped)}
+            enc.pos_embed = student.visual.position_table(enc.grid)
+
+        if needs.needs_text:
+            assert student.text is not None
+            captions = [batch["text"]] if needs.text_clean else []
+            if needs.text_masked:
+                captions.append(batch["text_masked"])
+            features = student.text(torch.cat(captions))
+            if needs.text_clean:
+                enc.text = features[:bsz]
+            if needs.text_masked:
+                enc.text_masked = features[-bsz:]
+
+        if self.teacher is not None:
+            self._encode_teacher(batch, images, enc)
+
+        if "clip" in self.objectives:
+            assert enc.text is not None
+            enc.image_embed = student.image_embedding(enc.clean[0])
+            enc.text_embed = student.text_embedding(enc.text, batch["text"])
+            enc.logit_scale = student.scale()
+        return enc
+
+    @torch.no_grad()
+    def _encode_teacher(self, batch: dict[str, torch.Tensor], images: torch.Tensor, enc: Encoded) -> None:
+        teacher, needs = self.teacher, self.needs
+        assert teacher is not None
+        if needs.teacher_crops:
+            count = max(needs.teacher_crops) + 1
+            enc.teacher = teacher.visual(images[:count].flatten(0, 1)).unflatten(0, (count, images.shape[1]))
+        if needs.teacher_text:
+            assert teacher.text is not None
+            enc.teacher_text = teacher.text(batch["text"])
+            if enc.teacher is not None:
+                enc.teacher_image_embed = teacher.image_embedding(enc.teacher[0])
+                enc.teacher_text_embed = teacher.text_embedding(enc.teacher_text, batch["text"])
+
+    def forward(self, batch: dict[str, torch.Tensor], step: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted total loss, metrics incl. each unweighted loss term as `loss_<name>`)."""
+        enc = self.encode(batch)
+        weights = self.weights()
+        total: torch.Tensor | None = None
+        metrics: dict[str, torch.Tensor] = {}
+        for name, objective in self.objectives.items():
+            out = objective(enc, batch, step)
+            term = weights[name] * out.loss
+            total = term if total is None else total + term
+            metrics[f"loss_{name}"] = out.loss.detach()
+            metrics.update(out.metrics)
+        assert total is not None
+        return total, metrics

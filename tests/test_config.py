@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import pytest
+
+from harmony.config import ConfigError, build_config, preset_names, set_override, to_dict
+from tests.conftest import run_cli
+
+
+def test_presets_cover_methods_and_sizes() -> None:
+    names = preset_names()
+    for name in [
+        "clip-tiny",
+        "clip-vit-s16",
+        "clip-vit-b16",
+        "harmony-tiny",
+        "harmony-vit-s16",
+        "slip-tiny",
+        "maskclip-tiny",
+        "dino-tiny",
+        "ibot-tiny",
+        "mae-tiny",
+        "clip+ibot+soft+mae-vit-s16",
+        "clip+mlm+tdist-tiny",
+    ]:
+        assert name in names
+
+
+def test_method_presets_enable_their_objectives() -> None:
+    assert build_config("clip-tiny").objectives.enabled() == ["clip"]
+    harmony = build_config("harmony-vit-s16")
+    assert harmony.objectives.enabled() == ["clip", "ibot", "mae", "mlm", "text_distill"]
+    assert harmony.objectives.clip is not None and harmony.objectives.clip.soft_targets
+    assert harmony.objectives.mae is not None and harmony.objectives.mae.decoder.depth == 8
+    assert harmony.model.head.out_dim == 8192 and harmony.train.batch_size == 768
+    dino = build_config("dino-tiny")
+    assert dino.objectives.ibot is not None and not dino.objectives.ibot.patch_loss
+    # size-dependent objective defaults apply only to enabled objectives
+    assert build_config("clip-tiny").objectives.mae is None
+
+
+def test_same_size_shares_model_and_budget() -> None:
+    clip, harmony = build_config("clip-tiny"), build_config("harmony-tiny")
+    assert to_dict(clip.model) == to_dict(harmony.model)
+    assert to_dict(clip.train) == to_dict(harmony.train)
+    assert to_dict(clip.optim) == to_dict(harmony.optim)
+
+
+def test_overrides_are_typed() -> None:
+    cfg = build_config("clip-tiny", ["optim.lr=1e-3", "train.batch_size=64", "data.augment.global_scale=0.5,1.0"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.batch_size == 64
+    assert cfg.data.augment.global_scale == (0.5, 1.0)
+
+
+def test_override_switches_objectives_on_and_off() -> None:
+    cfg = build_config("harmony-tiny", ["objectives.mae=null"])
+    assert "mae" not in cfg.objectives.enabled()
+    cfg = set_override(build_config("clip-tiny"), "objectives.mae.weight=0.5")
+    assert cfg.objectives.mae is not None and cfg.objectives.mae.weight == 0.5
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("optim.lr=abc", "optim.lr"),
+        ("train.batch_size=1.5", "train.batch_size"),
+        ("train.precision=fp8", "train.precision"),
+        ("model.vision=vit-huge", "model.vision"),
+        ("objectives.ibot.mask_probability=2", "objectives.ibot.mask_probability"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("novalue", "novalue"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_config("harmony-tiny", [override])
+
+
+def test_unknown_preset_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_config("clap-tiny")
+
+
+@pytest.mark.slow
+def test_cli_config_errors_exit_2_with_one_line() -> None:
+    proc = run_cli("train", "--preset", "clip-tiny", "--print-config", "optim.lrr=1")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optim.lrr" in lines[0] and "Traceback" not in proc.stderr
+    proc = run_cli("train", "--preset", "nope-tiny", "--print-config")
+    assert proc.returncode == 2 and "unknown preset" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_print_config_applies_flags() -> None:
+    proc = run_cli(
+        "train", "--preset", "clip-tiny", "--batch-size", "32", "--epochs", "2", "--print-config", "optim.lr=3e-4"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "batch_size: 32" in proc.stdout and "epochs: 2.0" in proc.stdout and "lr: 0.0003" in proc.stdout

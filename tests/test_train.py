@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from harmony.train import checkpoint as ckpt
+from harmony.train.loop import train
+from tests.conftest import run_cli, tiny
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_short_clip_run_loss_falls(tmp_path: Path) -> None:
+    cfg = tiny(
+        "clip-tiny-test",
+        "train.max_steps=100",
+        "train.log_every=1",
+        "optim.lr=0.03",
+        "optim.weight_decay=0",
+        "optim.weight_decay_end=0",
+        "data.augment.global_scale=0.9,1",
+        "data.augment.color_jitter=0",
+    )
+    train(cfg, tmp_path, progress=False)
+    curve = list(losses(tmp_path).values())
+    assert len(curve) == 100
+    assert sum(curve[-10:]) / 10 < 0.6 * sum(curve[:10]) / 10
+
+
+def test_metrics_config_and_checkpoints_are_written(tmp_path: Path) -> None:
+    cfg = tiny("harmony-tiny-test", "train.max_steps=4", "train.log_every=2", "train.save_every=2", "train.keep_last=1")
+    train(cfg, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for key in [
+        "step",
+        "epoch",
+        "lr",
+        "loss",
+        "loss_clip",
+        "loss_ibot",
+        "loss_mae",
+        "loss_mlm",
+        "loss_text_distill",
+        "images_per_s",
+        "data_time_s",
+    ]:
+        assert key in records[-1], key
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "tensorboard").is_dir()
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["last.pt", "step_00000004.pt"]
+    state = ckpt.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 4 and state["config"]["name"] == "harmony-tiny-test"
+
+
+def test_resume_continues_from_the_saved_step_with_the_same_losses(tmp_path: Path) -> None:
+    overrides = ["train.max_steps=10", "train.log_every=1", "train.save_every=4", "train.keep_last=5"]
+    full = tmp_path / "full"
+    train(tiny("harmony-tiny-test", *overrides), full, progress=False)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "checkpoints" / "step_00000004.pt", resumed / "checkpoints" / "step_00000004.pt")
+    result = train(tiny("harmony-tiny-test", *overrides), resumed, resume="auto", progress=False)
+    assert result.steps == 10
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == list(range(5, 11))
+    for step in b:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    torch.testing.assert_close(
+        ckpt.load(full / "checkpoints" / "last.pt")["model"], ckpt.load(resumed / "checkpoints" / "last.pt")["model"]
+    )
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read"):
+        ckpt.load(bad)
+    proc = run_cli("eval", "zeroshot", "--checkpoint", str(bad), "--data", "builtin:shapes:val")
+    assert proc.returncode == 1 and "cannot be read" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path: Path, clip_checkpoint: Path) -> None:
+    with pytest.raises(ckpt.CheckpointError, match="does not match"):
+        train(tiny("harmony-tiny-test", "train.max_steps=2"), tmp_path, resume=str(clip_checkpoint), progress=False)
