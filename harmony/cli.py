@@ -78,6 +78,27 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`harmony bench [--preset ...]` (one training step) and `harmony bench data ...` (the loader)."""
+    from harmony.train.bench import add_bench_step_arguments, cmd_bench_step
+
+    p = sub.add_parser("bench", help="measure FLOPs, step time, memory (or `bench data`: loader images/s)")
+    add_bench_step_arguments(p)
+    p.set_defaults(func=cmd_bench_step)
+    what = p.add_subparsers(dest="bench_target")
+    data = what.add_parser("data", help="images/s of the full training data loader per worker count")
+
+    def cmd_bench_data(args: argparse.Namespace) -> int:
+        from harmony.data.throughput import cmd_bench_data as run
+
+        return run(args)
+
+    from harmony.data.throughput import add_bench_data_arguments
+
+    add_bench_data_arguments(data)
+    data.set_defaults(func=cmd_bench_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from harmony.data.cli import add_data_parser
     from harmony.demo import add_demo_parser
@@ -92,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_presets)
     add_data_parser(sub)
     add_eval_parser(sub)
+    add_bench_parser(sub)
     add_demo_parser(sub)
     return parser
 
@@ -104,7 +126,7 @@ def _fail(message: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from harmony.data.sources import DataError
     from harmony.train.checkpoint import CheckpointError
-    from harmony.train.loop import TrainingError
+    from harmony.train.step import TrainingError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)

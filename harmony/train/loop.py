@@ -13,24 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from harmony.config import Config, dump_yaml, to_dict
 from harmony.data.loader import build_train_data
 from harmony.data.views import ViewMaker
-from harmony.models.sizes import VISION_SIZES
-from harmony.models.tokenizer import CaptionTokenizer
-from harmony.objectives.base import StepInfo
 from harmony.train import checkpoint as ckpt
 from harmony.train.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
 from harmony.train.logger import MetricsLogger
-from harmony.train.optim import build_optimizer, set_schedule
-from harmony.train.schedules import Schedules
-from harmony.train.task import PretrainTask
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. repeated non-finite losses); the message says what to try."""
+from harmony.train.step import Stepper, TrainingError, resolve_device
 
 
 @dataclass
@@ -39,24 +29,6 @@ class RunResult:
     steps: int
     checkpoint: Path
     last_metrics: dict[str, float]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device=cuda but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def make_tokenizer(cfg: Config) -> CaptionTokenizer | None:
-    return CaptionTokenizer(cfg.model.context_length) if cfg.objectives.clip is not None else None
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -71,42 +43,35 @@ def total_steps_of(cfg: Config, steps_per_epoch: int) -> int:
 
 
 class Trainer:
+    """Data + `Stepper` + checkpoints + logging for one run folder."""
+
     def __init__(self, cfg: Config, out_dir: Path, resume: str | None = None, progress: bool = True) -> None:
         self.cfg, self.out_dir = cfg, out_dir
-        self.device = resolve_device(cfg.train.device)
-        self.dist: DistInfo = init_distributed(self.device.type)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
+        requested = resolve_device(cfg.train.device)
+        self.dist: DistInfo = init_distributed(requested.type)
+        self.device = resolve_device(cfg.train.device, self.dist)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)
-        self.tokenizer = make_tokenizer(cfg)
-        self.task = PretrainTask(cfg, self.tokenizer).to(self.device)
-        maker = ViewMaker(cfg, self.task.needs, self.tokenizer, VISION_SIZES[cfg.model.vision].patch_size)
+        self.stepper = Stepper(cfg, self.device, self.dist)
+        task = self.stepper.task
+        maker = ViewMaker(cfg, task.needs, self.stepper.tokenizer, task.student.visual.patch_size)
         self.data = build_train_data(cfg, maker, self.dist)
         self.steps_per_epoch = self.data.steps_per_epoch
         self.total_steps = total_steps_of(cfg, self.steps_per_epoch)
-        self.schedules = Schedules.from_config(cfg, self.steps_per_epoch, self.total_steps)
-        trainable = self.task.student_modules()
-        self.params = [p for p in trainable.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(trainable, cfg.optim, self.device)
-        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.step = 0
+        self.stepper.set_span(self.steps_per_epoch, self.total_steps)
         self.bad_steps = 0
         self.ckpt_dir = out_dir / "checkpoints"
         if resume:
             self._resume(resume)
-        self.model: torch.nn.Module = self.task
-        if self.dist.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.task, device_ids=ids, broadcast_buffers=False)
-        if cfg.train.compile:
-            self.task.student.visual = torch.compile(self.task.student.visual)  # type: ignore[assignment]
+        self.stepper.wrap_distributed()
         self.logger = MetricsLogger(out_dir, self.total_steps, self.step, self.dist.is_main, progress=progress)
         if self.dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    @property
+    def step(self) -> int:
+        return self.stepper.step
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -118,14 +83,7 @@ class Trainer:
         else:
             path = Path(resume)
         state = ckpt.load(path, map_location=self.device)
-        ckpt.load_state_strict(self.task, state["model"], f"checkpoint '{path}'")
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
-        self.step = int(state["step"])
+        self.stepper.load_state_dict(state, f"checkpoint '{path}'")
         self.bad_steps = int(state.get("bad_steps", 0))
 
     def save(self, periodic: bool) -> Path:
@@ -137,50 +95,16 @@ class Trainer:
             "version": ckpt.VERSION,
             "config": to_dict(self.cfg),
             "git": ckpt.git_revision(),
-            "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,
             "bad_steps": self.bad_steps,
-            "model": self.task.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            },
+            **self.stepper.state_dict(),
         }
         ckpt.save_atomic(state, last)
         if periodic:
             ckpt.save_atomic(state, self.ckpt_dir / f"step_{self.step:08d}.pt")
             ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)
         return last
-
-    # -- the step ----------------------------------------------------------------------------
-
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """One optimiser step; returns metrics, or None when the step was skipped (non-finite)."""
-        info = StepInfo(self.step, self.steps_per_epoch)
-        set_schedule(self.optimizer, self.schedules.lr(self.step), self.schedules.weight_decay(self.step))
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        ):
-            loss, metrics = self.model(batch, info)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.clip_grad
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        if not self.scaler.is_enabled() and not bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        for param in self.task.frozen_parameters(info):
-            param.grad = None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.task.after_step(self.schedules.momentum(self.step))
-        metrics["loss"] = loss.detach()
-        metrics["grad_norm"] = grad_norm.detach()
-        return metrics
 
     def fit(self) -> RunResult:
         cfg, spe = self.cfg, self.steps_per_epoch
@@ -196,12 +120,11 @@ class Trainer:
                     window["data"] += time.perf_counter() - fetch_start
                     window["errors"] += int(batch.pop("data_errors").sum())
                     batch.pop("index", None)
-                    metrics = self.train_step(to_device(batch, self.device))
+                    metrics = self.stepper.train_step(to_device(batch, self.device))
                     if metrics is None:
                         self._bad_step()
                     else:
                         self.bad_steps = 0
-                    self.step += 1
                     window["steps"] += 1
                     self.logger.advance()
                     if metrics is not None and (self.step % log_every == 0 or self.step == self.total_steps):
@@ -237,9 +160,9 @@ class Trainer:
         record: dict[str, float] = {
             "step": self.step,
             "epoch": round(self.step / self.steps_per_epoch, 4),
-            "lr": self.schedules.lr(self.step - 1),
-            "weight_decay": self.schedules.weight_decay(self.step - 1),
-            "teacher_momentum": self.schedules.momentum(self.step - 1),
+            "lr": self.stepper.schedules.lr(self.step - 1),
+            "weight_decay": self.stepper.schedules.weight_decay(self.step - 1),
+            "teacher_momentum": self.stepper.schedules.momentum(self.step - 1),
             **dict(zip(names, values)),
             "images_per_s": images_per_step * steps / elapsed,
             "images_per_s_per_device": images_per_step * steps / elapsed / self.dist.world_size,

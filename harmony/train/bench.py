@@ -1,0 +1,228 @@
+"""`harmony bench`: the cost of one full training step, per preset, as ratios to CLIP of the same size.
+
+For each preset, in a fresh subprocess (so peak memory is that preset's alone): build the task and
+optimiser, make one real batch through the data views, count FLOPs of forward + backward with
+torch's FLOP formulas (broken down by component, see `harmony.train.flops`), list the forward passes, then time steps after a
+warm-up. Every preset is compared with `clip-<size>` measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harmony.config import Config, build_config, split_preset
+from harmony.models.tokenizer import CaptionTokenizer
+from harmony.train.distributed import DistInfo
+from harmony.train.flops import ComponentFlops
+from harmony.train.step import Stepper, resolve_device
+from harmony.train.task import PretrainTask
+
+# Dense bf16 peak TFLOP/s by device name, for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def components(task: PretrainTask) -> dict[str, list[torch.nn.Module]]:
+    """The parts a step's FLOPs are reported by."""
+    out: dict[str, list[torch.nn.Module]] = {"student ViT": [task.student.visual]}
+    if task.teacher is not None:
+        out["teacher ViT"] = [task.teacher.visual]
+    if task.student.text is not None:
+        out["text student"] = [task.student.text]
+    if task.teacher is not None and task.teacher.text is not None:
+        out["text teacher"] = [task.teacher.text]
+    for label, name in (("MAE decoder", "mae"), ("MLM decoder", "mlm"), ("MaskCLIP decoder", "masked_distill")):
+        if name in task.objectives:
+            out[label] = [task.objectives[name].get_submodule("decoder")]
+    heads = [
+        m
+        for o in task.objectives.values()
+        for n, m in o.named_children()
+        if n in ("student_head", "teacher_head", "projector")
+    ]
+    if heads:
+        out["heads"] = heads
+    return out
+
+
+def make_batch(
+    cfg: Config, task: PretrainTask, tokenizer: CaptionTokenizer | None, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """One real batch through the data views (built-in images), as the loader would produce it."""
+    from harmony.data.sources import BuiltinSource
+    from harmony.data.views import ViewMaker, collate
+
+    maker = ViewMaker(cfg, task.needs, tokenizer, task.student.visual.patch_size)
+    source = BuiltinSource("train", cfg)
+    samples = []
+    for i in range(batch_size):
+        raw = source.load(i % len(source))
+        samples.append(maker(raw.image, raw.caption, seed=i))
+    return collate(samples)
+
+
+def measure(
+    preset: str, overrides: list[str], device_name: str, batch_size: int, steps: int, warmup: int
+) -> dict[str, Any]:
+    """Measure one preset in this process."""
+    from harmony.train.loop import to_device
+
+    cfg = build_config(preset, [f"train.batch_size={batch_size}", f"train.device={device_name}", *overrides])
+    device = resolve_device(device_name)
+    trainer = Stepper(cfg, device, DistInfo())
+    trainer.set_span(steps_per_epoch=1000, total_steps=100000)
+    task = trainer.task
+    batch = to_device(make_batch(cfg, task, trainer.tokenizer, batch_size), device)
+    passes: list[dict[str, Any]] = []
+    hooks = []
+    for name in ("student.visual", "teacher.visual", "student.text", "teacher.text"):
+        try:
+            module = task.get_submodule(name)
+        except AttributeError:
+            continue
+        hooks.append(
+            module.register_forward_hook(
+                lambda m, a, o, name=name: passes.append({"module": name, "input": list(a[0].shape)})
+            )
+        )
+    with ComponentFlops(components(task)) as counter:
+        trainer.train_step(batch)
+    for h in hooks:
+        h.remove()
+    total = counter.total()
+    by_component = counter.by_component()
+    for _ in range(warmup):
+        trainer.train_step(batch)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(batch)
+    sync()
+    step_time = (time.perf_counter() - start) / steps
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result: dict[str, Any] = {
+        "preset": preset,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "batch_size": batch_size,
+        "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""),
+        "flops_per_step": total,
+        "flops_by_component": by_component,
+        "flops_forward_backward": dict(counter.flops),
+        "passes": passes,
+        "step_time_s": step_time,
+        "images_per_s": batch_size / step_time,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "achieved_tflops": total / step_time / 1e12,
+    }
+    peak_tf = peak_tflops(device)
+    if peak_tf:
+        result["mfu"] = result["achieved_tflops"] / peak_tf
+    return result
+
+
+def run_isolated(preset: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Measure a preset in a fresh interpreter (clean peak memory); raise with its stderr on failure."""
+    cmd = [sys.executable, "-m", "harmony.train.bench", "--worker", preset, "--device", args.device]
+    cmd += ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd + list(args.overrides), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark of {preset} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def with_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_name = {r["preset"]: r for r in results}
+    for r in results:
+        _, size = split_preset(r["preset"])
+        clip = by_name.get(f"clip-{size}")
+        if clip is None:
+            continue
+        r["ratio_to_clip"] = {
+            k: r[k] / clip[k] for k in ("flops_per_step", "step_time_s", "peak_memory_bytes") if clip[k]
+        }
+        r["ratio_to_clip"]["time_over_flops"] = r["ratio_to_clip"]["step_time_s"] / r["ratio_to_clip"]["flops_per_step"]
+    return results
+
+
+def format_results(results: list[dict[str, Any]]) -> str:
+    head = f"{'preset':<28}{'GFLOP/step':>12}{'x clip':>8}{'step s':>9}{'x clip':>8}{'img/s':>9}{'peak MB':>10}{'x clip':>8}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        ratio = r.get("ratio_to_clip", {})
+        lines.append(
+            f"{r['preset']:<28}{r['flops_per_step'] / 1e9:>12.2f}{ratio.get('flops_per_step', float('nan')):>8.2f}"
+            f"{r['step_time_s']:>9.3f}{ratio.get('step_time_s', float('nan')):>8.2f}{r['images_per_s']:>9.1f}"
+            f"{r['peak_memory_bytes'] / 2**20:>10.0f}{ratio.get('peak_memory_bytes', float('nan')):>8.2f}"
+        )
+    for r in results:
+        lines.append(f"\n{r['preset']}: FLOPs by component (GFLOP, forward + backward)")
+        for label, value in r["flops_by_component"].items():
+            lines.append(f"  {label:<28}{value / 1e9:>10.2f}  ({100 * value / r['flops_per_step']:.1f} %)")
+        counts: dict[str, list[list[int]]] = {}
+        for p in r["passes"]:
+            counts.setdefault(p["module"], []).append(p["input"])
+        lines.append("  forward passes: " + "; ".join(f"{m} x{len(v)} {v}" for m, v in counts.items()))
+    return "\n".join(lines)
+
+
+def presets_to_run(args: argparse.Namespace) -> list[str]:
+    names = [n for item in args.preset for n in item.split(",") if n]
+    if not names:
+        raise SystemExit("harmony bench: give --preset NAME (repeatable or comma-separated)")
+    sizes = {split_preset(n)[1] for n in names}
+    wanted = [f"clip-{s}" for s in sorted(sizes) if f"clip-{s}" not in names] + names
+    return list(dict.fromkeys(wanted))
+
+
+def cmd_bench_step(args: argparse.Namespace) -> int:
+    results = with_ratios([run_isolated(p, args) for p in presets_to_run(args)])
+    print(format_results(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({r["preset"]: r for r in results}, indent=2) + "\n")
+    return 0
+
+
+def add_bench_step_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", action="append", default=[], help="preset(s) to measure; clip of each size is added")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step (per device)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    p.add_argument("--json", help="write per-preset results here")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every preset")
+
+
+def _worker(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", required=True)
+    add_bench_step_arguments(parser)
+    args = parser.parse_args(argv)
+    result = measure(args.worker, list(args.overrides), args.device, args.batch_size, args.steps, args.warmup)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

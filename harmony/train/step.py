@@ -1,0 +1,125 @@
+"""One optimisation step and the state it needs: task, optimiser, loss scaler, schedules, precision.
+
+Shared by the training loop and the benchmark; knows nothing about data loading or logging.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from harmony.config import Config
+from harmony.models.tokenizer import CaptionTokenizer
+from harmony.objectives.base import StepInfo
+from harmony.train.distributed import DistInfo
+from harmony.train.optim import build_optimizer, set_schedule
+from harmony.train.schedules import Schedules
+from harmony.train.task import PretrainTask
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. repeated non-finite losses); the message says what to try."""
+
+
+def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("train.device=cuda but no CUDA device is available; use --device cpu")
+        return torch.device("cuda", dist.local_rank if dist else 0)
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def make_tokenizer(cfg: Config) -> CaptionTokenizer | None:
+    return CaptionTokenizer(cfg.model.context_length) if cfg.objectives.clip is not None else None
+
+
+class Stepper:
+    """Owns the task and its optimiser; `step(batch)` runs forward, backward, clipping, the update,
+    and the once-per-step EMA/centre advance."""
+
+    def __init__(self, cfg: Config, device: torch.device, dist: DistInfo) -> None:
+        self.cfg, self.device, self.dist = cfg, device, dist
+        torch.manual_seed(cfg.train.seed)
+        self.tokenizer = make_tokenizer(cfg)
+        self.task = PretrainTask(cfg, self.tokenizer).to(device)
+        self.set_span(steps_per_epoch=1, total_steps=1)
+        trainable = self.task.student_modules()
+        self.params = [p for p in trainable.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(trainable, cfg.optim, device)
+        self.amp_dtype = autocast_dtype(cfg.train.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+        self.model: torch.nn.Module = self.task
+        if cfg.train.compile:
+            self.task.student.visual = torch.compile(self.task.student.visual)  # type: ignore[assignment]
+
+    def set_span(self, steps_per_epoch: int, total_steps: int) -> None:
+        """Fix the schedules' time axis (epoch length and run length, in steps)."""
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.schedules = Schedules.from_config(self.cfg, steps_per_epoch, total_steps)
+
+    def wrap_distributed(self) -> None:
+        """DDP over the whole task: one forward call per step computes every student pass."""
+        if self.dist.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.task, device_ids=ids, broadcast_buffers=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.task.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any], what: str) -> None:
+        from harmony.train.checkpoint import load_state_strict
+
+        load_state_strict(self.task, state["model"], what)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        self.step = int(state["step"])
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """One optimiser step; returns metrics, or None when the step was skipped (non-finite)."""
+        info = StepInfo(self.step, self.steps_per_epoch)
+        set_schedule(self.optimizer, self.schedules.lr(self.step), self.schedules.weight_decay(self.step))
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, metrics = self.model(batch, info)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.clip_grad
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        if not self.scaler.is_enabled() and not bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            return None
+        for param in self.task.frozen_parameters(info):
+            param.grad = None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.task.after_step(self.schedules.momentum(self.step))
+        self.step += 1
+        metrics["loss"] = loss.detach()
+        metrics["grad_norm"] = grad_norm.detach()
+        return metrics
