@@ -41,9 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    if result.last_metrics:
-        loss = result.last_metrics.get("loss", float("nan"))
-        print(f"trained {result.steps} steps, final loss {loss:.4f}; checkpoint: {result.checkpoint}")
+    if result.is_main:
+        print(result.summary())
     return 0
 
 
@@ -62,7 +61,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "train", help="pre-train a model", description="Pre-train with a preset and key=value overrides."
     )
     p.add_argument("--preset", required=True, help="{method}-{size} (see `harmony presets`) or a YAML config file")
-    p.add_argument("--data", help="builtin:shapes, a shard folder, a brace pattern of .tar shards, or a URL spec")
+    p.add_argument(
+        "--data", help="builtin:shapes, a .csv/.tsv file, a shard folder, a brace pattern of .tar shards, or a URL spec"
+    )
     p.add_argument("--out", help="run folder (default runs/<preset>)")
     p.add_argument("--epochs", type=float)
     p.add_argument("--max-steps", type=int, help="run length in steps (schedules span it); overrides --epochs")
@@ -101,8 +102,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from harmony.data.cli import add_data_parser
-    from harmony.demo import add_demo_parser
     from harmony.eval.cli import add_eval_parser
+    from harmony.export import add_export_parser
+    from harmony.repro.cli import add_repro_parsers
 
     parser = argparse.ArgumentParser(
         prog="harmony", description="Pre-train and evaluate vision encoders from image-caption pairs."
@@ -114,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_eval_parser(sub)
     add_bench_parser(sub)
-    add_demo_parser(sub)
+    add_export_parser(sub)
+    add_repro_parsers(sub)
     return parser
 
 
@@ -125,16 +128,25 @@ def _fail(message: str, code: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from harmony.data.sources import DataError
+    from harmony.repro.runner import ReproError
     from harmony.train.checkpoint import CheckpointError
     from harmony.train.step import TrainingError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    # key=value overrides may sit anywhere among the options (argparse stops collecting a
+    # positional list at the first option that follows it)
+    if extras:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extras):
+            args.overrides = [*args.overrides, *extras]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    except (DataError, CheckpointError, TrainingError) as exc:
+    except (DataError, CheckpointError, TrainingError, ReproError) as exc:
         return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

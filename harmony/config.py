@@ -201,11 +201,19 @@ class BuiltinDataConfig:
 
 @dataclass
 class DataConfig:
+    """Loader settings. `csv_*` name the columns of a .csv/.tsv spec (open_clip's convention);
+    `csv_separator` is auto (from the extension), comma, tab or one character. Images above
+    `max_image_pixels` are refused unread. `shuffle_buffer` 0 keeps shard samples in stored order."""
+
     num_workers: int = 2
     epoch_size: int = 0
     shuffle_buffer: int = 1000
     resample_shards: bool = False
     pin_memory: bool = True
+    csv_image_key: str = "filepath"
+    csv_caption_key: str = "caption"
+    csv_separator: str = "auto"
+    max_image_pixels: int = 8192 * 8192
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
@@ -222,7 +230,6 @@ class OptimConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0
-    fused: bool = True
 
 
 @dataclass
@@ -246,6 +253,7 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 3
     compile: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     threads: int = 0
     max_bad_steps: int = 20
 
@@ -270,11 +278,16 @@ def set_override(cfg: Config, assignment: str) -> Config:
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{assignment}' has an empty key")
-    value: Any = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) and value.strip().lower() in NONE_WORDS:
+    # The text goes to the field's type as is (so '1e-3', ',' or a path survive); only an explicit
+    # {mapping} or [list] is parsed as YAML, and null/none switches a section off.
+    value: Any = raw
+    if raw.strip().lower() in NONE_WORDS:
         value = None
-    if isinstance(value, (dict, list)) and not raw.strip().startswith(("{", "[")):
-        value = raw
+    elif raw.strip().startswith(("{", "[")):
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"config key '{key}': '{raw}' is not a valid YAML mapping or list") from None
     nested: Any = value
     for part in reversed(key.split(".")):
         nested = {part: nested}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -12,6 +13,7 @@ from harmony.config import Config, ConfigError, from_dict, validate
 from harmony.models.pair import ImageTextModel, build_pair
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.train import checkpoint as ckpt
+from harmony.typed import known_only
 
 Weights = Literal["auto", "student", "teacher"]
 
@@ -45,7 +47,12 @@ def load(path: str | Path, weights: Weights = "auto", device: str | torch.device
     """
     state = ckpt.load(path)
     try:
-        cfg = from_dict(Config, state["config"])
+        known, dropped = known_only(Config, state["config"])
+        if dropped:
+            warnings.warn(
+                f"checkpoint '{path}': ignoring settings this version does not know: {', '.join(dropped)}", stacklevel=2
+            )
+        cfg = from_dict(Config, known)
         validate(cfg)
     except ConfigError as exc:
         raise ckpt.CheckpointError(f"checkpoint '{path}' holds a config this version cannot use: {exc}") from None

@@ -29,6 +29,21 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert `value` (from YAML or the command line) to the annotated type `tp`, or raise."""
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        entries: Any = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(entries, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(entries)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+        return {
+            str(k): _coerce(v if v is not None or item is Any else {}, item, f"{key}.{k}") for k, v in value.items()
+        }
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS):
@@ -125,3 +140,44 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": value}."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` lines for every leaf that differs between two nested dicts."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def known_only(cls: type, data: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+    """Drop keys `cls` does not declare (settings a newer or older version wrote), recursively;
+    returns (kept data, dropped dotted keys). Used for configs stored in checkpoints."""
+    hints = typing.get_type_hints(cls)
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            dropped.append(path)
+            continue
+        target = hints[key]
+        options = (
+            [a for a in typing.get_args(target) if a is not type(None)]
+            if typing.get_origin(target) in (Union, types.UnionType)
+            else [target]
+        )
+        inner = next((a for a in options if dataclasses.is_dataclass(a)), None)
+        if inner is not None and isinstance(value, dict):
+            value, more = known_only(inner, value, path)  # type: ignore[arg-type]
+            dropped += more
+        kept[key] = value
+    return kept, dropped

@@ -89,3 +89,33 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 def test_checkpoint_from_another_config_is_refused(tmp_path: Path, clip_checkpoint: Path) -> None:
     with pytest.raises(ckpt.CheckpointError, match="does not match"):
         train(tiny("harmony-tiny-test", "train.max_steps=2"), tmp_path, resume=str(clip_checkpoint), progress=False)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harmony.train.loop import Trainer
+    from harmony.train.step import TrainingError
+    from harmony.train.task import PretrainTask
+
+    cfg = tiny(
+        "clip-tiny-test", "train.max_steps=12", "train.log_every=1", "train.save_every=2", "train.max_bad_steps=3"
+    )
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    forward = PretrainTask.forward
+    calls = {"n": 0}
+
+    def poisoned(
+        self: PretrainTask, batch: dict[str, torch.Tensor], step: object
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        calls["n"] += 1
+        loss, metrics = forward(self, batch, step)  # type: ignore[arg-type]
+        return (loss * float("nan") if calls["n"] > 4 else loss), metrics
+
+    monkeypatch.setattr(PretrainTask, "forward", poisoned)
+    with pytest.raises(TrainingError, match="3 consecutive non-finite steps"):
+        trainer.fit()
+    good = ckpt.load(tmp_path / "checkpoints" / "last.pt")
+    assert good["step"] == 6 and good["bad_steps"] == 2
+    weights_at_4 = ckpt.load(tmp_path / "checkpoints" / "step_00000004.pt")["model"]
+    for key, value in good["model"].items():
+        if key.startswith("student."):
+            torch.testing.assert_close(value, weights_at_4[key])  # skipped steps left the student untouched

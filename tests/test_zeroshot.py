@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from harmony.eval.zeroshot import topk_accuracy
+from harmony.eval.metrics import topk_accuracy
 from harmony.loading import load
 from tests.conftest import run_cli
 

@@ -4,6 +4,10 @@ Global batch k of an epoch is fixed by (seed, epoch): map-style data takes posit
 [k*GB, (k+1)*GB) of a seeded permutation and rank r the r-th slice of it; shard streams split by
 (rank, worker). Every sample's augmentation seed is a function of (seed, epoch, sample id), so
 K ranks x B see exactly the images 1 rank x K*B sees. `start_step` resumes mid-epoch.
+
+Unusable samples are skipped, never fatal: every batch carries `data_errors`, the samples skipped
+since that worker's previous batch, per reason (`SKIP_REASONS`; `.sum()` is the total), and
+`TrainData.skipped` keeps the running totals of this rank.
 """
 
 from __future__ import annotations
@@ -11,16 +15,22 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from harmony.config import Config
-from harmony.data.sources import BuiltinSource, DataError, ShardSource, decode_sample, open_source
+from harmony.data.csv_source import CsvSource
+from harmony.data.decode import RawSample
+from harmony.data.errors import SKIP_REASONS, DataError, SampleError
+from harmony.data.guard import ReadGuard, SkipTally, describe_skips, worker_message
+from harmony.data.sources import BuiltinSource, PassEnd, ShardSource, decode_sample, open_source
 from harmony.data.views import ViewMaker, collate
 from harmony.train.distributed import DistInfo
+
+MapSource = BuiltinSource | CsvSource
 
 
 def sample_seed(seed: int, epoch: int, sample_id: int | str) -> int:
@@ -53,9 +63,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 class MapViews(Dataset[dict[str, Any]]):
-    """Map-style source + views; an unreadable sample is replaced by the next one and counted."""
+    """Map-style source + views; an unusable sample is replaced by a seeded random other one and counted."""
 
-    def __init__(self, source: BuiltinSource, maker: ViewMaker, max_tries: int = 16) -> None:
+    def __init__(self, source: MapSource, maker: ViewMaker, max_tries: int = 100) -> None:
         self.source, self.maker, self.max_tries = source, maker, max_tries
 
     def __len__(self) -> int:
@@ -63,80 +73,142 @@ class MapViews(Dataset[dict[str, Any]]):
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         index, seed = item
-        errors = 0
+        tally, rng = SkipTally(), random.Random(seed)
         for _ in range(self.max_tries):
             try:
                 raw = self.source.load(index)
                 out = self.maker(raw.image, raw.caption, seed)
-                out["index"] = torch.tensor(index)
-                out["data_errors"] = torch.tensor(errors)
-                return out
-            except (OSError, ValueError):
-                errors += 1
-                index = (index + 1) % len(self.source)
-        raise DataError(f"{self.max_tries} consecutive samples could not be read (last index {index})")
+            except SampleError as exc:
+                tally.add(exc)
+                index = rng.randrange(len(self.source))
+                continue
+            out["index"] = torch.tensor(index)
+            out["data_errors"] = tally.take()
+            return out
+        raise DataError(f"{self.max_tries} samples in a row could not be used; the last: {tally.last}")
+
+
+def shuffled(buffer: list[RawSample], sample: RawSample, size: int, rng: random.Random) -> RawSample | None:
+    """Shuffle-buffer step: fill up to `size`, then swap the new sample for a random buffered one (size 0:
+    no buffer, samples stay in stream order)."""
+    if size == 0:
+        return sample
+    if len(buffer) < size:
+        buffer.append(sample)
+        return None
+    slot = rng.randrange(len(buffer))
+    out, buffer[slot] = buffer[slot], sample
+    return out
 
 
 class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
     """Each worker yields whole batches; DataLoader interleaves workers round-robin, so batch k of the
-    epoch comes from worker k % num_workers, which lets a resumed run skip exactly what was consumed."""
+    epoch comes from worker k % num_workers, which lets a resumed run skip what was consumed (without
+    decoding pixels: exact unless a skipped sample failed only at pixel decode)."""
 
     def __init__(
         self, source: ShardSource, maker: ViewMaker, cfg: Config, dist: DistInfo, epoch: int, start_step: int
     ) -> None:
         self.source, self.maker, self.dist, self.epoch, self.start_step = source, maker, dist, epoch, start_step
         self.batch = cfg.train.batch_size // dist.world_size
-        self.seed, self.buffer = cfg.train.seed, max(cfg.data.shuffle_buffer, 1)
+        self.seed, self.buffer = cfg.train.seed, max(cfg.data.shuffle_buffer, 0)
+        self.max_pixels = cfg.data.max_image_pixels
+
+    def _header(self, item: dict[str, object] | SampleError) -> RawSample | SampleError:
+        """Caption and image header checks: cheap, done before the shuffle buffer."""
+        if isinstance(item, SampleError):
+            return item
+        try:
+            return decode_sample(item, self.max_pixels)
+        except SampleError as exc:
+            return exc
+
+    def _view(self, raw: RawSample) -> dict[str, Any] | SampleError:
+        try:
+            view = self.maker(raw.image, raw.caption, sample_seed(self.seed, self.epoch, raw.key))
+        except SampleError as exc:
+            return exc
+        view["index"] = torch.tensor(-1)
+        return view
+
+    def _raws(
+        self, part: int, parts: int, rng: random.Random, tally: SkipTally, guard: ReadGuard
+    ) -> Iterator[RawSample]:
+        """Header-checked samples of this part, shuffled through the buffer, which is flushed at the end of
+        every pass (so an epoch of whole passes sees every sample once)."""
+        buffer: list[RawSample] = []
+        for item in self.source.raw_samples(self.seed, self.epoch, part, parts):
+            if isinstance(item, PassEnd):
+                rng.shuffle(buffer)
+                yield from buffer
+                buffer.clear()
+                guard.end_pass(item.shards)
+                continue
+            raw = self._header(item)
+            if isinstance(raw, SampleError):
+                tally.add(raw)
+                guard.failed(raw)
+                continue
+            ready = shuffled(buffer, raw, self.buffer, rng)
+            if ready is not None:
+                yield ready
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        workers = info.num_workers if info is not None else 1
+        # DataLoader takes batches round-robin from worker 0; a run resumed at `start_step` needs batch
+        # start_step + i from the i-th worker, so worker ids rotate by start_step.
+        worker = ((info.id if info is not None else 0) + self.start_step) % workers
         part, parts = self.dist.rank * workers + worker, self.dist.world_size * workers
         rng = random.Random(f"{self.seed}/{self.epoch}/shuffle/{part}")
-        stream = self.source.raw_samples(self.seed, self.epoch, part, parts)
-        buffer: list[dict[str, object]] = []
-        batch_no, errors = worker, 0
+        tally, guard = SkipTally(), ReadGuard(self.source.spec, self.source.urls, part, parts)
         samples: list[dict[str, Any]] = []
-        for raw in stream:
-            if len(buffer) < self.buffer:
-                buffer.append(raw)
+        batch_no = worker
+        for raw in self._raws(part, parts, rng, tally, guard):
+            view = {} if batch_no < self.start_step else self._view(raw)
+            if isinstance(view, SampleError):
+                tally.add(view)
+                guard.failed(view)
                 continue
-            slot = rng.randrange(len(buffer))
-            raw, buffer[slot] = buffer[slot], raw
-            if batch_no < self.start_step:
-                samples.append({})
-            else:
-                try:
-                    sample = decode_sample(raw)
-                    view = self.maker(sample.image, sample.caption, sample_seed(self.seed, self.epoch, sample.key))
-                except (OSError, ValueError, SyntaxError):
-                    errors += 1
-                    continue
-                view["index"] = torch.tensor(-1)
-                samples.append(view)
+            guard.ok()
+            samples.append(view)
             if len(samples) == self.batch:
+                errors = tally.take()
                 if batch_no >= self.start_step:
-                    out = collate(samples)
-                    out["data_errors"] = torch.tensor([errors])
-                    errors = 0
-                    yield out
+                    yield {**collate(samples), "data_errors": errors}
                 samples = []
                 batch_no += workers
 
 
 @dataclass
 class TrainData:
-    """Epoch-wise batches for this rank."""
+    """Epoch-wise batches for this rank; `skipped` counts this rank's skipped samples per reason."""
 
     cfg: Config
     dist: DistInfo
-    source: BuiltinSource | ShardSource
+    source: MapSource | ShardSource
     maker: ViewMaker
     steps_per_epoch: int
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     _loader: DataLoader[Any] | None = None
     _sampler: EpochSampler | None = None
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches of `epoch` from `start_step`; a worker's DataError arrives as one line."""
+        try:
+            for batch in self._batches(epoch, start_step):
+                counts = batch["data_errors"].reshape(-1, len(SKIP_REASONS)).sum(0).tolist()
+                for reason, count in zip(SKIP_REASONS, counts):
+                    self.skipped[reason] += int(count)
+                yield batch
+        except DataError as exc:
+            raise DataError(worker_message(exc)) from None
+
+    def skip_summary(self) -> str:
+        """One line for the end of a run, e.g. 'data: skipped 3 samples (2 unreadable images, 1 empty caption)'."""
+        return describe_skips(self.skipped)
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
         if isinstance(self.source, ShardSource):
             dataset = ShardBatches(self.source, self.maker, self.cfg, self.dist, epoch, start_step)
             loader: DataLoader[Any] = DataLoader(
@@ -172,7 +244,7 @@ def build_train_data(cfg: Config, maker: ViewMaker, dist: DistInfo) -> TrainData
     if cfg.train.batch_size % dist.world_size:
         raise DataError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist.world_size} processes")
     source = open_source(cfg.data_spec, cfg)
-    size = len(source) if isinstance(source, BuiltinSource) else source.epoch_size
+    size = source.epoch_size if isinstance(source, ShardSource) else len(source)
     steps = size // cfg.train.batch_size
     if steps == 0:
         raise DataError(

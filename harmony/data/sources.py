@@ -1,39 +1,51 @@
 """Where (image, caption) pairs come from, chosen by the `--data` spec.
 
 - `builtin:shapes` / `builtin:shapes:val`: the generated dataset (map-style).
-- a directory of `.tar` shards, a brace pattern (`shards/{00000..00331}.tar`), or anything webdataset
-  opens (`pipe:aws s3 cp ... -`, URLs): WebDataset shards in the img2dataset layout (iterable).
+- a path ending in `.csv` / `.tsv`: image paths and captions in columns (map-style, see `csv_source`).
+- a directory of `.tar` shards, a brace pattern (`shards/{00000..00331}.tar`), globs, `::`-joined
+  lists, or anything webdataset opens (`pipe:aws s3 cp ... -`, URLs): WebDataset shards in the
+  img2dataset layout (`key.jpg|jpeg|png|webp` + `key.txt`, optional `key.json`), iterable.
+
+Every source hands out `RawSample`s whose image is opened lazily (header only), so the view maker
+decodes it once at the scale its crops need. Unusable samples raise `SampleError` (skipped, counted).
 """
 
 from __future__ import annotations
 
 import glob
-import io
+import itertools
+import json
 import os
 import random
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import braceexpand
 import webdataset as wds
 from PIL import Image
 
 from harmony.config import Config
+from harmony.data.csv_source import CsvSource
+from harmony.data.decode import DEFAULT_MAX_PIXELS, RawSample, open_image
+from harmony.data.errors import DataError, SampleError
 from harmony.data.shapes import ShapesDataset
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-Image.MAX_IMAGE_PIXELS = 8192 * 8192
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS  # PIL refuses beyond twice this even where open_image is not used
+__all__ = ["BuiltinSource", "DataError", "PassEnd", "RawSample", "SampleError", "ShardSource", "open_source"]
 
 
-class DataError(ValueError):
-    """A data problem the user can fix (bad spec, no files); the message says what and where."""
+@dataclass(frozen=True)
+class PassEnd:
+    """Marks the end of one pass over a part's shards; `shards` are the URLs it read."""
+
+    shards: tuple[str, ...]
 
 
-@dataclass
-class RawSample:
-    key: str
-    image: Image.Image
-    caption: str
+ShardItem = dict[str, object] | SampleError | PassEnd
 
 
 class BuiltinSource:
@@ -52,6 +64,10 @@ class BuiltinSource:
         return RawSample(sample.key, sample.image, sample.caption)
 
 
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_PREFIXES) or "://" in url
+
+
 def expand_urls(spec: str) -> list[str]:
     """Shard URLs of a spec: a directory (its *.tar, sorted), brace patterns, globs, `::`-joined lists."""
     urls: list[str] = []
@@ -63,84 +79,145 @@ def expand_urls(spec: str) -> list[str]:
             urls.extend(found)
             continue
         for url in braceexpand.braceexpand(part):
-            if url.startswith(("pipe:", "http://", "https://", "gs://", "s3://")) or "://" in url:
-                urls.append(url)
-            elif any(c in url for c in "*?["):
+            if not is_remote(url) and any(c in url for c in "*?["):
                 urls.extend(sorted(glob.glob(url)))
             else:
                 urls.append(url)
-    local_missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
-    if not urls or len(local_missing) == len(urls):
+    missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
+    if not urls or len(missing) == len(urls):
         raise DataError(f"data spec '{spec}' matches no files")
-    if local_missing:
-        raise DataError(f"data spec '{spec}': {len(local_missing)} shard(s) missing, first: {local_missing[0]}")
+    if missing:
+        raise DataError(f"data spec '{spec}': {len(missing)} shard(s) missing, first: {missing[0]}")
     return urls
 
 
-def decode_sample(sample: dict[str, object]) -> RawSample:
-    """A webdataset sample dict -> RawSample; raises ValueError for anything unusable."""
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def caption_of(sample: dict[str, object]) -> str:
+    """`key.txt`, else the `caption` field of `key.json` (img2dataset writes both); stripped."""
+    if "txt" in sample:
+        return _text(sample["txt"]).strip()
+    if "json" in sample:
+        try:
+            meta = json.loads(_text(sample["json"]))
+        except ValueError:
+            meta = None
+        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+            return str(meta["caption"]).strip()
+    raise SampleError("caption", f"sample {sample.get('__key__', '?')} has no caption")
+
+
+def decode_sample(sample: dict[str, object], max_pixels: int = DEFAULT_MAX_PIXELS) -> RawSample:
+    """A webdataset sample dict -> RawSample with a lazily opened image; raises SampleError."""
     key = str(sample.get("__key__", "?"))
-    data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-    if data is None:
-        raise ValueError(f"sample {key} has no image")
-    caption_bytes = sample.get("txt")
-    if caption_bytes is None:
-        raise ValueError(f"sample {key} has no caption")
-    caption = (
-        caption_bytes.decode("utf-8", "replace").strip() if isinstance(caption_bytes, bytes) else str(caption_bytes)
-    )
+    caption = caption_of(sample)
     if not caption:
-        raise ValueError(f"sample {key} has an empty caption")
-    assert isinstance(data, bytes)
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return RawSample(key, image.convert("RGB"), caption)
+        raise SampleError("caption", f"sample {key} has an empty caption")
+    data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+    if not isinstance(data, bytes):
+        raise SampleError("image", f"sample {key} has no image")
+    return RawSample(key, open_image(data, max_pixels), caption)
+
+
+def read_shard(url: str) -> Iterator[dict[str, object] | SampleError]:
+    """The samples of one shard, then one SampleError if the shard could not be read to its end."""
+    failures: list[Exception] = []
+
+    def record(exc: Exception) -> bool:
+        failures.append(exc)
+        return True
+
+    yield from wds.tariterators.tarfile_samples([{"url": url}], handler=record)
+    if failures:
+        yield SampleError("shard", f"shard '{url}' is unreadable or truncated: {describe(failures[0])}")
+
+
+def describe(exc: Exception) -> str:
+    """A short reason from an exception webdataset decorated with extra args (url, stream)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc.args[0]) if exc.args else type(exc).__name__
 
 
 class ShardSource:
-    """Iterable WebDataset shards; each (rank, worker) reads a disjoint part of an epoch's stream."""
+    """Iterable WebDataset shards; each (rank, worker) part reads a disjoint share of every pass, or
+    with `resample` draws shards with replacement (an endless stream, no pass boundaries to align)."""
 
-    def __init__(self, spec: str, epoch_size: int = 0) -> None:
-        self.spec = spec
+    def __init__(self, spec: str, epoch_size: int = 0, resample: bool = False) -> None:
+        self.spec, self.resample = spec, resample
         self.urls = expand_urls(spec)
         self.epoch_size = epoch_size or self._count()
 
     def _count(self) -> int:
-        """Samples in local shards (captions counted from tar headers); remote specs need data.epoch_size."""
-        import tarfile
-
-        if any("://" in u or u.startswith("pipe:") for u in self.urls):
+        """Captioned samples in local shards: from img2dataset's `{shard}_stats.json` when present, else
+        counted from tar headers. Remote specs need data.epoch_size."""
+        if any(is_remote(u) for u in self.urls):
             raise DataError(
                 f"data spec '{self.spec}' is remote: set data.epoch_size to the number of samples per epoch"
             )
-        total = 0
-        for url in self.urls:
-            try:
-                with tarfile.open(url) as tar:
-                    total += sum(1 for m in tar if m.name.endswith(".txt"))
-            except (tarfile.TarError, OSError) as exc:
-                raise DataError(f"shard '{url}' cannot be read: {exc}") from None
+        total = sum(count_shard(url) for url in self.urls)
         if total == 0:
             raise DataError(f"data spec '{self.spec}' holds no captioned samples")
         return total
 
-    def raw_samples(self, seed: int, epoch: int, part: int, parts: int) -> Iterator[dict[str, object]]:
-        """Endless stream of raw sample dicts for part `part` of `parts` (rank x worker), reshuffled
-        shard order every pass. With fewer shards than parts, samples (not shards) are split."""
-        pass_no = 0
-        while True:
-            order = list(self.urls)
-            random.Random(f"{seed}/{epoch}/{pass_no}").shuffle(order)
-            by_shard = len(order) >= parts
-            mine = order[part::parts] if by_shard else order
-            stream = wds.tariterators.tarfile_samples([{"url": u} for u in mine], handler=wds.warn_and_continue)
-            for i, sample in enumerate(stream):
-                if by_shard or i % parts == part:
-                    yield sample
-            pass_no += 1
+    def pass_shards(self, seed: int, epoch: int, pass_no: int, part: int, parts: int) -> tuple[list[str], bool]:
+        """This part's shards for one pass, and whether every part reads them all and splits by sample
+        (when there are fewer shards than parts)."""
+        if self.resample:
+            rng = random.Random(f"{seed}/{epoch}/{pass_no}/resample/{part}")
+            return [rng.choice(self.urls) for _ in range(-(-len(self.urls) // parts))], False
+        order = list(self.urls)
+        random.Random(f"{seed}/{epoch}/{pass_no}").shuffle(order)
+        if len(order) >= parts:
+            return order[part::parts], False
+        return order, True
+
+    def raw_samples(self, seed: int, epoch: int, part: int, parts: int) -> Iterator[ShardItem]:
+        """Endless stream for part `part` of `parts` (rank x worker): sample dicts, a SampleError per
+        unreadable shard, and a PassEnd after each pass (shard order reshuffled every pass)."""
+        for pass_no in itertools.count():
+            urls, by_sample = self.pass_shards(seed, epoch, pass_no, part, parts)
+            yield from pass_samples(urls, part, parts) if by_sample else pass_samples(urls, 0, 1)
 
 
-def open_source(spec: str, cfg: Config) -> BuiltinSource | ShardSource:
+def pass_samples(urls: list[str], part: int, parts: int) -> Iterator[ShardItem]:
+    """One pass over `urls`, keeping every `parts`-th sample from `part` (and that share of shard errors)."""
+    index = 0
+    for number, url in enumerate(urls):
+        for item in read_shard(url):
+            if isinstance(item, SampleError):
+                if number % parts == part:
+                    yield item
+                continue
+            if index % parts == part:
+                yield item
+            index += 1
+    yield PassEnd(tuple(urls))
+
+
+def count_shard(url: str) -> int:
+    """Captions in one local shard; an unreadable shard counts what could be read (the stream skips the rest)."""
+    stats = Path(url).with_name(Path(url).stem + "_stats.json")
+    if stats.is_file():
+        try:
+            successes = json.loads(stats.read_text()).get("successes")
+            if isinstance(successes, int):
+                return successes
+        except (OSError, ValueError):
+            pass
+    total = 0
+    try:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                total += member.name.endswith(".txt")
+    except (tarfile.TarError, OSError):
+        pass
+    return total
+
+
+def open_source(spec: str, cfg: Config) -> BuiltinSource | ShardSource | CsvSource:
     if spec.startswith("builtin:"):
         parts = spec.split(":")
         if parts[1] != "shapes" or len(parts) > 3:
@@ -149,4 +226,6 @@ def open_source(spec: str, cfg: Config) -> BuiltinSource | ShardSource:
         if split not in ("train", "val"):
             raise DataError(f"builtin:shapes has splits 'train' and 'val', not '{split}'")
         return BuiltinSource(split, cfg)
-    return ShardSource(spec, cfg.data.epoch_size)
+    if spec.lower().endswith((".csv", ".tsv")):
+        return CsvSource(Path(spec), cfg.data)
+    return ShardSource(spec, cfg.data.epoch_size, cfg.data.resample_shards)

@@ -2,6 +2,7 @@
 
 `ViewMaker` is configured by the task's `Needs`: how many global/local crops, whether iBOT masks,
 MAE keep indices or a masked caption are needed. All randomness comes from the per-sample seed.
+Crops are planned from the image size, then rendered from one decode (see `augment`).
 `collate` stacks samples crop-major ([G, B, ...]) and precomputes flat token indices and weights so
 the training step indexes tensors without host-device synchronisation.
 """
@@ -15,7 +16,8 @@ import torch
 from PIL import Image
 
 from harmony.config import Config
-from harmony.data.augment import global_crop, local_crop, to_uint8_tensor
+from harmony.data.augment import CropPlan, plan_global, plan_local, render_crops
+from harmony.data.decode import decode_pixels
 from harmony.data.masking import (
     block_mask,
     flat_index,
@@ -26,6 +28,8 @@ from harmony.data.masking import (
 )
 from harmony.models.tokenizer import PAD_ID, CaptionTokenizer, mask_caption
 from harmony.objectives.base import Needs
+
+CROP_MAJOR = ("global", "local", "ibot_mask", "mae_keep", "mae_remove")
 
 
 class ViewMaker:
@@ -39,14 +43,31 @@ class ViewMaker:
         self.keep = num_kept(self.grid[0] * self.grid[1], needs.keep_ratio) if self.dropped else 0
 
     def __call__(self, image: Image.Image, caption: str, seed: int) -> dict[str, torch.Tensor]:
+        """Every view of one sample; `image` may be opened lazily (decoded here, at a reduced scale when the
+        crops allow). Raises `SampleError` for unreadable pixels."""
         rng = random.Random(seed)
         gen = torch.Generator().manual_seed(rng.getrandbits(62))
-        img = to_uint8_tensor(image)
-        out: dict[str, torch.Tensor] = {
-            "global": torch.stack([global_crop(img, i, self.aug, rng) for i in range(self.needs.num_global)])
-        }
-        if self.needs.local_crops:
-            out["local"] = torch.stack([local_crop(img, self.aug, rng) for _ in range(self.needs.local_crops)])
+        out = self.crops(image, rng)
+        out.update(self.masks(rng, gen))
+        out.update(self.text(caption, gen))
+        return out
+
+    def plans(self, width: int, height: int, rng: random.Random) -> tuple[list[CropPlan], list[CropPlan]]:
+        """(global, local) crop plans, drawn from the image size alone."""
+        glob = [plan_global(height, width, i, self.aug, rng) for i in range(self.needs.num_global)]
+        local = [plan_local(height, width, self.aug, rng) for _ in range(self.needs.local_crops)]
+        return glob, local
+
+    def crops(self, image: Image.Image, rng: random.Random) -> dict[str, torch.Tensor]:
+        glob, local = self.plans(*image.size, rng)
+        pixels, factor = decode_pixels(image, glob + local)
+        out = {"global": render_crops(pixels, glob, factor)}
+        if local:
+            out["local"] = render_crops(pixels, local, factor)
+        return out
+
+    def masks(self, rng: random.Random, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
         if self.ibot is not None:
             ib = self.ibot
             out["ibot_mask"] = torch.stack(
@@ -66,6 +87,10 @@ class ViewMaker:
             splits = [random_split(n, self.keep, gen) for _ in self.dropped]
             out["mae_keep"] = torch.stack([keep for keep, _ in splits])
             out["mae_remove"] = torch.stack([remove for _, remove in splits])
+        return out
+
+    def text(self, caption: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
         if self.needs.needs_text:
             assert self.tokenizer is not None
             tokens = self.tokenizer(caption)[0]
@@ -78,13 +103,11 @@ class ViewMaker:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack per-sample dicts; crop tensors become crop-major [G, B, ...]; add flat indices."""
+    """Stack per-sample dicts (one contiguous copy); crop tensors become crop-major [G, B, ...]; add flat indices."""
     batch: dict[str, torch.Tensor] = {}
     for key in samples[0]:
-        stacked = torch.stack([torch.as_tensor(s[key]) for s in samples])
-        if key in ("global", "local", "ibot_mask", "mae_keep", "mae_remove"):
-            stacked = stacked.transpose(0, 1).contiguous()
-        batch[key] = stacked
+        dim = 1 if key in CROP_MAJOR else 0
+        batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples], dim=dim)
     if "ibot_mask" in batch:
         masks = batch["ibot_mask"]
         batch["ibot_index"], batch["ibot_weight"] = patch_loss_weights(masks.flatten(2))
@@ -96,3 +119,14 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             batch["mlm_index"] = mlm_index
             batch["mlm_in_real"] = (real.flatten().long().cumsum(0) - 1)[mlm_index]
     return batch
+
+
+def view_maker_for(cfg: Config) -> ViewMaker:
+    """The views a training run of `cfg` makes (its objectives' needs), without building the model."""
+    from harmony.models.sizes import VISION_SIZES
+    from harmony.train.step import make_tokenizer
+    from harmony.train.task import build_objectives, union_needs
+
+    tokenizer = make_tokenizer(cfg)
+    needs = union_needs(build_objectives(cfg, tokenizer.vocab_size if tokenizer else 0))
+    return ViewMaker(cfg, needs, tokenizer, VISION_SIZES[cfg.model.vision].patch_size)

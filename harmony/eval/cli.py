@@ -1,13 +1,24 @@
-"""`harmony eval <task>`: downstream evaluation of a checkpoint; JSON to --out, a table to stdout."""
+"""`harmony eval <task>`: downstream evaluation of a checkpoint; JSON to --out, a table to stdout.
+
+Each task's budget knobs are flags generated from its settings dataclass (defaults sized for the
+built-in data on a CPU, paper-sized for real datasets). `harmony eval all` runs the whole suite for
+one or more checkpoints and writes one markdown report with plots.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from harmony.eval.report import format_table, write_result
+from harmony.eval.report import result_table, write_result
+from harmony.eval.settings import add_flags, overrides_from, parse_value
+from harmony.eval.suite import PROTOCOLS, run_label, run_suite, run_task
 
 
 def _device(name: str) -> torch.device:
@@ -16,49 +27,140 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cmd_zeroshot(args: argparse.Namespace) -> int:
-    from harmony.eval.zeroshot import read_lines, run_zeroshot
+def _errors_as_messages(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A protocol's ValueError (no text tower, class mismatch, bad setting) ends the command with a
+    one-line message and exit status 2 instead of a traceback; harmony's own data, checkpoint and
+    config errors go on to `harmony.cli.main`, which reports them with their own exit codes."""
+    from harmony.data.sources import DataError
+    from harmony.train.checkpoint import CheckpointError
+    from harmony.typed import ConfigError
+
+    @functools.wraps(command)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (DataError, CheckpointError, ConfigError):
+            raise
+        except (ValueError, TypeError) as exc:
+            print(f"harmony eval: error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+@_errors_as_messages
+def cmd_task(args: argparse.Namespace) -> int:
     from harmony.loading import load
 
+    protocol = PROTOCOLS[args.eval_task]
     device = _device(args.device)
     pretrained = load(args.checkpoint, weights=args.weights, device=device)
-    result = run_zeroshot(
+    extra: dict[str, Any] = {}
+    for name in ("image_root", "train_image_root"):
+        if getattr(args, name, None):
+            extra[name] = Path(getattr(args, name))
+    out = Path(args.out) if args.out else None
+    maps = Path(args.maps) if getattr(args, "maps", None) else (out.with_suffix("") if out else None)
+    result = run_task(
+        args.eval_task,
         pretrained,
         args.data,
         device,
-        class_names=read_lines(args.classnames) if args.classnames else None,
-        templates=read_lines(args.templates) if args.templates else None,
-        batch_size=args.batch_size,
+        train_spec=getattr(args, "train", None),
+        cache_dir=Path(args.cache_dir) if getattr(args, "cache_dir", None) else None,
+        maps_dir=maps,
         num_workers=args.workers,
+        **extra,
+        **overrides_from(args, protocol.defaults),
     )
-    write_result(Path(args.out) if args.out else None, result)
-    m = result["metrics"]
-    rows = [
-        ("top1", m["top1"]),
-        ("top5", m["top5"]),
-        ("chance", m["chance"]),
-        ("images", result["dataset"]["num_images"]),
-    ]
-    print(format_table(rows, f"zero-shot on {args.data} ({pretrained.weights} weights, step {pretrained.step})"))
+    write_result(out, result)
+    print(result_table(result))
+    return 0
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`task.key=value` strings -> {task: {key: typed value}} (types from the task's settings)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        task, dot, name = key.partition(".")
+        if not (sep and dot) or task not in PROTOCOLS or not hasattr(PROTOCOLS[task].defaults, name):
+            raise ValueError(f"--set '{item}' is not <task>.<setting>=<value> for a known task and setting")
+        out.setdefault(task, {})[name] = parse_value(getattr(PROTOCOLS[task].defaults, name), text)
+    return out
+
+
+@_errors_as_messages
+def cmd_all(args: argparse.Namespace) -> int:
+    from harmony.eval.summary import headline_rows, markdown_table, write_report
+    from harmony.loading import load
+
+    device = _device(args.device)
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else list(PROTOCOLS)
+    settings = parse_sets(args.set)
+    data_for = dict(item.partition("=")[::2] for item in args.data_for)
+    unknown = sorted(set(data_for) - set(PROTOCOLS))
+    if unknown:
+        raise ValueError(f"--data-for names unknown task(s) {unknown}")
+    out = Path(args.out)
+    runs, taken = {}, set[str]()
+    for checkpoint in args.checkpoint:
+        label = run_label(Path(checkpoint), taken)
+        pretrained = load(checkpoint, weights=args.weights, device=device)
+        print(f"== {label}: {pretrained.config.name}, step {pretrained.step}, {pretrained.weights} weights", flush=True)
+        runs[label] = run_suite(
+            pretrained,
+            device,
+            out / label,
+            args.data,
+            tasks,
+            args.train,
+            settings,
+            Path(args.cache_dir) if args.cache_dir else None,
+            args.workers,
+            data_for=data_for,
+        )
+    report = write_report(runs, out)
+    print(markdown_table(["metric", *runs], [[name, *values] for name, values in headline_rows(runs)]))
+    print(f"report: {report}")
     return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument("--data", default="builtin:shapes:val", help="evaluation data spec")
-    p.add_argument("--out", help="write the result JSON here")
     p.add_argument("--weights", choices=["auto", "student", "teacher"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="data loader workers")
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     tasks = sub.add_parser("eval", help="evaluate a checkpoint downstream").add_subparsers(
         dest="eval_task", required=True
     )
-    p = tasks.add_parser("zeroshot", help="zero-shot classification with prompt templates")
+    for name, protocol in PROTOCOLS.items():
+        p = tasks.add_parser(name, help=protocol.help, description=protocol.help)
+        p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+        p.add_argument("--out", help="write the result JSON here")
+        _common(p)
+        if protocol.trains:
+            p.add_argument("--train", help="training split spec (default: derived from --data)")
+        if protocol.caches:
+            p.add_argument("--cache-dir", help="feature cache folder (default: $HARMONY_CACHE or ~/.cache/harmony)")
+        if name in ("retrieval", "detect"):
+            p.add_argument("--image-root", help="image folder for a .json dataset (default: guessed from its path)")
+        if name == "detect":
+            p.add_argument("--train-image-root", help="image folder for the training .json")
+        if name == "attention":
+            p.add_argument("--maps", help="folder for the PNGs (default: --out without .json, else ./attention_maps)")
+        add_flags(p, protocol.defaults, protocol.full)
+        p.set_defaults(func=cmd_task)
+    p = tasks.add_parser("all", help="run every protocol and write one markdown report with plots")
+    p.add_argument("--checkpoint", action="append", required=True, help="checkpoint (repeat to compare several)")
+    p.add_argument("--out", default="runs/eval", help="report folder (one sub-folder of JSONs per checkpoint)")
     _common(p)
-    p.add_argument("--classnames", help="file with one class name per line (default: the dataset's)")
-    p.add_argument("--templates", help="file with one prompt template per line, '{}' for the class name")
-    p.set_defaults(func=cmd_zeroshot)
+    p.add_argument("--train", help="training split spec (default: derived from --data)")
+    p.add_argument("--cache-dir", help="feature cache folder")
+    p.add_argument("--tasks", help=f"comma-separated subset of {','.join(PROTOCOLS)}")
+    p.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE", help="a protocol setting")
+    p.add_argument("--data-for", action="append", default=[], metavar="TASK=SPEC", help="another data spec for a task")
+    p.set_defaults(func=cmd_all)

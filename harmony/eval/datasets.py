@@ -63,7 +63,44 @@ def image_folder(root: Path) -> LabelledImages:
     return LabelledImages(str(root), classes, len(files), get)
 
 
+def default_train_spec(spec: str) -> str:
+    """The training split that goes with an evaluation spec: `builtin:shapes` for the built-in val
+    split, a sibling `train/` (or `training/`) folder for a `val/`, `validation/` or `test/` folder,
+    and for a file the same name with `val` replaced by `train` (`instances_val2017.json`)."""
+    if spec.startswith("builtin:"):
+        builtin_split(spec)
+        return "builtin:shapes"
+    path = Path(spec)
+    candidates = [path.parent / name for name in ("train", "training")] if path.is_dir() else []
+    if path.is_file() and "val" in path.name:
+        candidates.append(path.with_name(path.name.replace("val", "train")))
+    if path.name in ("val", "validation", "test") or path.is_file():
+        for candidate in candidates:
+            if candidate.exists():
+                return str(candidate)
+    raise DataError(f"no training split found next to '{spec}': pass one with --train")
+
+
+def pick(total: int, limit: int, seed: int = 0) -> list[int]:
+    """A fixed random subset of `limit` indices out of `total` (all when limit is 0 or enough)."""
+    if limit <= 0 or limit >= total:
+        return list(range(total))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(total, generator=generator)[:limit].tolist())
+
+
+def subset(data: LabelledImages, limit: int, seed: int = 0) -> LabelledImages:
+    """The same set restricted to a fixed random subset of at most `limit` images."""
+    index = pick(len(data), limit, seed)
+    if len(index) == len(data):
+        return data
+    return LabelledImages(
+        f"{data.name}[{len(index)} seed {seed}]", data.class_names, len(index), lambda i: data.get(index[i])
+    )
+
+
 def open_labelled(spec: str, cfg: Config) -> LabelledImages:
+    """A labelled image set from a spec: `builtin:shapes[:val]` (primary shape) or a class-folder tree."""
     if spec.startswith("builtin:"):
         ds = shapes_dataset(spec, cfg)
 
@@ -80,15 +117,24 @@ def open_labelled(spec: str, cfg: Config) -> LabelledImages:
     )
 
 
-class _EvalViews(Dataset[tuple[torch.Tensor, int]]):
-    def __init__(self, data: LabelledImages, image_size: int) -> None:
-        self.data, self.image_size = data, image_size
+class EvalViews(Dataset[tuple[torch.Tensor, int]]):
+    """Deterministic uint8 eval views of a labelled set, optionally through a training `transform`."""
+
+    def __init__(
+        self,
+        data: LabelledImages,
+        image_size: int,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    ) -> None:
+        self.data, self.image_size, self.transform = data, image_size, transform
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image, label = self.data.get(i)
+        if self.transform is not None:
+            return self.transform(image), label
         return eval_transform(image, self.image_size), label
 
 
@@ -102,7 +148,7 @@ def extract(
     num_workers: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, ...] from `encode(normalised images)`, labels [N]) over a labelled set."""
-    loader = DataLoader(_EvalViews(data, image_size), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(EvalViews(data, image_size), batch_size=batch_size, num_workers=num_workers)
     feats, labels = [], []
     for images, target in loader:
         feats.append(encode(normalize(images.to(device))).float().cpu())

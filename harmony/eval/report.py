@@ -1,10 +1,14 @@
-"""Evaluation outputs: a JSON file (config, dataset, metrics, time) and a readable table."""
+"""Evaluation outputs: a JSON file (config, dataset, settings, metrics, time) and a readable table."""
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
+
+from harmony.loading import Pretrained
 
 
 def format_table(rows: list[tuple[str, Any]], title: str = "") -> str:
@@ -23,3 +27,36 @@ def write_result(path: Path | None, result: dict[str, Any]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def make_result(
+    task: str,
+    pretrained: Pretrained,
+    dataset: dict[str, Any],
+    settings: Any,
+    metrics: dict[str, float],
+    started: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The common result record every protocol returns (and `--out` writes as JSON)."""
+    return {
+        "task": task,
+        "checkpoint": str(pretrained.path),
+        "method": pretrained.config.name,
+        "weights": pretrained.weights,
+        "step": pretrained.step,
+        "dataset": dataset,
+        "settings": asdict(settings) if is_dataclass(settings) and not isinstance(settings, type) else settings,
+        "metrics": metrics,
+        **extra,
+        "time_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def result_table(result: dict[str, Any]) -> str:
+    """Every metric of a result, one row each, titled with task, data and weights."""
+    rows: list[tuple[str, Any]] = list(result["metrics"].items())
+    rows.append(("time_s", result["time_s"]))
+    spec = result["dataset"].get("spec", "")
+    title = f"{result['task']} on {spec} ({result['weights']} weights, step {result['step']})"
+    return format_table(rows, title)

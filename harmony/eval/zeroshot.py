@@ -1,17 +1,26 @@
 """Zero-shot classification: class names x prompt templates -> mean normalised text embeddings,
-images classified by cosine similarity; top-1 / top-5 accuracy."""
+images classified by cosine similarity; top-1 / top-5 accuracy.
+
+Templates and class names come from a named set or a file with one entry per line: template sets
+`default` (short, for the built-in shapes), `openai` (CLIP's 80 ImageNet prompts) and `simple` (its
+7-prompt subset), class-name set `imagenet` (both from open_clip's metadata).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from harmony.eval.datasets import extract, open_labelled
+from harmony.eval.datasets import extract, open_labelled, subset
+from harmony.eval.metrics import topk_accuracy
+from harmony.eval.report import make_result
+from harmony.eval.settings import resolve
 from harmony.loading import Pretrained
 from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
@@ -28,8 +37,42 @@ DEFAULT_TEMPLATES = [
 ]
 
 
+@dataclass(frozen=True)
+class ZeroShotSettings:
+    templates: str = field(default="default", metadata={"help": "template set (default/openai/simple) or file"})
+    classnames: str = field(default="", metadata={"help": "class-name set (imagenet) or file; '' = the dataset's"})
+    max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
+    batch_size: int = field(default=256, metadata={"help": "image batch"})
+
+
+ZEROSHOT_FULL = ZeroShotSettings()
+
+
 def read_lines(path: str | Path) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def template_set(name: str) -> list[str]:
+    """A named template set or a file of templates ('{}' stands for the class name)."""
+    from open_clip import zero_shot_metadata as meta
+
+    named = {
+        "default": DEFAULT_TEMPLATES,
+        "openai": [t("{}") for t in meta.OPENAI_IMAGENET_TEMPLATES],
+        "simple": [t("{}") for t in meta.SIMPLE_IMAGENET_TEMPLATES],
+    }
+    if name in named:
+        return list(named[name])
+    templates = read_lines(name)
+    if not all("{}" in t for t in templates):
+        raise ValueError(f"every template in '{name}' needs a '{{}}' for the class name")
+    return templates
+
+
+def class_name_set(name: str) -> list[str]:
+    from open_clip import zero_shot_metadata as meta
+
+    return list(meta.IMAGENET_CLASSNAMES) if name == "imagenet" else read_lines(name)
 
 
 @torch.no_grad()
@@ -48,47 +91,31 @@ def class_embeddings(
     return torch.stack(rows)
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    out = {}
-    for k in ks:
-        k_eff = min(k, logits.shape[1])
-        hit = (logits.topk(k_eff, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
-        out[f"top{k}"] = hit.float().mean().item()
-    return out
-
-
 def run_zeroshot(
     pretrained: Pretrained,
     data_spec: str,
     device: torch.device,
     class_names: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
-    batch_size: int = 256,
     num_workers: int = 2,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    start = time.perf_counter()
+    """Top-1/top-5 of zero-shot classification; explicit `class_names`/`templates` beat the settings."""
+    started = time.perf_counter()
+    s = resolve(ZeroShotSettings(), ZEROSHOT_FULL, data_spec, overrides)
     model, tokenizer = pretrained.model, pretrained.tokenizer
     if tokenizer is None or not model.has_text:
         raise ValueError(
             f"checkpoint '{pretrained.path}' has no text tower ({pretrained.weights}); zero-shot needs one"
         )
-    data = open_labelled(data_spec, pretrained.config)
-    names = list(class_names) if class_names else data.class_names
+    data = subset(open_labelled(data_spec, pretrained.config), s.max_eval)
+    names = list(class_names or (class_name_set(s.classnames) if s.classnames else data.class_names))
     if len(names) != len(data.class_names):
         raise ValueError(f"{len(names)} class names given for a dataset with {len(data.class_names)} classes")
-    prompts = list(templates) if templates else DEFAULT_TEMPLATES
+    prompts = list(templates or template_set(s.templates))
     weights = class_embeddings(model, tokenizer, names, prompts, device)
-    feats, labels = extract(model.encode_image, data, pretrained.image_size, device, batch_size, num_workers)
-    logits = feats @ weights.cpu().t()
-    metrics = topk_accuracy(logits, labels)
+    feats, labels = extract(model.encode_image, data, pretrained.image_size, device, s.batch_size, num_workers)
+    metrics = topk_accuracy(feats @ weights.cpu().t(), labels)
     metrics["chance"] = 1.0 / len(names)
-    return {
-        "task": "zeroshot",
-        "checkpoint": str(pretrained.path),
-        "weights": pretrained.weights,
-        "step": pretrained.step,
-        "dataset": {"spec": data_spec, "num_images": len(data), "num_classes": len(names), "class_names": names},
-        "templates": prompts,
-        "metrics": metrics,
-        "time_s": round(time.perf_counter() - start, 3),
-    }
+    dataset = {"spec": data_spec, "num_images": len(data), "num_classes": len(names), "class_names": names}
+    return make_result("zeroshot", pretrained, dataset, s, metrics, started, templates=prompts)

@@ -42,7 +42,8 @@ class ImageTextModel(nn.Module):
             self.text = TextTower(text_size, vocab_size=vocab_size, context_length=context_length, eot_id=eot_id)
             self.visual_projection = nn.Linear(self.visual.embed_dim, embed_dim, bias=False)
             self.text_projection = nn.Parameter(torch.empty(self.text.width, embed_dim))
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+            # shape [1], not a scalar: FSDP cannot shard 0-d parameters
+            self.logit_scale = nn.Parameter(torch.full((1,), math.log(logit_scale_init)))
             nn.init.normal_(self.visual_projection.weight, std=self.visual.embed_dim**-0.5)
             nn.init.normal_(self.text_projection, std=self.text.width**-0.5)
 
@@ -62,8 +63,8 @@ class ImageTextModel(nn.Module):
             self.text.set_grad_checkpointing(enable)
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped at `logit_scale_max` (CLIP's 100)."""
-        return self.logit_scale.exp().clamp(max=self.logit_scale_max)
+        """exp(logit_scale) as a 0-d tensor, clamped at `logit_scale_max` (CLIP's 100)."""
+        return self.logit_scale.exp().clamp(max=self.logit_scale_max).squeeze(0)
 
     def image_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """L2-normalised joint-space embedding from the CLS token of vision-tower output."""

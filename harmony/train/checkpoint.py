@@ -103,10 +103,17 @@ def prune(folder: Path, keep_last: int) -> None:
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """`load_state_dict(strict=True)` with a message that names the mismatch instead of a traceback."""
+    check_state_keys(module, state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def check_state_keys(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise a CheckpointError naming missing, unexpected or reshaped entries (works for FSDP too:
+    the full shape of a sharded parameter is compared)."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -119,4 +126,3 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
         raise CheckpointError(
             f"{what} does not match this model: " + ", ".join(parts) + "; was it written with another config?"
         )
-    module.load_state_dict(state, strict=True)

@@ -88,16 +88,32 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (out of place; no gradient)."""
+    """Sum over ranks (out of place, no gradient, on the tensor's device). NCCL only reduces CUDA
+    tensors, so CPU tensors (log metrics, stop flags) travel through the current GPU there."""
     if world_size() == 1:
         return tensor
-    out = tensor.detach().clone()
+    device = tensor.device
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    out = tensor.detach().to(device, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(tensor.device)
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(tensor) / world_size()
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP parameters); any other tensor unchanged."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered to a plain tensor (grad norms, logit scale under FSDP); others unchanged."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
 
 
 def global_count(local_count: torch.Tensor) -> torch.Tensor:

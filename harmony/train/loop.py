@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harmony.config import Config, dump_yaml, to_dict
+from harmony.data.guard import describe_skips
 from harmony.data.loader import build_train_data
 from harmony.data.views import ViewMaker
 from harmony.train import checkpoint as ckpt
-from harmony.train.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
+from harmony.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, full, init_distributed, shutdown
 from harmony.train.logger import MetricsLogger
+from harmony.train.preemption import StopRequest
 from harmony.train.step import Stepper, TrainingError, resolve_device
+from harmony.typed import changed_keys
 
 
 @dataclass
@@ -29,6 +32,25 @@ class RunResult:
     steps: int
     checkpoint: Path
     last_metrics: dict[str, float]
+    data_summary: str = ""
+    stopped_by: str | None = None
+    is_main: bool = True
+
+    def summary(self) -> str:
+        loss = self.last_metrics.get("loss", float("nan"))
+        how = f"stopped by {self.stopped_by} after" if self.stopped_by else "trained"
+        return f"{how} {self.steps} steps, final loss {loss:.4f}; {self.data_summary}; checkpoint: {self.checkpoint}"
+
+
+@dataclass
+class _Window:
+    """Counters between two log steps."""
+
+    start: float = field(default_factory=time.perf_counter)
+    fetch_start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    data: float = 0.0
+    errors: int = 0
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -59,11 +81,10 @@ class Trainer:
         self.steps_per_epoch = self.data.steps_per_epoch
         self.total_steps = total_steps_of(cfg, self.steps_per_epoch)
         self.stepper.set_span(self.steps_per_epoch, self.total_steps)
-        self.bad_steps = 0
+        self.stopped: str | None = None
         self.ckpt_dir = out_dir / "checkpoints"
         if resume:
             self._resume(resume)
-        self.stepper.wrap_distributed()
         self.logger = MetricsLogger(out_dir, self.total_steps, self.step, self.dist.is_main, progress=progress)
         if self.dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,10 +105,13 @@ class Trainer:
             path = Path(resume)
         state = ckpt.load(path, map_location=self.device)
         self.stepper.load_state_dict(state, f"checkpoint '{path}'")
-        self.bad_steps = int(state.get("bad_steps", 0))
+        changes = changed_keys(state.get("config", {}), to_dict(self.cfg))
+        if changes and self.dist.is_main:
+            print(f"resuming {path} (step {self.step}) with changed settings: " + "; ".join(changes), flush=True)
 
     def save(self, periodic: bool) -> Path:
         last = self.ckpt_dir / "last.pt"
+        step_state = self.stepper.state_dict()  # a collective under FSDP: every rank takes part
         if not self.dist.is_main:
             return last
         state: dict[str, Any] = {
@@ -97,8 +121,7 @@ class Trainer:
             "git": ckpt.git_revision(),
             "epoch": self.step / self.steps_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,
-            "bad_steps": self.bad_steps,
-            **self.stepper.state_dict(),
+            **step_state,
         }
         ckpt.save_atomic(state, last)
         if periodic:
@@ -107,56 +130,78 @@ class Trainer:
         return last
 
     def fit(self) -> RunResult:
-        cfg, spe = self.cfg, self.steps_per_epoch
-        log_every, save_every = cfg.train.log_every, cfg.train.save_every or spe
-        images_per_step = cfg.train.batch_size
+        """Train to `total_steps` (or until a stop signal: then save and return normally)."""
+        spe = self.steps_per_epoch
         last: dict[str, float] = {}
-        window = {"start": time.perf_counter(), "steps": 0, "data": 0.0, "errors": 0}
-        try:
-            while self.step < self.total_steps:
-                epoch, in_epoch = divmod(self.step, spe)
-                fetch_start = time.perf_counter()
-                for batch in self.data.batches(epoch, in_epoch):
-                    window["data"] += time.perf_counter() - fetch_start
-                    window["errors"] += int(batch.pop("data_errors").sum())
-                    batch.pop("index", None)
-                    metrics = self.stepper.train_step(to_device(batch, self.device))
-                    if metrics is None:
-                        self._bad_step()
-                    else:
-                        self.bad_steps = 0
-                    window["steps"] += 1
-                    self.logger.advance()
-                    if metrics is not None and (self.step % log_every == 0 or self.step == self.total_steps):
-                        last = self._log(metrics, window, images_per_step)
-                        window = {"start": time.perf_counter(), "steps": 0, "data": 0.0, "errors": 0}
-                    if self.step % save_every == 0 or self.step == self.total_steps:
-                        self.save(periodic=self.step % save_every == 0)
-                    if self.step >= self.total_steps:
-                        break
-                    fetch_start = time.perf_counter()
-        finally:
-            self.logger.close()
-        return RunResult(self.out_dir, self.step, self.ckpt_dir / "last.pt", last)
-
-    def _bad_step(self) -> None:
-        self.bad_steps += 1
-        self.logger.message(
-            f"step {self.step + 1}: non-finite loss or gradient, step skipped ({self.bad_steps} in a row)"
+        self.window = _Window()
+        with StopRequest() as stop:
+            try:
+                while self.step < self.total_steps and not self.stopped:
+                    epoch, in_epoch = divmod(self.step, spe)
+                    for batch in self.data.batches(epoch, in_epoch):
+                        last = self._one_step(batch) or last
+                        if self.step >= self.total_steps:
+                            break
+                        if stop.requested(agree=self.step % self.cfg.train.log_every == 0):
+                            self.stopped = stop.signal_name or "a signal on another rank"
+                            self.save(periodic=False)
+                            self.logger.message(
+                                f"stopped by {self.stopped} after step {self.step}; checkpoint saved: resume with --resume auto"
+                            )
+                            break
+                        self.window.fetch_start = time.perf_counter()
+            finally:
+                self.logger.close()
+        return RunResult(
+            self.out_dir,
+            self.step,
+            self.ckpt_dir / "last.pt",
+            last,
+            self._skip_summary(),
+            self.stopped,
+            self.dist.is_main,
         )
-        if self.bad_steps >= self.cfg.train.max_bad_steps:
+
+    def _skip_summary(self) -> str:
+        """'data: skipped N samples (...)' over every rank, for the end of the run."""
+        totals = all_reduce_sum(torch.tensor([float(v) for v in self.data.skipped.values()])).long().tolist()
+        return describe_skips(dict(zip(self.data.skipped, totals)))
+
+    def _one_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        cfg, window = self.cfg, self.window
+        window.data += time.perf_counter() - window.fetch_start
+        window.errors += int(batch.pop("data_errors").sum())
+        batch.pop("index", None)
+        metrics = self.stepper.train_step(to_device(batch, self.device))
+        window.steps += 1
+        self.logger.advance()
+        record = None
+        if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+            record = self._log(metrics)
+            self.window = _Window()
+            self._check_bad_steps(int(record["bad_steps_in_a_row"]))
+        save_every = cfg.train.save_every or self.steps_per_epoch
+        if self.step % save_every == 0 or self.step == self.total_steps:
+            self.save(periodic=self.step % save_every == 0)
+        return record
+
+    def _check_bad_steps(self, in_a_row: int) -> None:
+        """Skipped (non-finite) steps leave the weights untouched; too many in a row end the run."""
+        if in_a_row:
+            self.logger.message(f"step {self.step}: {in_a_row} non-finite step(s) in a row skipped")
+        if in_a_row >= self.cfg.train.max_bad_steps:
             raise TrainingError(
-                f"{self.bad_steps} consecutive non-finite steps at step {self.step + 1}; the last good checkpoint is in "
+                f"{in_a_row} consecutive non-finite steps up to step {self.step}; the last good checkpoint is in "
                 f"{self.ckpt_dir}. Try a lower optim.lr, train.precision=bf16 or fp32, or a smaller optim.clip_grad."
             )
 
-    def _log(
-        self, metrics: dict[str, torch.Tensor], window: dict[str, float], images_per_step: int
-    ) -> dict[str, float]:
+    def _log(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        window, images_per_step = self.window, self.cfg.train.batch_size
         names = sorted(metrics)
-        values = all_reduce_mean(torch.stack([metrics[n].float().reshape(()) for n in names])).tolist()
-        elapsed = max(time.perf_counter() - window["start"], 1e-9)
-        steps = max(window["steps"], 1)
+        values = all_reduce_mean(torch.stack([full(metrics[n]).float().reshape(()).cpu() for n in names])).tolist()
+        errors = int(all_reduce_sum(torch.tensor([float(window.errors)])).item())
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        steps = max(window.steps, 1)
         record: dict[str, float] = {
             "step": self.step,
             "epoch": round(self.step / self.steps_per_epoch, 4),
@@ -167,9 +212,10 @@ class Trainer:
             "images_per_s": images_per_step * steps / elapsed,
             "images_per_s_per_device": images_per_step * steps / elapsed / self.dist.world_size,
             "step_time_s": elapsed / steps,
-            "data_time_s": window["data"] / steps,
-            "data_errors": window["errors"],
-            "bad_steps": self.bad_steps,
+            "data_time_s": window.data / steps,
+            "data_errors": errors,
+            "bad_steps": int(self.stepper.bad_steps),
+            "bad_steps_in_a_row": int(self.stepper.bad_in_a_row),
         }
         self.logger.log(record)
         return record

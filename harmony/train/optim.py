@@ -19,7 +19,7 @@ def no_decay_names(module: nn.Module) -> set[str]:
     return names
 
 
-def build_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     exempt = no_decay_names(module)
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -30,8 +30,8 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device) -
         {"params": decay, "weight_decay": cfg.weight_decay, "scheduled_wd": True},
         {"params": no_decay, "weight_decay": 0.0, "scheduled_wd": False},
     ]
-    fused = cfg.fused and device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+    # Fused (CUDA and CPU): one kernel per group, and a device-side skip of non-finite steps.
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, fused=True, foreach=False)
 
 
 def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from harmony.config import Config
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.objectives.base import StepInfo
-from harmony.train.distributed import DistInfo
+from harmony.train.distributed import DistInfo, full
 from harmony.train.optim import build_optimizer, set_schedule
 from harmony.train.schedules import Schedules
 from harmony.train.task import PretrainTask
@@ -44,41 +44,65 @@ def make_tokenizer(cfg: Config) -> CaptionTokenizer | None:
 
 
 class Stepper:
-    """Owns the task and its optimiser; `step(batch)` runs forward, backward, clipping, the update,
-    and the once-per-step EMA/centre advance."""
+    """Owns the task and its optimiser; `train_step(batch)` runs forward, backward, clipping, the
+    update, and the once-per-step EMA/centre advance."""
 
     def __init__(self, cfg: Config, device: torch.device, dist: DistInfo) -> None:
         self.cfg, self.device, self.dist = cfg, device, dist
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = make_tokenizer(cfg)
         self.task = PretrainTask(cfg, self.tokenizer).to(device)
-        self.set_span(steps_per_epoch=1, total_steps=1)
-        trainable = self.task.student_modules()
-        self.params = [p for p in trainable.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(trainable, cfg.optim, device)
         self.amp_dtype = autocast_dtype(cfg.train.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.fsdp = cfg.train.strategy == "fsdp" and dist.world_size > 1
         self.step = 0
+        self.bad_steps = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_in_a_row = torch.zeros((), dtype=torch.long, device=device)
         self.model: torch.nn.Module = self.task
-        if cfg.train.compile:
-            self.task.student.visual = torch.compile(self.task.student.visual)  # type: ignore[assignment]
+        self.set_span(steps_per_epoch=1, total_steps=1)
+        self._prepare()
 
     def set_span(self, steps_per_epoch: int, total_steps: int) -> None:
         """Fix the schedules' time axis (epoch length and run length, in steps)."""
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.schedules = Schedules.from_config(self.cfg, steps_per_epoch, total_steps)
 
-    def wrap_distributed(self) -> None:
-        """DDP over the whole task: one forward call per step computes every student pass."""
+    def _prepare(self) -> None:
+        """Distribute the task (DDP over the whole task: one forward call per step computes every
+        student pass; or FSDP units per tower), then build the optimiser over the final parameters."""
         if self.dist.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.task, device_ids=ids, broadcast_buffers=False)
+            if self.fsdp:
+                from harmony.train.sharding import shard_task
+
+                shard_task(self.task)
+            else:
+                if self.device.type == "cuda":
+                    self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.task)
+                self.model = DistributedDataParallel(
+                    self.task,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    forward_sync_buffers=False,
+                )
+        if self.cfg.train.compile:
+            self.task.student.visual = torch.compile(self.task.student.visual)  # type: ignore[assignment]
+        trainable = self.task.student_modules()
+        self.params = [p for p in trainable.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(trainable, self.cfg.optim)
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (a collective under FSDP: call it on every rank)."""
+        if self.fsdp:
+            from harmony.train.sharding import full_state
+
+            model, optim = full_state(self.task, self.optimizer)
+        else:
+            model, optim = self.task.state_dict(), self.optimizer.state_dict()
         return {
             "step": self.step,
-            "model": self.task.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "bad_steps": int(self.bad_steps),
+            "strategy": "fsdp" if self.fsdp else "plain",
+            "model": model,
+            "optimizer": optim,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -87,19 +111,34 @@ class Stepper:
         }
 
     def load_state_dict(self, state: dict[str, Any], what: str) -> None:
-        from harmony.train.checkpoint import load_state_strict
+        from harmony.train.checkpoint import CheckpointError, check_state_keys, load_state_strict
 
-        load_state_strict(self.task, state["model"], what)
-        self.optimizer.load_state_dict(state["optimizer"])
+        strategy = "fsdp" if self.fsdp else "plain"
+        if state.get("strategy", "plain") != strategy:
+            raise CheckpointError(
+                f"{what} holds {state.get('strategy', 'plain')} optimiser state; this run is {strategy} "
+                "(resume with the same train.strategy, or start a new run from its weights)"
+            )
+        if self.fsdp:
+            from harmony.train.sharding import load_full_state
+
+            check_state_keys(self.task, state["model"], what)
+            load_full_state(self.task, self.optimizer, state["model"], state["optimizer"])
+        else:
+            load_state_strict(self.task, state["model"], what)
+            self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         self.step = int(state["step"])
+        self.bad_steps.fill_(int(state.get("bad_steps", 0)))
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """One optimiser step; returns metrics, or None when the step was skipped (non-finite)."""
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimiser step. A non-finite loss or gradient skips the update on the device (fused
+        AdamW's `found_inf`, as the fp16 loss scaler does), so no step waits for the host; the
+        skips are counted in `bad_steps` / `bad_in_a_row` (device tensors read at log steps)."""
         info = StepInfo(self.step, self.steps_per_epoch)
         set_schedule(self.optimizer, self.schedules.lr(self.step), self.schedules.weight_decay(self.step))
         amp = self.amp_dtype
@@ -109,16 +148,19 @@ class Stepper:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.clip_grad
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        if not self.scaler.is_enabled() and not bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            return None
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf")))
         for param in self.task.frozen_parameters(info):
             param.grad = None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss.detach())
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips the update itself when it finds inf/NaN
+            self.scaler.update()
+        else:
+            self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
+            self.optimizer.step()
         self.task.after_step(self.schedules.momentum(self.step))
+        self.bad_in_a_row = torch.where(finite, 0, self.bad_in_a_row + 1)
+        self.bad_steps = self.bad_steps + (~finite).long()
         self.step += 1
         metrics["loss"] = loss.detach()
         metrics["grad_norm"] = grad_norm.detach()

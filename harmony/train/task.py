@@ -32,6 +32,7 @@ from harmony.objectives.masked_distill import MaskedDistillObjective
 from harmony.objectives.mlm import MLMObjective
 from harmony.objectives.simclr import SimCLRObjective
 from harmony.objectives.text_distill import TextDistillObjective
+from harmony.train.distributed import local
 
 
 def build_objectives(cfg: Config, vocab_size: int) -> dict[str, Objective]:
@@ -109,8 +110,8 @@ class PretrainTask(nn.Module):
             for teacher, student in pairs:
                 source = dict(student.named_parameters())
                 for name, param in teacher.named_parameters():
-                    teachers.append(param.data)
-                    students.append(source[name].data)
+                    teachers.append(local(param.data))
+                    students.append(local(source[name].data))
             self._ema_cache = (teachers, students)
         return self._ema_cache
 

@@ -1,0 +1,206 @@
+"""`harmony data inspect SPEC`: what a dataset holds and what the model will see.
+
+Reads the first `limit` samples in order (decoding every image fully, as training would), counts
+usable and skipped samples per reason, summarises image sizes and caption lengths (words, and CLIP
+tokens against the preset's context), and draws a contact sheet: per sample its caption, the image,
+and the preset's augmented global crops (iBOT-masked or MAE-removed patches darkened) and local crops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from harmony.data.decode import RawSample, decode_pixels
+from harmony.data.errors import SKIP_REASONS, SampleError
+from harmony.data.guard import describe_skips
+from harmony.data.loader import MapSource
+from harmony.data.sources import PassEnd, ShardSource, decode_sample, pass_samples
+from harmony.data.views import ViewMaker
+from harmony.models.tokenizer import PAD_ID, CaptionTokenizer
+
+TILE = 128  # display size of a global crop in the contact sheet
+
+
+@dataclass
+class Scan:
+    scanned: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    problems: list[str] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    words: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    samples: list[RawSample] = field(default_factory=list)
+
+    @property
+    def usable(self) -> int:
+        return len(self.words)
+
+
+def in_order(source: MapSource | ShardSource, max_pixels: int) -> Iterator[RawSample | SampleError]:
+    """Samples of one pass in stored order (shards in spec order), SampleError for what cannot be used."""
+    if isinstance(source, ShardSource):
+        for item in pass_samples(source.urls, 0, 1):
+            if isinstance(item, PassEnd):
+                return
+            if isinstance(item, SampleError):
+                yield item
+                continue
+            try:
+                yield decode_sample(item, max_pixels)
+            except SampleError as exc:
+                yield exc
+        return
+    for index in range(len(source)):
+        try:
+            yield source.load(index)
+        except SampleError as exc:
+            yield exc
+
+
+def scan(
+    items: Iterator[RawSample | SampleError], limit: int, keep: int, tokenizer: CaptionTokenizer, problems: int = 5
+) -> Scan:
+    """Decode up to `limit` samples (0: all), tally them, keep the first `keep` usable ones."""
+    out = Scan()
+    for item in itertools.islice(items, limit or None):
+        out.scanned += 1
+        if isinstance(item, RawSample):
+            try:
+                decode_pixels(item.image, [])
+            except SampleError as exc:
+                item = exc
+        if isinstance(item, SampleError):
+            out.skipped[item.reason] += 1
+            if len(out.problems) < problems:
+                out.problems.append(str(item))
+            continue
+        out.sizes.append(item.image.size)
+        out.words.append(len(item.caption.split()))
+        out.tokens.append(len(tokenizer.encode(item.caption)))
+        if len(out.samples) < keep:
+            out.samples.append(item)
+    return out
+
+
+def histogram(values: list[int], bins: int = 8, width: int = 40) -> list[str]:
+    """Text histogram with integer bin edges."""
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    step = max(1, -(-(high - low + 1) // bins))
+    counts = np.bincount([(v - low) // step for v in values])
+    most = max(int(counts.max()), 1)
+    lines = []
+    for i, count in enumerate(counts.tolist()):
+        start = low + i * step
+        label = f"{start}-{start + step - 1}" if step > 1 else f"{start}"
+        lines.append(f"  {label:>9} {'#' * round(width * count / most):<{width}} {count}")
+    return lines
+
+
+def report(result: Scan, context_length: int) -> list[str]:
+    skipped = sum(result.skipped.values())
+    lines = [f"scanned {result.scanned} samples: {result.usable} usable; {describe_skips(result.skipped)}"]
+    lines += [f"  e.g. {p}" for p in result.problems[: min(skipped, len(result.problems))]]
+    if not result.usable:
+        return lines
+    areas = sorted(result.sizes, key=lambda s: s[0] * s[1])
+    lines.append(f"image sizes: smallest {areas[0][0]}x{areas[0][1]}, median {areas[len(areas) // 2][0]}x")
+    lines[-1] += f"{areas[len(areas) // 2][1]}, largest {areas[-1][0]}x{areas[-1][1]}"
+    words = np.array(result.words)
+    long = float(np.mean(np.array(result.tokens) > context_length)) * 100
+    lines.append(
+        f"caption length (words): min {words.min()}, median {int(np.median(words))}, max {words.max()}; "
+        f"{long:.1f}% exceed the {context_length}-token context and are truncated"
+    )
+    return lines + histogram(result.words)
+
+
+def _font(size: int = 12) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def tile(crop: torch.Tensor, hidden: torch.Tensor | None, size: int) -> Image.Image:
+    """A uint8 [3, S, S] crop at display `size`, patches where `hidden` [gh, gw] is True darkened."""
+    pixels = crop.permute(1, 2, 0).numpy()
+    if hidden is not None:
+        gh, gw = hidden.shape
+        cover = np.kron(hidden.numpy(), np.ones((pixels.shape[0] // gh, pixels.shape[1] // gw), dtype=bool))
+        pixels = pixels.copy()
+        pixels[cover] = pixels[cover] // 4
+    return Image.fromarray(np.ascontiguousarray(pixels)).resize((size, size), Image.Resampling.NEAREST)
+
+
+def hidden_patches(views: dict[str, torch.Tensor], maker: ViewMaker) -> list[torch.Tensor | None]:
+    """Per global crop, the patches a student does not see: iBOT masks, else MAE's removed patches."""
+    count = views["global"].shape[0]
+    if "ibot_mask" in views:
+        return list(views["ibot_mask"])
+    if "mae_keep" not in views:
+        return [None] * count
+    out: list[torch.Tensor | None] = [None] * count
+    for crop, keep in zip(maker.dropped, views["mae_keep"]):
+        hidden = torch.ones(maker.grid[0] * maker.grid[1], dtype=torch.bool)
+        hidden[keep] = False
+        out[crop] = hidden.view(maker.grid)
+    return out
+
+
+def masked_caption(tokens: torch.Tensor, tokenizer: CaptionTokenizer) -> str:
+    """The caption as the masked-language student reads it, masked pieces shown as [MASK]."""
+    words = [int(t) for t in tokens if int(t) not in (PAD_ID, tokenizer.sot_id, tokenizer.eot_id)]
+    parts = []
+    for is_mask, group in itertools.groupby(words, key=lambda t: t == tokenizer.mask_id):
+        run = list(group)
+        parts.append(" ".join(["[MASK]"] * len(run)) if is_mask else tokenizer.decode(run))
+    return " ".join(parts)
+
+
+def sample_row(
+    raw: RawSample, views: dict[str, torch.Tensor], maker: ViewMaker, tokenizer: CaptionTokenizer
+) -> Image.Image:
+    """Caption line(s) above the image and its augmented views."""
+    original = raw.image.convert("RGB")
+    scale = TILE / original.height
+    tiles = [original.resize((max(1, min(2 * TILE, round(original.width * scale))), TILE))]
+    tiles += [tile(c, h, TILE) for c, h in zip(views["global"], hidden_patches(views, maker))]
+    if "local" in views:
+        size = max(8, round(TILE * views["local"].shape[-1] / views["global"].shape[-1]))
+        tiles += [tile(c, None, size) for c in views["local"]]
+    width = sum(t.width for t in tiles) + 4 * (len(tiles) + 1)
+    chars = max(20, width // 7)
+    lines = textwrap.wrap(f"{raw.key}: {raw.caption}", chars)[:2]
+    if "text_masked" in views:
+        lines += textwrap.wrap("masked: " + masked_caption(views["text_masked"], tokenizer), chars)[:1]
+    text_height = 16 * len(lines) + 4
+    row = Image.new("RGB", (width, text_height + TILE + 8), "white")
+    draw = ImageDraw.Draw(row)
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + 16 * i), line, fill="black", font=_font())
+    x = 4
+    for t in tiles:
+        row.paste(t, (x, text_height))
+        x += t.width + 4
+    return row
+
+
+def contact_sheet(
+    samples: list[RawSample], maker: ViewMaker, tokenizer: CaptionTokenizer, title: str, seed: int = 0
+) -> Image.Image:
+    """All sample rows stacked under a one-line legend."""
+    rows = [sample_row(raw, maker(raw.image, raw.caption, seed + i), maker, tokenizer) for i, raw in enumerate(samples)]
+    width = max([r.width for r in rows] + [600])
+    sheet = Image.new("RGB", (width, 24 + sum(r.height for r in rows)), "white")
+    ImageDraw.Draw(sheet).text((4, 4), title, fill="black", font=_font(13))
+    y = 24
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height
+    return sheet

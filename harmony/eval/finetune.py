@@ -1,0 +1,186 @@
+"""Full fine-tuning of the pre-trained vision tower for classification (BEiT/iBOT protocol).
+
+A timm `VisionTransformer` of the same architecture gets the tower's weights, a new linear head and
+drop-path; AdamW with layer-wise lr decay (0.65) and weight decay 0.05 (timm's
+`create_optimizer_v2`), linear warm-up then cosine, random-resized-crop + flip, label smoothing and
+optional mixup/cutmix (timm's `Mixup`). Average pooling of patch tokens with the pre-trained final
+norm moved to `fc_norm`, as BEiT does, or the CLS token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import create_optimizer_v2
+from torch import nn
+from torch.utils.data import DataLoader
+
+from harmony.data.augment import normalize
+from harmony.eval.datasets import EvalViews, LabelledImages, default_train_spec, extract, open_labelled, subset
+from harmony.eval.metrics import topk_accuracy
+from harmony.eval.optim import autocast, warmup_schedule
+from harmony.eval.report import make_result
+from harmony.eval.settings import resolve
+from harmony.loading import Pretrained
+from harmony.models.sizes import VISION_SIZES
+from harmony.models.vision import VisionTower
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    batch_size: int = field(default=64, metadata={"help": "training batch"})
+    lr: float = field(default=1e-2, metadata={"help": "peak lr per 256 images"})
+    min_lr: float = 1e-6
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up"})
+    layer_decay: float = field(default=0.65, metadata={"help": "lr x decay^(layers above)"})
+    weight_decay: float = 0.05
+    drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate"})
+    mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 = off)"})
+    cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 = off)"})
+    label_smoothing: float = 0.1
+    crop_scale: tuple[float, ...] = field(default=(0.5, 1.0), metadata={"help": "random-resized-crop area range"})
+    pool: str = field(default="avg", metadata={"help": "avg (patch mean + fc_norm) or token (CLS)"})
+    max_train: int = field(default=2000, metadata={"help": "training images used (0 = all)"})
+    max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
+    seed: int = 0
+
+
+FINETUNE_FULL = FinetuneSettings(
+    epochs=100,
+    batch_size=1024,
+    lr=5e-4,
+    warmup_epochs=20.0,
+    mixup=0.8,
+    cutmix=1.0,
+    crop_scale=(0.08, 1.0),
+    max_train=0,
+)
+
+
+def classifier_from(visual: VisionTower, num_classes: int, drop_path: float, pool: str) -> VisionTransformer:
+    """A trainable timm ViT classifier initialised from the tower; only the head starts fresh."""
+    if pool not in ("avg", "token"):
+        raise ValueError(f"pool must be 'avg' or 'token', not '{pool}'")
+    src = visual.vit
+    spec = VISION_SIZES[visual.size_name]
+    model = VisionTransformer(
+        img_size=src.patch_embed.img_size,
+        patch_size=visual.patch_size,
+        embed_dim=visual.embed_dim,
+        depth=len(src.blocks),
+        num_heads=spec.num_heads,
+        num_classes=num_classes,
+        global_pool="avg" if pool == "avg" else "token",
+        dynamic_img_size=True,
+        drop_path_rate=drop_path,
+    )
+    state = {k: v.detach().clone() for k, v in src.state_dict().items() if not k.startswith("head.")}
+    if pool == "avg":
+        state = {("fc_norm." + k[5:] if k.startswith("norm.") else k): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != {"head.weight", "head.bias"} or unexpected:
+        raise RuntimeError(f"weights do not fit the classifier: missing {missing}, unexpected {unexpected}")
+    head = model.head
+    assert isinstance(head, nn.Linear)
+    nn.init.trunc_normal_(head.weight, std=2e-5)
+    nn.init.zeros_(head.bias)
+    return model
+
+
+def train_transform(size: int, scale: tuple[float, ...]) -> T.Compose:
+    return T.Compose(
+        [
+            T.PILToTensor(),
+            T.RandomResizedCrop(size, scale=(scale[0], scale[1]), antialias=True),
+            T.RandomHorizontalFlip(),
+        ]
+    )
+
+
+def fit_classifier(
+    model: VisionTransformer,
+    train: LabelledImages,
+    s: FinetuneSettings,
+    image_size: int,
+    device: torch.device,
+    num_workers: int,
+) -> list[float]:
+    """Train in place; returns the mean training loss of each epoch."""
+    num_classes = len(train.class_names)
+    batch = min(s.batch_size, len(train))
+    batch -= batch % 2  # timm's Mixup needs an even batch
+    loader = DataLoader(
+        EvalViews(train, image_size, train_transform(image_size, s.crop_scale)),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(s.seed),
+    )
+    mixing = s.mixup > 0 or s.cutmix > 0
+    mixup = Mixup(s.mixup, s.cutmix, label_smoothing=s.label_smoothing, num_classes=num_classes) if mixing else None
+    soft_ce = SoftTargetCrossEntropy()
+    optimizer = create_optimizer_v2(
+        model, opt="adamw", lr=s.lr * batch / 256, weight_decay=s.weight_decay, layer_decay=s.layer_decay
+    )
+    steps = s.epochs * len(loader)
+    schedule = warmup_schedule(optimizer, steps, round(s.warmup_epochs * len(loader)), s.min_lr)
+    model.to(device).train()
+    curve, update = [], 0
+    for _ in range(s.epochs):
+        total = 0.0
+        for images, labels in loader:
+            schedule.step_update(update)
+            x, y = normalize(images.to(device)), labels.to(device)
+            with autocast(device):
+                if mixup is not None:
+                    x, soft = mixup(x, y)
+                    loss = soft_ce(model(x), soft)
+                else:
+                    loss = F.cross_entropy(model(x), y, label_smoothing=s.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            update += 1
+        curve.append(total / max(len(loader), 1))
+    return curve
+
+
+def run_finetune(
+    pretrained: Pretrained,
+    data_spec: str,
+    device: torch.device,
+    train_spec: str | None = None,
+    num_workers: int = 2,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Top-1/top-5 on the evaluation split after fine-tuning the whole tower on the training split."""
+    started = time.perf_counter()
+    s = resolve(FinetuneSettings(), FINETUNE_FULL, data_spec, overrides)
+    torch.manual_seed(s.seed)
+    train_spec = train_spec or default_train_spec(data_spec)
+    train = subset(open_labelled(train_spec, pretrained.config), s.max_train, s.seed)
+    test = subset(open_labelled(data_spec, pretrained.config), s.max_eval, s.seed)
+    model = classifier_from(pretrained.model.visual, len(train.class_names), s.drop_path, s.pool)
+    curve = fit_classifier(model, train, s, pretrained.image_size, device, num_workers)
+    model.eval()
+    logits, labels = extract(model, test, pretrained.image_size, device, 256, num_workers)
+    metrics = {**topk_accuracy(logits, labels), "chance": 1.0 / len(train.class_names)}
+    dataset = {
+        "spec": data_spec,
+        "train": train_spec,
+        "num_train": len(train),
+        "num_images": len(test),
+        "num_classes": len(train.class_names),
+    }
+    return make_result("finetune", pretrained, dataset, s, metrics, started, curve={"train_loss": curve})

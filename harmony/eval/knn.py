@@ -1,0 +1,73 @@
+"""Weighted k-NN classification on frozen CLS features (DINO's protocol, T = 0.07)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from harmony.eval.datasets import default_train_spec, open_labelled, subset
+from harmony.eval.features import cached_summaries
+from harmony.eval.metrics import knn_scores, topk_accuracy
+from harmony.eval.report import make_result
+from harmony.eval.settings import resolve
+from harmony.loading import Pretrained
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    ks: tuple[int, ...] = field(default=(10, 20, 100, 200), metadata={"help": "numbers of neighbours"})
+    temperature: float = field(default=0.07, metadata={"help": "vote weight exp(sim / T)"})
+    max_train: int = field(default=5000, metadata={"help": "training images used (0 = all)"})
+    max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
+    batch_size: int = field(default=256, metadata={"help": "feature extraction batch"})
+
+
+KNN_FULL = KnnSettings(max_train=0)
+
+
+def run_knn(
+    pretrained: Pretrained,
+    data_spec: str,
+    device: torch.device,
+    train_spec: str | None = None,
+    cache_dir: Path | None = None,
+    num_workers: int = 2,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Top-1/top-5 of weighted k-NN for each k: eval images against (a subset of) the training split."""
+    started = time.perf_counter()
+    s = resolve(KnnSettings(), KNN_FULL, data_spec, overrides)
+    train_spec = train_spec or default_train_spec(data_spec)
+    train = subset(open_labelled(train_spec, pretrained.config), s.max_train)
+    test = subset(open_labelled(data_spec, pretrained.config), s.max_eval)
+    if train.class_names != test.class_names:
+        raise ValueError(f"'{train_spec}' and '{data_spec}' have different classes")
+    extract: dict[str, Any] = {
+        "device": device,
+        "cache_dir": cache_dir,
+        "batch_size": s.batch_size,
+        "num_workers": num_workers,
+    }
+    train_feats, train_labels = cached_summaries(pretrained, train, **extract)
+    test_feats, test_labels = cached_summaries(pretrained, test, **extract)
+    train_cls = F.normalize(train_feats[:, -2], dim=-1)
+    test_cls = F.normalize(test_feats[:, -2], dim=-1)
+    metrics: dict[str, float] = {}
+    for k in s.ks:
+        votes = knn_scores(train_cls, train_labels, test_cls, k, s.temperature, len(train.class_names))
+        acc = topk_accuracy(votes, test_labels)
+        metrics[f"k{k}_top1"], metrics[f"k{k}_top5"] = acc["top1"], acc["top5"]
+    metrics["chance"] = 1.0 / len(train.class_names)
+    dataset = {
+        "spec": data_spec,
+        "train": train_spec,
+        "num_train": len(train),
+        "num_images": len(test),
+        "num_classes": len(train.class_names),
+    }
+    return make_result("knn", pretrained, dataset, s, metrics, started)

@@ -1,0 +1,248 @@
+"""Semantic segmentation: mIoU, mean class accuracy and pixel accuracy, two protocols.
+
+- `linear`: frozen backbone, BatchNorm + 1x1 convolution on the last block's patch tokens, logits
+  upsampled bilinearly to the image (DINOv2's linear protocol).
+- `fpn`: the heavier protocol, trained end to end: ViT -> simple feature pyramid (see `pyramid.py`)
+  -> a semantic-FPN head (3x3 conv per level, upsampled to stride p/4 and summed, 1x1 classifier),
+  AdamW with layer-wise lr decay 0.65 on the ViT, warm-up then cosine.
+Both train for a number of iterations on random scale/crop/flip views and are scored on centre crops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from harmony.data.augment import normalize
+from harmony.eval.datasets import default_train_spec, pick
+from harmony.eval.metrics import confusion_matrix, segmentation_scores
+from harmony.eval.optim import autocast, backbone_head_optimizer, warmup_schedule
+from harmony.eval.pyramid import SimpleFeaturePyramid
+from harmony.eval.report import make_result
+from harmony.eval.segdata import IGNORE, MaskedImages, SegViews, open_segmentation
+from harmony.eval.settings import resolve
+from harmony.eval.zeroshot import read_lines
+from harmony.loading import Pretrained
+from harmony.models.vision import VisionTower
+
+PROTOCOLS = ("linear", "fpn")
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    protocols: tuple[str, ...] = field(default=PROTOCOLS, metadata={"help": "linear and/or fpn"})
+    linear_steps: int = field(default=300, metadata={"help": "iterations of the linear protocol"})
+    fpn_steps: int = field(default=300, metadata={"help": "iterations of the FPN protocol"})
+    batch_size: int = 16
+    linear_lr: float = field(default=1e-2, metadata={"help": "AdamW peak lr of the linear head"})
+    fpn_lr: float = field(default=1e-3, metadata={"help": "AdamW peak lr of the FPN protocol (head; ViT decayed)"})
+    layer_decay: float = 0.65
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    crop_size: int = field(default=0, metadata={"help": "square view size (0 = the checkpoint's image size)"})
+    scale_range: tuple[float, ...] = field(default=(0.75, 1.5), metadata={"help": "training rescale range"})
+    fpn_channels: int = field(default=64, metadata={"help": "feature pyramid width"})
+    reduce_zero_label: bool = field(default=True, metadata={"help": "folders: mask 0 is ignored (ADE20K)"})
+    class_names: str = field(default="", metadata={"help": "folders: file of class names"})
+    max_train: int = field(default=2000, metadata={"help": "training images used (0 = all)"})
+    max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
+    seed: int = 0
+
+
+SEGMENT_FULL = SegmentSettings(
+    linear_steps=40000,
+    fpn_steps=160000,
+    linear_lr=1e-3,
+    fpn_lr=1e-4,
+    warmup_steps=1500,
+    crop_size=512,
+    scale_range=(0.5, 2.0),
+    fpn_channels=256,
+    max_train=0,
+)
+
+
+def patch_map(visual: VisionTower, images: torch.Tensor) -> torch.Tensor:
+    """Last-block patch tokens as a map [B, D, H/p, W/p]."""
+    tokens = visual(images)[:, 1:]
+    gh, gw = visual.grid(*images.shape[-2:])
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
+
+
+class LinearHead(nn.Sequential):
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__(nn.BatchNorm2d(dim), nn.Conv2d(dim, num_classes, kernel_size=1))
+
+
+class FPNSegmenter(nn.Module):
+    """Trainable ViT + simple feature pyramid + semantic-FPN head; logits at image resolution."""
+
+    def __init__(self, visual: VisionTower, num_classes: int, channels: int) -> None:
+        super().__init__()
+        self.pyramid = SimpleFeaturePyramid(visual, channels)
+        self.lateral = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+                )
+                for _ in range(4)
+            ]
+        )
+        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
+
+    def head_modules(self) -> nn.ModuleList:
+        return nn.ModuleList([self.pyramid.scales, self.pyramid.fpn, self.lateral, self.classifier])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        levels = list(self.pyramid(images).values())
+        size = levels[0].shape[-2:]
+        fused = torch.stack(
+            [
+                F.interpolate(conv(x), size, mode="bilinear", align_corners=False)
+                for conv, x in zip(self.lateral, levels)
+            ]
+        ).sum(0)
+        return F.interpolate(self.classifier(fused), images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _batches(
+    views: SegViews, batch_size: int, num_workers: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled training batches, a new augmentation draw each pass."""
+    for epoch in itertools.count():
+        views.epoch = epoch
+        yield from DataLoader(
+            views,
+            batch_size=min(batch_size, len(views)),
+            shuffle=True,
+            drop_last=True,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed + epoch),
+        )
+
+
+def train_segmenter(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    views: SegViews,
+    steps: int,
+    warmup: int,
+    s: SegmentSettings,
+    device: torch.device,
+    num_workers: int,
+) -> list[float]:
+    """`steps` AdamW updates of per-pixel cross-entropy; returns the loss every tenth of training."""
+    schedule = warmup_schedule(optimizer, steps, warmup, min_lr=0.0)
+    curve, running = [], []
+    every = max(1, steps // 10)
+    for step, (images, masks) in enumerate(_batches(views, s.batch_size, num_workers, s.seed)):
+        if step == steps:
+            break
+        schedule.step_update(step)
+        with autocast(device):
+            logits = predict(normalize(images.to(device)))
+        loss = F.cross_entropy(logits.float(), masks.to(device), ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running.append(loss.item())
+        if (step + 1) % every == 0:
+            curve.append(sum(running) / len(running))
+            running = []
+    return curve
+
+
+@torch.no_grad()
+def score(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    data: MaskedImages,
+    size: int,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+) -> dict[str, float]:
+    conf = torch.zeros(len(data.class_names), len(data.class_names), dtype=torch.long)
+    for images, masks in DataLoader(SegViews(data, size, train=False), batch_size=batch_size, num_workers=num_workers):
+        pred = predict(normalize(images.to(device))).argmax(dim=1).cpu()
+        conf += confusion_matrix(pred, masks, len(data.class_names), IGNORE)
+    return segmentation_scores(conf)
+
+
+def _restricted(data: MaskedImages, limit: int, seed: int) -> MaskedImages:
+    index = pick(len(data), limit, seed)
+    return MaskedImages(data.name, data.class_names, len(index), lambda i: data.get(index[i]))
+
+
+def run_segment(
+    pretrained: Pretrained,
+    data_spec: str,
+    device: torch.device,
+    train_spec: str | None = None,
+    num_workers: int = 2,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """mIoU / mAcc / pixel accuracy of each protocol, as `<protocol>_<metric>`."""
+    started = time.perf_counter()
+    s = resolve(SegmentSettings(), SEGMENT_FULL, data_spec, overrides)
+    unknown = set(s.protocols) - set(PROTOCOLS)
+    if unknown:
+        raise ValueError(f"unknown segmentation protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
+    torch.manual_seed(s.seed)
+    names = read_lines(s.class_names) if s.class_names else None
+    train_spec = train_spec or default_train_spec(data_spec)
+    train = _restricted(
+        open_segmentation(train_spec, pretrained.config, s.reduce_zero_label, names), s.max_train, s.seed
+    )
+    names = names or train.class_names
+    test = _restricted(open_segmentation(data_spec, pretrained.config, s.reduce_zero_label, names), s.max_eval, s.seed)
+    size = s.crop_size or pretrained.image_size
+    views = SegViews(train, size, train=True, scale=(s.scale_range[0], s.scale_range[1]))
+    visual, num_classes = pretrained.model.visual, len(names)
+    metrics: dict[str, float] = {}
+    curves: dict[str, list[float]] = {}
+    if "linear" in s.protocols:
+        head = LinearHead(visual.embed_dim, num_classes).to(device).train()
+
+        def linear(images: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                feats = patch_map(visual, images)
+            return F.interpolate(head(feats), images.shape[-2:], mode="bilinear", align_corners=False)
+
+        curves["linear"] = train_segmenter(
+            linear,
+            torch.optim.AdamW(head.parameters(), lr=s.linear_lr, weight_decay=1e-4),
+            views,
+            s.linear_steps,
+            s.warmup_steps,
+            s,
+            device,
+            num_workers,
+        )
+        head.eval()
+        metrics.update({f"linear_{k}": v for k, v in score(linear, test, size, device, 64, num_workers).items()})
+    if "fpn" in s.protocols:
+        model = FPNSegmenter(visual, num_classes, s.fpn_channels).to(device).train()
+        optimizer = backbone_head_optimizer(
+            model.pyramid.vit, model.head_modules(), s.fpn_lr, s.weight_decay, s.layer_decay
+        )
+        curves["fpn"] = train_segmenter(model, optimizer, views, s.fpn_steps, s.warmup_steps, s, device, num_workers)
+        model.eval()
+        metrics.update({f"fpn_{k}": v for k, v in score(model, test, size, device, 64, num_workers).items()})
+    dataset = {
+        "spec": data_spec,
+        "train": train_spec,
+        "num_train": len(train),
+        "num_images": len(test),
+        "num_classes": num_classes,
+        "class_names": names,
+        "crop_size": size,
+    }
+    return make_result("segment", pretrained, dataset, s, metrics, started, curve=curves)

@@ -1,0 +1,79 @@
+"""Budget knobs of the evaluation protocols.
+
+Each protocol has a settings dataclass whose field defaults are sized for the built-in data on a CPU
+(minutes with a tiny model); a second instance holds the paper-sized values used for real datasets.
+`resolve` picks the base from the data spec and applies the caller's overrides; `add_flags` turns the
+fields into `--flag`s so the CLI and the Python API take the same knobs under the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import fields, replace
+from typing import Any, TypeVar
+
+S = TypeVar("S")
+
+
+def is_builtin(spec: str) -> bool:
+    return spec.startswith("builtin:")
+
+
+def resolve(defaults: S, full: S, data_spec: str, overrides: Mapping[str, Any]) -> S:
+    """`defaults` for built-in data, `full` for anything else, then every non-None override."""
+    names = {f.name for f in fields(defaults)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown setting(s) {unknown}; known: {sorted(names)}")
+    base = defaults if is_builtin(data_spec) else full
+    given = {k: _coerce(getattr(base, k), v) for k, v in overrides.items()}
+    return replace(base, **{k: v for k, v in given.items() if v is not None})  # type: ignore[type-var]
+
+
+def _coerce(default: Any, value: Any) -> Any:
+    """A sequence setting may be given as one value, a list or a comma-separated string."""
+    if value is None or not isinstance(default, tuple):
+        return value
+    if isinstance(value, str):
+        return parse_value(default, value)
+    return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+def _scalar(kind: type, text: str) -> Any:
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"'{text}' is not a boolean")
+        return text.lower() in ("true", "1", "yes")
+    return kind(text.strip())
+
+
+def parse_value(default: Any, text: str) -> Any:
+    """Text -> the type of a setting's default (a comma-separated list for tuple settings)."""
+    if isinstance(default, tuple):
+        kind = type(default[0]) if default else str
+        return tuple(_scalar(kind, part) for part in text.split(",") if part.strip())
+    return _scalar(type(default), text)
+
+
+def _parser_for(default: Any) -> Callable[[str], Any]:
+    return lambda text: parse_value(default, text)
+
+
+def add_flags(parser: argparse.ArgumentParser, defaults: object, full: object) -> None:
+    """One `--name` per settings field; the help shows both defaults (built-in data / real data)."""
+    group = parser.add_argument_group("protocol settings (default: built-in data / real data)")
+    for f in fields(defaults):  # type: ignore[arg-type]
+        value, big = getattr(defaults, f.name), getattr(full, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        shown = f"{value!r} / {big!r}" if value != big else f"{value!r}"
+        help_text = f"{f.metadata.get('help', '')} [{shown}]".strip()
+        if isinstance(value, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            metavar = "A,B,..." if isinstance(value, tuple) else None
+            group.add_argument(flag, type=_parser_for(value), default=None, metavar=metavar, help=help_text)
+
+
+def overrides_from(args: argparse.Namespace, defaults: object) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in fields(defaults) if getattr(args, f.name, None) is not None}  # type: ignore[arg-type]

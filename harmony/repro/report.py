@@ -1,0 +1,163 @@
+"""The reproduction report: one table (methods x metrics, best in bold), bar charts, loss curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harmony.repro.suite import Suite
+
+
+def metric(evals: dict[str, Any], path: str) -> float | None:
+    """`task.metric` from a method's evaluation results (None when skipped or missing)."""
+    task, key = path.split(".", 1)
+    value = (evals.get(task) or {}).get("metrics", {}).get(key)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def table_rows(suite: Suite, runs: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[float | None]]]:
+    names = list(runs)
+    values = [[metric(runs[name]["evals"], path) for path in suite.columns.values()] for name in names]
+    return names, values
+
+
+def markdown_table(suite: Suite, runs: dict[str, dict[str, Any]], bold: bool = True) -> str:
+    names, values = table_rows(suite, runs)
+    columns = list(suite.columns)
+    best = [max((v for row in values if (v := row[c]) is not None), default=None) for c in range(len(columns))]
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, row in zip(names, values):
+        cells = []
+        for c, value in enumerate(row):
+            if value is None:
+                cells.append("—")
+                continue
+            text = f"{100 * value:.1f}"
+            cells.append(f"**{text}**" if bold and best[c] is not None and value == best[c] else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plain_table(suite: Suite, runs: dict[str, dict[str, Any]]) -> str:
+    """The table for a terminal (values in %, '-' when not applicable)."""
+    names, values = table_rows(suite, runs)
+    columns = list(suite.columns)
+    width = max(len(n) for n in names) + 2
+    head = f"{'method':<{width}}" + "".join(f"{c:>{max(len(c), 7) + 2}}" for c in columns)
+    lines = [head, "-" * len(head)]
+    for name, row in zip(names, values):
+        cells = "".join(
+            f"{('-' if v is None else f'{100 * v:.1f}'):>{max(len(c), 7) + 2}}" for c, v in zip(columns, row)
+        )
+        lines.append(f"{name:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def bar_charts(suite: Suite, runs: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, values = table_rows(suite, runs)
+    paths = []
+    for c, column in enumerate(suite.columns):
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(names), 3.2))
+        heights = [100 * (v if (v := row[c]) is not None else 0.0) for row in values]
+        bars = ax.bar(
+            range(len(names)), heights, color=["#c44e52" if n.startswith("harmony") else "#4c72b0" for n in names]
+        )
+        for bar, row in zip(bars, values):
+            value = row[c]
+            label = "n/a" if value is None else f"{100 * value:.1f}"
+            ax.annotate(
+                label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+            )
+        ax.set_xticks(range(len(names)), [n.rsplit("-" + suite.size, 1)[0] for n in names], rotation=30, ha="right")
+        ax.set_ylabel("%")
+        ax.set_title(column)
+        fig.tight_layout()
+        path = folder / f"bar_{_slug(column)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def loss_curves(runs: dict[str, dict[str, Any]], path: Path) -> Path:
+    """One panel per method: total loss and every loss term against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(runs))
+    rows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (name, run) in zip(axes.flat, runs.items()):
+        records = [
+            json.loads(line) for line in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines() if line
+        ]
+        steps = [r["step"] for r in records]
+        for key in ["loss", *sorted(k for k in records[0] if k.startswith("loss_"))] if records else []:
+            ax.plot(steps, [r.get(key) for r in records], label=key, linewidth=1.4 if key == "loss" else 0.9)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(runs) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(suite: Suite, out: Path, runs: dict[str, dict[str, Any]]) -> Path:
+    charts = bar_charts(suite, runs, out)
+    curves = loss_curves(runs, out / "loss_curves.png")
+    budget = ", ".join(suite.train.overrides) or "preset defaults"
+    times = ", ".join(
+        f"{n}: {r['train'].get('train_time_s', 0) / 60:.1f} min"
+        for n, r in runs.items()
+        if r["train"].get("train_time_s")
+    )
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    lines = [
+        f"# Harmony reproduction: suite `{suite.name}`",
+        "",
+        suite.description,
+        "",
+        f"- model size: `{suite.size}`; training data: `{suite.train.data}`; budget (same for every method): {budget}",
+        f"- evaluation data: `{suite.eval.data}`"
+        + (f", training split `{suite.eval.train}`" if suite.eval.train else ""),
+        f"- device: {device}; training time per method: {times or 'reused from earlier runs'}",
+        "",
+        "Values in %, best in bold; — where a protocol does not apply (no text tower).",
+        "",
+        markdown_table(suite, runs),
+        "",
+        *[f"![{p.stem}]({p.name})" for p in charts],
+        "",
+        "## Loss curves",
+        "",
+        f"![loss curves]({curves.name})",
+        "",
+        "Raw results: `results.json`; per-method evaluation JSON in `evals/`, runs in `runs/`.",
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")

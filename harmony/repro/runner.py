@@ -1,0 +1,126 @@
+"""`harmony repro`: train every method of a suite with the same data and budget, evaluate each
+checkpoint with the evaluation suite, and write the comparison report.
+
+Everything is resumable: a method whose training finished (a `finished.json` marker matching the
+suite's training settings) is not trained again, a partly trained one continues with
+`--resume auto`, and an evaluation whose JSON exists for the same checkpoint step is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harmony.repro.suite import Suite
+
+
+class ReproError(RuntimeError):
+    """A method failed to train or evaluate; the message names it and where its log is."""
+
+
+def _train_command(suite: Suite, preset: str, run_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "harmony.cli",
+        "train",
+        "--preset",
+        preset,
+        "--data",
+        suite.train.data,
+        "--out",
+        str(run_dir),
+        "--resume",
+        "auto",
+        "--no-progress",
+        *suite.train.overrides,
+    ]
+
+
+def train_method(suite: Suite, preset: str, run_dir: Path, echo: bool = True) -> dict[str, Any]:
+    """Train one method unless a matching finished run exists; returns the finished marker."""
+    marker = run_dir / "finished.json"
+    wanted = {"preset": preset, "data": suite.train.data, "overrides": suite.train.overrides}
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if {k: done.get(k) for k in wanted} == wanted:
+            return dict(done)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if echo:
+        print(f"[repro] training {preset} -> {run_dir}", flush=True)
+    started = time.perf_counter()
+    with open(run_dir / "train.log", "a") as log:
+        proc = subprocess.run(
+            _train_command(suite, preset, run_dir), stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()
+        )
+    if proc.returncode != 0:
+        raise ReproError(f"training {preset} failed (exit {proc.returncode}); see {run_dir / 'train.log'}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    done = {**wanted, "steps": records[-1]["step"] if records else 0, "train_time_s": time.perf_counter() - started}
+    marker.write_text(json.dumps(done, indent=2) + "\n")
+    return done
+
+
+def evaluate_method(
+    suite: Suite, preset: str, run_dir: Path, eval_dir: Path, cache: Path, device: torch.device, echo: bool = True
+) -> dict[str, Any]:
+    """Every task of the suite on one checkpoint; results cached per task and checkpoint step."""
+    from harmony.eval.report import write_result
+    from harmony.eval.suite import PROTOCOLS, run_task
+    from harmony.loading import load
+
+    pretrained = load(run_dir / "checkpoints" / "last.pt", device=device)
+    results: dict[str, Any] = {}
+    for task, settings in suite.eval.tasks.items():
+        path = eval_dir / f"{task}.json"
+        if path.exists():
+            cached = json.loads(path.read_text())
+            if cached.get("step") == pretrained.step or cached.get("skipped_step") == pretrained.step:
+                results[task] = cached
+                continue
+        if PROTOCOLS[task].needs_text and not pretrained.model.has_text:
+            result: dict[str, Any] = {"task": task, "skipped": "no text tower", "skipped_step": pretrained.step}
+        else:
+            if echo:
+                print(f"[repro] {preset}: {task}", flush=True)
+            result = run_task(
+                task,
+                pretrained,
+                suite.eval.data,
+                device,
+                train_spec=suite.eval.train or None,
+                cache_dir=cache,
+                maps_dir=eval_dir / "maps",
+                num_workers=suite.eval.workers,
+                **settings,
+            )
+        write_result(path, result)
+        results[task] = result
+    return results
+
+
+def run_repro(suite: Suite, out: Path, with_ablations: bool = False, device: str = "auto", echo: bool = True) -> Path:
+    """Train, evaluate and report every method of `suite` under `out`; returns the report path."""
+    from harmony.repro.report import write_report
+
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps(asdict(suite), indent=2) + "\n")
+    runs: dict[str, dict[str, Any]] = {}
+    for preset in suite.presets(with_ablations):
+        run_dir = out / "runs" / preset
+        finished = train_method(suite, preset, run_dir, echo)
+        evals = evaluate_method(suite, preset, run_dir, out / "evals" / preset, out / "cache", dev, echo)
+        runs[preset] = {"train": finished, "evals": evals, "run_dir": str(run_dir)}
+    (out / "results.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
+    return write_report(suite, out, runs)

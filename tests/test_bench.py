@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from harmony.train.flops import OTHER, ComponentFlops
+from tests.conftest import run_cli
+
+
+def test_component_flops_charge_forward_and_backward_to_their_component() -> None:
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+    x = torch.randn(2, 8)
+    with ComponentFlops({"a": [a], "b": [b]}) as counter:
+        (b(a(x)) @ torch.ones(4, 3)).sum().backward()
+    assert counter.flops["a"] == {"forward": 2 * 2 * 8 * 16, "backward": 2 * 2 * 8 * 16}  # no grad wrt x: dW only
+    assert counter.flops["b"] == {"forward": 2 * 2 * 16 * 4, "backward": 2 * (2 * 2 * 16 * 4)}  # dW and dX
+    assert counter.flops[OTHER]["forward"] == 2 * 2 * 4 * 3
+    with FlopCounterMode(display=False) as reference:
+        a.zero_grad()
+        b.zero_grad()
+        (b(a(x)) @ torch.ones(4, 3)).sum().backward()
+    assert counter.total() == reference.get_total_flops()
+
+
+def test_interleaved_branches_are_charged_to_the_branch_that_created_them() -> None:
+    """Two towers called alternately; the backward interleaves them, attribution must not."""
+    torch.manual_seed(0)
+    tower, other = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    with ComponentFlops({"tower": [tower], "other": [other]}) as counter:
+        loss = tower(x).sum() + other(x).sum() + tower(2 * x).sum()
+        loss.backward()
+    one = 2 * 3 * 4 * 4
+    assert counter.flops["tower"] == {"forward": 2 * one, "backward": 4 * one}
+    assert counter.flops["other"] == {"forward": one, "backward": 2 * one}
+
+
+@pytest.mark.slow
+def test_bench_reports_every_figure_with_ratios_to_clip(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = run_cli(
+        "bench",
+        "--preset",
+        "harmony-tiny-test",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert set(results) == {"clip-tiny-test", "harmony-tiny-test"}
+    harmony, clip = results["harmony-tiny-test"], results["clip-tiny-test"]
+    for key in (
+        "flops_per_step",
+        "flops_by_component",
+        "step_time_s",
+        "images_per_s",
+        "peak_memory_bytes",
+        "ratio_to_clip",
+    ):
+        assert key in harmony, key
+    assert clip["ratio_to_clip"]["flops_per_step"] == 1.0
+    assert harmony["ratio_to_clip"]["flops_per_step"] == pytest.approx(
+        harmony["flops_per_step"] / clip["flops_per_step"]
+    )
+    assert sum(harmony["flops_by_component"].values()) == harmony["flops_per_step"]
+    assert {"student ViT", "teacher ViT", "text student", "text teacher", "MAE decoder", "MLM decoder", "heads"} <= set(
+        harmony["flops_by_component"]
+    )
+    calls = [p["module"] for p in harmony["passes"]]
+    assert calls.count("student.visual") == 3 and calls.count("teacher.visual") == 1
+    assert calls.count("student.text") == 1 and calls.count("teacher.text") == 1
+    assert "harmony-tiny-test" in proc.stdout and "FLOPs by component" in proc.stdout

@@ -1,0 +1,149 @@
+"""`harmony export`: the files load into timm and open_clip (offline) and give our model's features."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import open_clip
+import pytest
+import timm
+import torch
+
+from harmony.cli import main
+from harmony.export import ExportError, check_against, export_open_clip, export_timm, timm_state_dict
+from harmony.loading import load
+from harmony.models.pair import ImageTextModel
+from harmony.models.tokenizer import CaptionTokenizer
+
+
+def random_pair(vision_size: str, text_size: str | None) -> ImageTextModel:
+    """An ImageTextModel at 224 px with random weights, built on the meta device (timm's init is slow)."""
+    tokenizer = CaptionTokenizer(context_length=16)
+    with torch.device("meta"):
+        model = ImageTextModel(
+            vision_size,
+            text_size,
+            embed_dim=32,
+            img_size=224,
+            vocab_size=tokenizer.vocab_size,
+            context_length=16,
+            eot_id=tokenizer.eot_id,
+            use_mask_token=False,
+        )
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            is_norm_scale = tensor.ndim == 1 and name.endswith("weight")  # LayerNorm scales around 1
+            tensor.normal_(1.0 if is_norm_scale else 0.0, 0.02, generator=generator)
+    return model.requires_grad_(False).eval()
+
+
+def test_timm_export_of_a_checkpoint_gives_our_features(
+    tmp_path: Path, clip_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "vit.safetensors"
+    assert main(["export", "--checkpoint", str(clip_checkpoint), "--format", "timm", "--out", str(out)]) == 0
+    assert "timm.create_model(" in capsys.readouterr().out
+    recipe = json.loads(out.with_suffix(".json").read_text())
+    # a size without a timm name: every architecture kwarg is in the recipe
+    assert recipe["create_model"]["patch_size"] == 8 and recipe["create_model"]["img_size"] == 32
+    assert recipe["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
+    call = dict(recipe["create_model"])
+    vit = timm.create_model(call.pop("model_name"), **call).eval()
+    assert vit.pretrained_cfg["std"] == [0.229, 0.224, 0.225] and vit.pretrained_cfg["input_size"] == [3, 32, 32]
+
+    ours = load(clip_checkpoint).model.visual
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ours(images)
+        torch.testing.assert_close(vit.forward_features(images), expected)
+        torch.testing.assert_close(vit.forward_head(vit.forward_features(images), pre_logits=True), expected[:, 0])
+        assert vit(images).shape == (2, 1000) and not vit(images).any()  # the zero placeholder head
+
+        features_only = timm.create_model(recipe["architecture"], num_classes=0, **call).eval()
+        torch.testing.assert_close(features_only(images), expected[:, 0])
+
+        # the sidecar doubles as a timm config.json: the renamed pair is a `local-dir:` model
+        folder = tmp_path / "timm_dir"
+        folder.mkdir()
+        shutil.copy(out, folder / "model.safetensors")
+        shutil.copy(out.with_suffix(".json"), folder / "config.json")
+        local = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        torch.testing.assert_close(local.forward_features(images), expected)
+
+
+def test_timm_export_loads_into_vit_small_with_no_missing_keys(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    vit_s16 = random_pair("vit-s16", None)
+    out = tmp_path / "vit_s16.safetensors"
+    export_timm(vit_s16, out)
+    recipe = json.loads(out.with_suffix(".json").read_text())
+    assert recipe["architecture"] == "vit_small_patch16_224" and recipe["model_args"] == {}
+    assert recipe["python"].startswith("timm.create_model('vit_small_patch16_224', pretrained=True, ")
+
+    caplog.set_level(logging.INFO, logger="timm")
+    vit = timm.create_model("vit_small_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(out)))
+    assert "Loading pretrained weights from file" in caplog.text
+    assert "Missing keys" not in caplog.text and "Unexpected keys" not in caplog.text
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.eval().forward_features(images), vit_s16.visual(images))
+
+
+def test_open_clip_export_of_a_checkpoint_matches_our_embeddings(tmp_path: Path, clip_checkpoint: Path) -> None:
+    out = tmp_path / "open_clip"
+    assert main(["export", "--checkpoint", str(clip_checkpoint), "--format", "open_clip", "--out", str(out)]) == 0
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    pretrained = load(clip_checkpoint)
+    assert pretrained.tokenizer is not None
+    captions = ["a red square", "two blue circles on a green background " * 6]  # the second is truncated
+    ids = tokenizer(captions)
+    assert torch.equal(ids, pretrained.tokenizer(captions))
+    # a [MASK] id (the largest) must not move the pooling position: open_clip pools at end-of-text
+    masked = ids.clone()
+    masked[0, 1] = pretrained.tokenizer.mask_id
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images, normalize=True), pretrained.model.encode_image(images))
+        for tokens in (ids, masked):
+            torch.testing.assert_close(
+                model.encode_text(tokens, normalize=True), pretrained.model.encode_text(tokens), atol=1e-5, rtol=1e-5
+            )
+    assert "Normalize(mean=[0.485, 0.456, 0.406]" in repr(preprocess)
+    torch.testing.assert_close(model.logit_scale.exp(), pretrained.model.scale())
+
+
+def test_open_clip_export_uses_timm_names_when_they_fit(tmp_path: Path) -> None:
+    pair = random_pair("vit-t16", "tiny-test")
+    export_open_clip(pair, tmp_path)
+    config = json.loads((tmp_path / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["vision_cfg"]["timm_model_name"] == "vit_tiny_patch16_224"
+    assert not (tmp_path / "timm").exists()
+    model = open_clip.create_model(f"local-dir:{tmp_path}")  # loads strictly
+    # same key mapping as the tiny export above, whose forward passes are compared; here the weights suffice
+    theirs = model.visual.trunk.state_dict()
+    for name, tensor in pair.visual.vit.state_dict().items():
+        assert torch.equal(theirs[name], tensor), name
+    assert torch.equal(model.visual.head.proj.weight, pair.visual_projection.weight)
+
+
+def test_export_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    vision_only = ImageTextModel("tiny-test", None, 32, 32, vocab_size=0, context_length=8, eot_id=-1)
+    with pytest.raises(ExportError, match="needs a text tower"):
+        export_open_clip(vision_only, tmp_path / "oc")
+    reference = timm.create_model("vit_tiny_patch16_224", patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32)
+    state = timm_state_dict(vision_only.visual)
+    check_against(state, reference, "timm")
+    with pytest.raises(ExportError, match=r"missing head\.weight"):
+        check_against({k: v for k, v in state.items() if not k.startswith("head.")}, reference, "timm")
+    # a wrong --out is a usage error, reported before the checkpoint is even read
+    bad_out = ["export", "--checkpoint", str(tmp_path / "none.pt"), "--format", "timm", "--out", str(tmp_path / "x.pt")]
+    assert main(bad_out) == 2
+    assert "must be a .safetensors file" in capsys.readouterr().err
