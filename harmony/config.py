@@ -51,6 +51,9 @@ class ModelConfig:
     context_length: int = 77
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
+    # "jax": xavier-uniform linears, lecun-normal patch embedding (big_vision, MAE); "timm": trunc-normal
+    # 0.02. The jax scheme leaves the early plateau of small ViTs far sooner (docs/tuning.md).
+    vision_init: Literal["jax", "timm"] = "jax"
     head: HeadConfig = field(default_factory=HeadConfig)
 
 

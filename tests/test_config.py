@@ -99,3 +99,19 @@ def test_cli_print_config_applies_flags() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "batch_size: 32" in proc.stdout and "epochs: 2.0" in proc.stdout and "lr: 0.0003" in proc.stdout
+
+
+def test_vision_init_is_checked_and_changes_the_weights() -> None:
+    import torch
+
+    from harmony.models.vision import VisionTower
+
+    with pytest.raises(ConfigError, match=r"model\.vision_init"):
+        build_config("clip-tiny-test", ["model.vision_init=xavier"])
+    torch.manual_seed(0)
+    jax = VisionTower("tiny", img_size=64, init="jax").vit.blocks[0].mlp.fc1
+    torch.manual_seed(0)
+    timm = VisionTower("tiny", img_size=64, init="timm").vit.blocks[0].mlp.fc1
+    fan_in, fan_out = jax.weight.shape[1], jax.weight.shape[0]
+    assert abs(jax.weight.std().item() - (2 / (fan_in + fan_out)) ** 0.5) < 0.01  # xavier-uniform
+    assert abs(timm.weight.std().item() - 0.02) < 0.003  # trunc-normal 0.02

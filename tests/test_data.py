@@ -46,6 +46,26 @@ def test_labels_masks_and_boxes_agree() -> None:
     assert 1 <= mismatched <= 15  # about 10 %
 
 
+def test_every_shape_is_darker_than_its_background_and_colour_labels_follow_the_primary() -> None:
+    from harmony.config import build_config
+    from harmony.eval.datasets import open_labelled
+
+    ds = ShapesDataset("val", 40, 64)
+    luminance = np.array([0.299, 0.587, 0.114])
+    for i in range(40):
+        s = ds[i]
+        pixels = np.asarray(s.image, dtype=np.float32) @ luminance
+        assert pixels[s.instances > 0].mean() < np.percentile(pixels[s.instances == 0], 5)
+        primary = max(range(len(s.objects)), key=lambda k: float(s.objects[k]["area"]))  # type: ignore[arg-type]
+        assert list(COLORS)[s.color] == s.objects[primary]["color"]
+        assert CLASS_NAMES[s.label] == s.objects[primary]["shape"]
+    cfg = build_config("clip-tiny-test", ["data.builtin.num_val=40"])
+    by_color = open_labelled("builtin:shapes:val:color", cfg)
+    assert by_color.class_names == list(COLORS)
+    small = ShapesDataset("val", 40, cfg.data.builtin.image_size)
+    assert [by_color.get(i)[1] for i in range(40)] == [small[i].color for i in range(40)]
+
+
 def test_synth_shards_round_trip(tmp_path: Path) -> None:
     proc = run_cli(
         "data",

@@ -1,7 +1,7 @@
 """`builtin:shapes`: a deterministic, generated captioned dataset with labels, masks and boxes.
 
 Each scene holds 1-3 coloured shapes of different sizes at different positions on a textured, noisy
-background. Captions come from varied templates with web-like noise: synonyms, shuffled word order,
+background (light, so every shape stands out dark). Captions come from varied templates with web-like noise: synonyms, shuffled word order,
 missing attributes, junk tokens, and a fraction of captions that describe a different scene. Every
 image also carries a primary class (its largest shape), a per-pixel semantic mask and instance
 boxes/masks, so classification, retrieval, segmentation and detection can all be evaluated.
@@ -46,19 +46,32 @@ SYNONYMS = {
 
 PLURALS = {"cross": "crosses", "box": "boxes", "plus": "pluses", "rhombus": "rhombuses"}
 
+# Every colour is darker than every background, so a shape's edges have the same contrast polarity
+# whatever its colour: with a bright palette mixed in (white, yellow) a small ViT needs several times
+# more steps before it sees shape at all (docs/tuning.md).
 COLORS = {
-    "red": (220, 35, 35),
-    "green": (35, 170, 50),
-    "blue": (35, 70, 225),
-    "yellow": (240, 220, 35),
-    "orange": (245, 140, 25),
-    "purple": (140, 45, 185),
-    "pink": (245, 125, 195),
-    "cyan": (35, 215, 225),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
+    "red": (200, 30, 30),
+    "green": (30, 140, 40),
+    "blue": (30, 60, 200),
+    "orange": (225, 115, 20),
+    "purple": (120, 40, 170),
+    "pink": (215, 40, 150),
+    "teal": (20, 135, 150),
+    "black": (25, 25, 25),
+    "brown": (120, 70, 30),
+    "grey": (95, 95, 95),
 }
-COLOR_SYNONYMS = {"purple": ["purple", "violet"], "cyan": ["cyan", "turquoise"], "black": ["black", "dark"]}
+COLOR_SYNONYMS = {
+    "purple": ["purple", "violet"],
+    "pink": ["pink", "magenta"],
+    "teal": ["teal", "turquoise"],
+    "black": ["black", "dark"],
+    "grey": ["grey", "gray"],
+}
+
+# Web alt-text names an object's colour only some of the time; when every caption does, contrast
+# is solved by colour alone and shape is learnt much later.
+COLOR_MENTION_RATE = 0.5
 
 SIZES = {"small": (0.10, 0.15), "medium": (0.16, 0.22), "large": (0.24, 0.32)}
 SIZE_WORDS = {
@@ -113,7 +126,8 @@ class Scene:
 
 @dataclass
 class ShapesSample:
-    """One rendered example. `instances` is an id map (0 = background, i = objects[i - 1])."""
+    """One rendered example. `label` and `color` are the primary (largest) shape's class and colour;
+    `instances` is an id map (0 = background, i = objects[i - 1])."""
 
     key: str
     image: Image.Image
@@ -124,12 +138,14 @@ class ShapesSample:
     boxes: list[tuple[int, int, int, int]]
     classes: list[int]
     caption_matches: bool
+    color: int = 0
     objects: list[dict[str, object]] = field(default_factory=list)
 
     def metadata(self) -> dict[str, object]:
         return {
             "label": self.label,
             "class_name": CLASS_NAMES[self.label],
+            "color": list(COLORS)[self.color],
             "caption_matches": self.caption_matches,
             "boxes": [list(b) for b in self.boxes],
             "classes": self.classes,
@@ -221,8 +237,9 @@ def _background(scene: Scene, size: int) -> np.ndarray:
     kind = scene.background
     if kind == "gradient":
         direction = rng.uniform(0, 2 * math.pi)
-        t = (xx * math.cos(direction) + yy * math.sin(direction))[..., None]
-        img = base * (0.75 + 0.5 * t)
+        t = xx * math.cos(direction) + yy * math.sin(direction)
+        t = ((t - t.min()) / (t.max() - t.min() + 1e-6))[..., None]
+        img = base * (0.8 + 0.3 * t)
     elif kind == "stripes":
         period = rng.uniform(0.08, 0.25)
         direction = rng.uniform(0, math.pi)
@@ -274,8 +291,8 @@ class ShapesDataset:
     def scene(self, index: int, salt: str = "") -> Scene:
         rng = self._rng(index, salt)
         s = self.image_size
-        hue_base = [rng.randint(70, 170) for _ in range(3)]
-        grey = rng.randint(95, 160)
+        hue_base = [rng.randint(160, 250) for _ in range(3)]
+        grey = rng.randint(185, 235)
         bg = tuple(int(0.6 * grey + 0.4 * h) for h in hue_base)
         objects: list[ShapeObject] = []
         count = rng.choices([1, 2, 3], weights=[0.45, 0.35, 0.2])[0]
@@ -341,6 +358,7 @@ class ShapesDataset:
             boxes=boxes,
             classes=classes,
             caption_matches=matches,
+            color=list(COLORS).index(scene.objects[primary].color),
             objects=objects,
         )
 
@@ -359,7 +377,7 @@ def _position_phrase(obj: ShapeObject, size: int, rng: random.Random) -> str:
 
 def _object_phrase(obj: ShapeObject, size: int, rng: random.Random, article: bool = True) -> str:
     noun = rng.choice(SYNONYMS[obj.shape])
-    color = rng.choice(COLOR_SYNONYMS.get(obj.color, [obj.color])) if rng.random() > 0.2 else ""
+    color = rng.choice(COLOR_SYNONYMS.get(obj.color, [obj.color])) if rng.random() < COLOR_MENTION_RATE else ""
     size_word = rng.choice(SIZE_WORDS[obj.size]) if rng.random() > 0.4 else ""
     words = [w for w in (size_word, color, noun) if w]
     if rng.random() < 0.15 and color:

@@ -1,4 +1,6 @@
-"""Labelled image sets for evaluation: `builtin:shapes[:val]` or an image folder (one sub-folder per class)."""
+"""Labelled image sets for evaluation: `builtin:shapes[:split[:shape|color]]` or an image folder (one
+sub-folder per class). The built-in set is labelled by its primary object's shape, or by its colour
+(`builtin:shapes:val:color`), which tells whether a model learnt shape or only colour."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from harmony.config import Config
 from harmony.data.augment import eval_transform, normalize
-from harmony.data.shapes import CLASS_NAMES, ShapesDataset
+from harmony.data.shapes import CLASS_NAMES, COLORS, ShapesDataset
 from harmony.data.sources import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -29,11 +31,28 @@ class LabelledImages:
         return self.size
 
 
-def builtin_split(spec: str) -> str:
+BUILTIN_LABELS = {"shape": CLASS_NAMES, "color": list(COLORS)}
+
+
+def builtin_parts(spec: str) -> tuple[str, str]:
+    """(split, label kind) of `builtin:shapes[:train|val[:shape|color]]`."""
     parts = spec.split(":")
-    if parts[:2] != ["builtin", "shapes"] or len(parts) > 3 or (len(parts) == 3 and parts[2] not in ("train", "val")):
-        raise DataError(f"unknown built-in dataset '{spec}': use builtin:shapes or builtin:shapes:val")
-    return parts[2] if len(parts) == 3 else "train"
+    ok = (
+        parts[:2] == ["builtin", "shapes"]
+        and len(parts) <= 4
+        and (len(parts) < 3 or parts[2] in ("train", "val"))
+        and (len(parts) < 4 or parts[3] in BUILTIN_LABELS)
+    )
+    if not ok:
+        raise DataError(
+            f"unknown built-in dataset '{spec}': use builtin:shapes[:train|val], optionally labelled by "
+            "':shape' (default) or ':color'"
+        )
+    return (parts[2] if len(parts) >= 3 else "train"), (parts[3] if len(parts) == 4 else "shape")
+
+
+def builtin_split(spec: str) -> str:
+    return builtin_parts(spec)[0]
 
 
 def shapes_dataset(spec: str, cfg: Config) -> ShapesDataset:
@@ -68,8 +87,8 @@ def default_train_spec(spec: str) -> str:
     split, a sibling `train/` (or `training/`) folder for a `val/`, `validation/` or `test/` folder,
     and for a file the same name with `val` replaced by `train` (`instances_val2017.json`)."""
     if spec.startswith("builtin:"):
-        builtin_split(spec)
-        return "builtin:shapes"
+        labels = builtin_parts(spec)[1]
+        return "builtin:shapes" if labels == "shape" else f"builtin:shapes:train:{labels}"
     path = Path(spec)
     candidates = [path.parent / name for name in ("train", "training")] if path.is_dir() else []
     if path.is_file() and "val" in path.name:
@@ -100,15 +119,16 @@ def subset(data: LabelledImages, limit: int, seed: int = 0) -> LabelledImages:
 
 
 def open_labelled(spec: str, cfg: Config) -> LabelledImages:
-    """A labelled image set from a spec: `builtin:shapes[:val]` (primary shape) or a class-folder tree."""
+    """A labelled image set from a spec: `builtin:shapes[:val[:color]]` or a class-folder tree."""
     if spec.startswith("builtin:"):
         ds = shapes_dataset(spec, cfg)
+        by_color = builtin_parts(spec)[1] == "color"
 
         def get(i: int) -> tuple[Image.Image, int]:
             sample = ds[i]
-            return sample.image, sample.label
+            return sample.image, sample.color if by_color else sample.label
 
-        return LabelledImages(spec, list(CLASS_NAMES), len(ds), get)
+        return LabelledImages(spec, list(BUILTIN_LABELS[builtin_parts(spec)[1]]), len(ds), get)
     root = Path(spec)
     if root.is_dir():
         return image_folder(root)

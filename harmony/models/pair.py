@@ -29,12 +29,17 @@ class ImageTextModel(nn.Module):
         eot_id: int,
         drop_path_rate: float = 0.0,
         use_mask_token: bool = True,
+        vision_init: str = "jax",
         logit_scale_init: float = 1 / 0.07,
         logit_scale_max: float = 100.0,
     ) -> None:
         super().__init__()
         self.visual = VisionTower(
-            vision_size, img_size=img_size, drop_path_rate=drop_path_rate, use_mask_token=use_mask_token
+            vision_size,
+            img_size=img_size,
+            drop_path_rate=drop_path_rate,
+            use_mask_token=use_mask_token,
+            init=vision_init,
         )
         self.logit_scale_max = logit_scale_max
         self.text: TextTower | None = None
@@ -99,6 +104,7 @@ def build_pair(
         eot_id=tokenizer.eot_id if tokenizer else -1,
         drop_path_rate=cfg.model.drop_path_rate,
         use_mask_token=use_mask_token,
+        vision_init=cfg.model.vision_init,
         logit_scale_init=clip.logit_scale_init if clip else 1 / 0.07,
         logit_scale_max=clip.logit_scale_max if clip else 100.0,
     )

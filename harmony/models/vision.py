@@ -27,6 +27,7 @@ class VisionTower(nn.Module):
         img_size: int = 224,
         drop_path_rate: float = 0.0,
         use_mask_token: bool = True,
+        init: str = "jax",
     ) -> None:
         super().__init__()
         spec = VISION_SIZES[size]
@@ -41,6 +42,7 @@ class VisionTower(nn.Module):
             global_pool="token",
             dynamic_img_size=True,
             drop_path_rate=drop_path_rate,
+            weight_init="jax" if init == "jax" else "",
         )
         self.embed_dim = spec.embed_dim
         self.patch_size = spec.patch_size

@@ -79,22 +79,24 @@ def evaluate_method(
 
     pretrained = load(run_dir / "checkpoints" / "last.pt", device=device)
     results: dict[str, Any] = {}
-    for task, settings in suite.eval.tasks.items():
+    for task, entry in suite.eval.tasks.items():
+        settings = dict(entry)
+        protocol, data = settings.pop("protocol", task), settings.pop("data", suite.eval.data)
         path = eval_dir / f"{task}.json"
         if path.exists():
             cached = json.loads(path.read_text())
             if cached.get("step") == pretrained.step or cached.get("skipped_step") == pretrained.step:
                 results[task] = cached
                 continue
-        if PROTOCOLS[task].needs_text and not pretrained.model.has_text:
+        if PROTOCOLS[protocol].needs_text and not pretrained.model.has_text:
             result: dict[str, Any] = {"task": task, "skipped": "no text tower", "skipped_step": pretrained.step}
         else:
             if echo:
                 print(f"[repro] {preset}: {task}", flush=True)
             result = run_task(
-                task,
+                protocol,
                 pretrained,
-                suite.eval.data,
+                data,
                 device,
                 train_spec=suite.eval.train or None,
                 cache_dir=cache,

@@ -15,7 +15,11 @@ train:
 eval:
   data: imagenet/val             # the labelled / captioned evaluation set
   train: imagenet/train          # training split for knn / linear / segment / detect
-  tasks: {zeroshot: {}, knn: {}, linear: {}}
+  tasks:                         # name -> protocol settings; `protocol` and `data` default to the
+    zeroshot: {}                 # name and eval.data, so one protocol can run on several sets
+    knn: {}
+    linear: {}
+    zeroshot-color: {protocol: zeroshot, data: builtin:shapes:val:color}
 columns:                         # table columns: label -> task.metric
   zero-shot top-1: zeroshot.top1
   k-NN top-1: knn.k20_top1
@@ -90,6 +94,12 @@ def load_suite(name: str) -> Suite:
     suite.name = suite.name or label
     if not suite.methods:
         raise ConfigError(f"suite '{name}': 'methods' lists no method")
+    from harmony.eval.suite import PROTOCOLS
+
+    for task, settings in suite.eval.tasks.items():
+        protocol = settings.get("protocol", task)
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"suite '{name}': task '{task}' names no evaluation protocol ({', '.join(PROTOCOLS)})")
     for column, source in suite.columns.items():
         task = source.split(".", 1)[0]
         if "." not in source or task not in suite.eval.tasks:

@@ -1,0 +1,102 @@
+"""`harmony repro` end to end on a micro suite: training, evaluation, report structure, resume."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from harmony.config import ConfigError
+from harmony.repro.report import markdown_table
+from harmony.repro.suite import Suite, load_suite, suite_names
+from tests.conftest import run_cli
+
+MICRO_SUITE = """\
+description: two methods, a few steps
+size: tiny-test
+methods: [clip, mae]
+train:
+  data: builtin:shapes
+  overrides: [train.max_steps=3, data.num_workers=0]
+eval:
+  data: builtin:shapes:val
+  workers: 0
+  tasks:
+    zeroshot: {}
+    knn: {max_train: 64}
+columns:
+  zero-shot top-1: zeroshot.top1
+  k-NN top-1: knn.k20_top1
+"""
+
+
+def test_micro_suite_end_to_end_and_resume(tmp_path: Path) -> None:
+    suite_file = tmp_path / "micro.yaml"
+    suite_file.write_text(MICRO_SUITE)
+    out = tmp_path / "repro"
+    proc = run_cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[repro] training clip-tiny-test" in proc.stdout and "[repro] training mae-tiny-test" in proc.stdout
+    assert f"report: {out / 'report.md'}" in proc.stdout
+
+    report = (out / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("|")]
+    assert rows[0] == "| method | zero-shot top-1 | k-NN top-1 |"
+    assert [r.split("|")[1].strip() for r in rows[2:]] == ["clip-tiny-test", "mae-tiny-test"]
+    clip_row, mae_row = (r.split("|")[2:-1] for r in rows[2:])
+    assert mae_row[0].strip() == "—", "MAE has no text tower: zero-shot does not apply"
+    assert re.fullmatch(r"\*\*\d+\.\d\*\*", clip_row[0].strip()), "the only zero-shot value is the best"
+    assert "**" in clip_row[1] + mae_row[1], "the best k-NN value is bold"
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (out / image).is_file() and (out / image).stat().st_size > 1000, image
+    assert {"bar_zero_shot_top_1.png", "bar_k_nn_top_1.png", "loss_curves.png"} <= {p.name for p in out.glob("*.png")}
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"clip-tiny-test", "mae-tiny-test"}
+    assert results["clip-tiny-test"]["train"]["steps"] == 3
+    assert 0.0 <= results["clip-tiny-test"]["evals"]["zeroshot"]["metrics"]["top1"] <= 1.0
+    assert results["mae-tiny-test"]["evals"]["zeroshot"]["skipped"] == "no text tower"
+    assert (out / "evals" / "clip-tiny-test" / "knn.json").is_file()
+
+    again = run_cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[repro] training" not in again.stdout, "finished methods are not trained again"
+    assert "[repro] clip-tiny-test: knn" not in again.stdout, "cached evaluations are reused"
+    assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_builtin_suites_load() -> None:
+    assert {"demo", "shapes-tiny", "shapes-small"} <= set(suite_names())
+    for name in suite_names():
+        suite = load_suite(name)
+        assert "clip" in suite.methods and "harmony" in suite.methods, name
+    table = load_suite("shapes-tiny")
+    assert table.methods == ["clip", "slip", "maskclip", "ibot", "mae", "harmony"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("methods: [clip]\ncolour: 1\n", "colour"),
+        ("methods: []\n", "methods"),
+        ("methods: [clip]\neval: {tasks: {knn: {}}}\ncolumns: {x: zeroshot.top1}\n", "zeroshot"),
+    ],
+)
+def test_bad_suite_files_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_suite(str(path))
+
+
+def test_markdown_table_bolds_best_per_column() -> None:
+    suite = Suite(name="t", methods=["a", "b"], columns={"m1": "knn.top1", "m2": "linear.top1"})
+    runs = {
+        "a": {"evals": {"knn": {"metrics": {"top1": 0.5}}, "linear": {"metrics": {"top1": 0.9}}}},
+        "b": {"evals": {"knn": {"metrics": {"top1": 0.7}}, "linear": {"skipped": "no"}}},
+    }
+    lines = markdown_table(suite, runs).splitlines()
+    assert lines[2] == "| a | 50.0 | **90.0** |"
+    assert lines[3] == "| b | **70.0** | — |"
