@@ -66,6 +66,13 @@ def test_micro_suite_end_to_end_and_resume(tmp_path: Path) -> None:
     assert "[repro] clip-tiny-test: knn" not in again.stdout, "cached evaluations are reused"
     assert json.loads((out / "results.json").read_text()) == results
 
+    suite_file.write_text(MICRO_SUITE.replace("knn: {max_train: 64}", "knn: {max_train: 32}"))
+    changed = run_cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "[repro] clip-tiny-test: knn" in changed.stdout, "changed settings are evaluated again"
+    assert "[repro] clip-tiny-test: zeroshot" not in changed.stdout
+    assert json.loads((out / "evals" / "clip-tiny-test" / "knn.json").read_text())["settings"]["max_train"] == 32
+
 
 def test_builtin_suites_load() -> None:
     assert {"demo", "shapes-tiny", "shapes-small"} <= set(suite_names())

@@ -3,7 +3,8 @@ checkpoint with the evaluation suite, and write the comparison report.
 
 Everything is resumable: a method whose training finished (a `finished.json` marker matching the
 suite's training settings) is not trained again, a partly trained one continues with
-`--resume auto`, and an evaluation whose JSON exists for the same checkpoint step is reused.
+`--resume auto`, and an evaluation whose JSON exists for the same checkpoint step, protocol, data
+and settings is reused.
 """
 
 from __future__ import annotations
@@ -83,9 +84,11 @@ def evaluate_method(
         settings = dict(entry)
         protocol, data = settings.pop("protocol", task), settings.pop("data", suite.eval.data)
         path = eval_dir / f"{task}.json"
+        requested = {"protocol": protocol, "data": data, "settings": settings}
         if path.exists():
             cached = json.loads(path.read_text())
-            if cached.get("step") == pretrained.step or cached.get("skipped_step") == pretrained.step:
+            same_step = pretrained.step in (cached.get("step"), cached.get("skipped_step"))
+            if same_step and cached.get("requested") == requested:
                 results[task] = cached
                 continue
         if PROTOCOLS[protocol].needs_text and not pretrained.model.has_text:
@@ -104,6 +107,7 @@ def evaluate_method(
                 num_workers=suite.eval.workers,
                 **settings,
             )
+        result["requested"] = requested
         write_result(path, result)
         results[task] = result
     return results
