@@ -78,13 +78,13 @@ def evaluate_method(
     from harmony.eval.suite import PROTOCOLS, run_task
     from harmony.loading import load
 
-    pretrained = load(run_dir / "checkpoints" / "last.pt", device=device)
+    pretrained = load(run_dir / "checkpoints" / "last.pt", weights=suite.eval.weights, device=device)
     results: dict[str, Any] = {}
     for task, entry in suite.eval.tasks.items():
         settings = dict(entry)
         protocol, data = settings.pop("protocol", task), settings.pop("data", suite.eval.data)
         path = eval_dir / f"{task}.json"
-        requested = {"protocol": protocol, "data": data, "settings": settings}
+        requested = {"protocol": protocol, "data": data, "settings": settings, "weights": pretrained.weights}
         if path.exists():
             cached = json.loads(path.read_text())
             same_step = pretrained.step in (cached.get("step"), cached.get("skipped_step"))

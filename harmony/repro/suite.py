@@ -15,6 +15,7 @@ train:
 eval:
   data: imagenet/val             # the labelled / captioned evaluation set
   train: imagenet/train          # training split for knn / linear / segment / detect
+  weights: auto                  # auto (the EMA teacher where complete) or student
   tasks:                         # name -> protocol settings; `protocol` and `data` default to the
     zeroshot: {}                 # name and eval.data, so one protocol can run on several sets
     knn: {}
@@ -31,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -51,6 +52,9 @@ class EvalSpec:
     data: str = "builtin:shapes:val"
     train: str = ""
     workers: int = 2
+    # which weights are evaluated: auto = the EMA teacher when it covers every tower (the papers'
+    # practice), else the student; short runs should say `student` (their teacher lags far behind)
+    weights: Literal["auto", "student"] = "auto"
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
