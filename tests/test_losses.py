@@ -49,7 +49,7 @@ def test_clip_hard_loss_local_rows_against_global_columns() -> None:
         clip_hard_loss(*contrastive_logits(img[r * 3 : r * 3 + 3], txt[r * 3 : r * 3 + 3], img, txt, s), offset=r * 3)
         for r in range(2)
     ]
-    assert math.isclose(full.item(), (halves[0] + halves[1]).item() / 2, rel_tol=1e-9)
+    assert math.isclose(full.item(), (halves[0] + halves[1]).item() / 2, rel_tol=1e-6)  # float32 logits
 
 
 def test_clip_soft_loss_uses_teacher_similarity_targets() -> None:
