@@ -12,7 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from harmony.config import ConfigError, build_config, describe, dump_yaml, method_names, size_names
+from harmony.config import ConfigError, dump_yaml
+from harmony.presets import build_config, describe, method_names, size_names
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:

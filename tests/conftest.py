@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harmony.config import Config, build_config
+from harmony.config import Config
+from harmony.presets import build_config
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(2)

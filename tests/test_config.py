@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from harmony.config import ConfigError, build_config, preset_names, set_override, to_dict
+from harmony.config import ConfigError, set_override, to_dict
+from harmony.presets import build_config, preset_names
 from tests.conftest import run_cli
 
 

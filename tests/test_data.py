@@ -47,8 +47,8 @@ def test_labels_masks_and_boxes_agree() -> None:
 
 
 def test_every_shape_is_darker_than_its_background_and_colour_labels_follow_the_primary() -> None:
-    from harmony.config import build_config
     from harmony.eval.datasets import open_labelled
+    from harmony.presets import build_config
 
     ds = ShapesDataset("val", 40, 64)
     luminance = np.array([0.299, 0.587, 0.114])

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harmony.config import BuiltinDataConfig, DataConfig, build_config
+from harmony.config import BuiltinDataConfig, DataConfig
+from harmony.presets import build_config
 
 if TYPE_CHECKING:
     from harmony.data.convert import Pending

@@ -1,8 +1,9 @@
 """`builtin:shapes`: a deterministic, generated captioned dataset with labels, masks and boxes.
 
 Each scene holds 1-3 coloured shapes of different sizes at different positions on a textured, noisy
-background (light, so every shape stands out dark). Captions come from varied templates with web-like noise: synonyms, shuffled word order,
-missing attributes, junk tokens, and a fraction of captions that describe a different scene. Every
+background (light, so every shape stands out dark). Captions come from varied templates with web-like
+noise: synonyms, shuffled word order, missing attributes, junk tokens, and a fraction of captions
+that describe a different scene. Every
 image also carries a primary class (its largest shape), a per-pixel semantic mask and instance
 boxes/masks, so classification, retrieval, segmentation and detection can all be evaluated.
 
@@ -61,6 +62,7 @@ COLORS = {
     "brown": (120, 70, 30),
     "grey": (95, 95, 95),
 }
+COLOR_NAMES = list(COLORS)
 COLOR_SYNONYMS = {
     "purple": ["purple", "violet"],
     "pink": ["pink", "magenta"],
@@ -145,7 +147,7 @@ class ShapesSample:
         return {
             "label": self.label,
             "class_name": CLASS_NAMES[self.label],
-            "color": list(COLORS)[self.color],
+            "color": COLOR_NAMES[self.color],
             "caption_matches": self.caption_matches,
             "boxes": [list(b) for b in self.boxes],
             "classes": self.classes,
@@ -304,7 +306,7 @@ class ShapesDataset:
             cx, cy = rng.uniform(radius, s - radius), rng.uniform(radius, s - radius)
             if any(math.hypot(cx - o.cx, cy - o.cy) < 0.8 * (radius + o.radius) for o in objects):
                 continue
-            color = rng.choice(list(COLORS))
+            color = rng.choice(COLOR_NAMES)
             jitter = [rng.randint(-15, 15) for _ in range(3)]
             rgb = tuple(int(min(255, max(0, c + j))) for c, j in zip(COLORS[color], jitter))
             shape = rng.choice(CLASS_NAMES)
@@ -358,7 +360,7 @@ class ShapesDataset:
             boxes=boxes,
             classes=classes,
             caption_matches=matches,
-            color=list(COLORS).index(scene.objects[primary].color),
+            color=COLOR_NAMES.index(scene.objects[primary].color),
             objects=objects,
         )
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from harmony.config import Config, build_config
+from harmony.config import Config
+from harmony.presets import build_config
 from harmony.train.distributed import DistInfo
 
 

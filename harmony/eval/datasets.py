@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from harmony.config import Config
 from harmony.data.augment import eval_transform, normalize
-from harmony.data.shapes import CLASS_NAMES, COLORS, ShapesDataset
+from harmony.data.shapes import CLASS_NAMES, COLOR_NAMES, ShapesDataset
 from harmony.data.sources import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -31,7 +31,7 @@ class LabelledImages:
         return self.size
 
 
-BUILTIN_LABELS = {"shape": CLASS_NAMES, "color": list(COLORS)}
+BUILTIN_LABELS = {"shape": CLASS_NAMES, "color": COLOR_NAMES}
 
 
 def builtin_parts(spec: str) -> tuple[str, str]:
@@ -122,13 +122,13 @@ def open_labelled(spec: str, cfg: Config) -> LabelledImages:
     """A labelled image set from a spec: `builtin:shapes[:val[:color]]` or a class-folder tree."""
     if spec.startswith("builtin:"):
         ds = shapes_dataset(spec, cfg)
-        by_color = builtin_parts(spec)[1] == "color"
+        labels = builtin_parts(spec)[1]
 
         def get(i: int) -> tuple[Image.Image, int]:
             sample = ds[i]
-            return sample.image, sample.color if by_color else sample.label
+            return sample.image, sample.color if labels == "color" else sample.label
 
-        return LabelledImages(spec, list(BUILTIN_LABELS[builtin_parts(spec)[1]]), len(ds), get)
+        return LabelledImages(spec, list(BUILTIN_LABELS[labels]), len(ds), get)
     root = Path(spec)
     if root.is_dir():
         return image_folder(root)

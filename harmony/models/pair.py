@@ -6,6 +6,7 @@ Students and EMA teachers are both instances of this class; evaluation and expor
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ class ImageTextModel(nn.Module):
         eot_id: int,
         drop_path_rate: float = 0.0,
         use_mask_token: bool = True,
-        vision_init: str = "jax",
+        vision_init: Literal["jax", "timm"] = "jax",
         logit_scale_init: float = 1 / 0.07,
         logit_scale_max: float = 100.0,
     ) -> None:

@@ -11,6 +11,8 @@ same module. The timm model lives at `self.vit`, so `self.vit.state_dict()` is a
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import checkpoint_seq
@@ -27,7 +29,7 @@ class VisionTower(nn.Module):
         img_size: int = 224,
         drop_path_rate: float = 0.0,
         use_mask_token: bool = True,
-        init: str = "jax",
+        init: Literal["jax", "timm"] = "jax",
     ) -> None:
         super().__init__()
         spec = VISION_SIZES[size]

@@ -80,9 +80,8 @@ def evaluate_method(
 
     pretrained = load(run_dir / "checkpoints" / "last.pt", weights=suite.eval.weights, device=device)
     results: dict[str, Any] = {}
-    for task, entry in suite.eval.tasks.items():
-        settings = dict(entry)
-        protocol, data = settings.pop("protocol", task), settings.pop("data", suite.eval.data)
+    for task in suite.eval.tasks:
+        protocol, data, settings = suite.eval.task(task)
         path = eval_dir / f"{task}.json"
         requested = {"protocol": protocol, "data": data, "settings": settings, "weights": pretrained.weights}
         if path.exists():

@@ -57,6 +57,12 @@ class EvalSpec:
     weights: Literal["auto", "student"] = "auto"
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def task(self, name: str) -> tuple[str, str, dict[str, Any]]:
+        """(protocol, data, protocol settings) of a task: `protocol` and `data` default to the task's
+        name and `eval.data`; the rest of its entry are the protocol's settings."""
+        settings = dict(self.tasks[name])
+        return settings.pop("protocol", name), settings.pop("data", self.data), settings
+
 
 @dataclass
 class Suite:
@@ -100,8 +106,8 @@ def load_suite(name: str) -> Suite:
         raise ConfigError(f"suite '{name}': 'methods' lists no method")
     from harmony.eval.suite import PROTOCOLS
 
-    for task, settings in suite.eval.tasks.items():
-        protocol = settings.get("protocol", task)
+    for task in suite.eval.tasks:
+        protocol = suite.eval.task(task)[0]
         if protocol not in PROTOCOLS:
             raise ConfigError(f"suite '{name}': task '{task}' names no evaluation protocol ({', '.join(PROTOCOLS)})")
     for column, source in suite.columns.items():

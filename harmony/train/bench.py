@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from harmony.config import Config, build_config, split_preset
+from harmony.config import Config
 from harmony.models.tokenizer import CaptionTokenizer
+from harmony.presets import build_config, split_preset
 from harmony.train.distributed import DistInfo
 from harmony.train.flops import ComponentFlops
 from harmony.train.step import Stepper, resolve_device
