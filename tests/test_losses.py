@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from harmony.data.masking import block_mask, patch_loss_weights
-from harmony.objectives.centering import Center, sharpen
+from harmony.objectives.centering import Center, mean_entropy, sharpen
 from harmony.objectives.clip import clip_hard_loss, clip_soft_loss, contrastive_logits, soft_targets
 from harmony.objectives.ibot import ibot_cls_loss, ibot_patch_loss
 from harmony.objectives.mae import mae_loss, normalized_patches, patchify
@@ -115,6 +116,13 @@ def test_centering_and_sharpening() -> None:
     center.update()
     torch.testing.assert_close(center.value, 0.1 * logits.mean(dim=0, keepdim=True))
     torch.testing.assert_close(sharpen(logits, center.value, 0.5), torch.softmax((logits - center.value) / 0.5, dim=-1))
+
+
+def test_target_entropy_is_log_k_for_uniform_and_zero_for_one_hot() -> None:
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    expected = (math.log(4) + 0.0 + math.log(2)) / 3
+    assert float(mean_entropy(probs)) == pytest.approx(expected, rel=1e-6)
+    assert float(mean_entropy(probs[:0])) == 0.0
 
 
 def test_mae_loss_on_normalised_patches_of_removed_positions() -> None:

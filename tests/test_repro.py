@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,16 @@ def test_micro_suite_end_to_end_and_resume(tmp_path: Path) -> None:
     assert "[repro] clip-tiny-test: knn" in changed.stdout, "changed settings are evaluated again"
     assert "[repro] clip-tiny-test: zeroshot" not in changed.stdout
     assert json.loads((out / "evals" / "clip-tiny-test" / "knn.json").read_text())["settings"]["max_train"] == 32
+
+    shutil.rmtree(out / "runs" / "mae-tiny-test")
+    retrained = run_cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
+    assert retrained.returncode == 0, retrained.stderr[-3000:]
+    assert (
+        "[repro] training mae-tiny-test" in retrained.stdout
+        and "[repro] training clip-tiny-test" not in retrained.stdout
+    )
+    assert "[repro] mae-tiny-test: knn" in retrained.stdout, "a retrained method's old evaluations are not reused"
+    assert "[repro] clip-tiny-test: knn" not in retrained.stdout
 
 
 def test_builtin_suites_load() -> None:

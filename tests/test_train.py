@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -48,10 +49,14 @@ def test_metrics_config_and_checkpoints_are_written(tmp_path: Path) -> None:
         "loss_mae",
         "loss_mlm",
         "loss_text_distill",
+        "ibot_cls_target_entropy",
+        "ibot_patch_target_entropy",
+        "text_distill_target_entropy",
         "images_per_s",
         "data_time_s",
     ]:
         assert key in records[-1], key
+    assert 0.0 < records[-1]["ibot_cls_target_entropy"] <= math.log(cfg.model.head.out_dim) + 1e-4
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "tensorboard").is_dir()
     files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert files == ["last.pt", "step_00000004.pt"]

@@ -14,6 +14,14 @@ def sharpen(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: flo
     return F.softmax((teacher_logits.float() - center) / temperature, dim=-1)
 
 
+def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of H(p) = -sum p log p: the teacher-target entropy DINO monitors. Near log K the
+    targets are uniform (nothing to learn yet, or collapse to uniform); near 0 they are one-hot."""
+    if probs.numel() == 0:
+        return probs.new_zeros(())
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
+
+
 def soft_cross_entropy(targets: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-row CE(p, q) = -sum p log softmax(s / tau); returns one value per row."""
     return -(targets * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(dim=-1)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from harmony.config import HeadConfig, IBOTConfig
 from harmony.models.heads import DINOHead
 from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
-from harmony.objectives.centering import Center, sharpen, soft_cross_entropy
+from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
 from harmony.train.schedules import linear_ramp
 
 
@@ -102,7 +102,7 @@ class IBOTObjective(Objective):
             self.cls_center.observe(t_cls.flatten(0, 1))
 
         loss_cls = ibot_cls_loss(student_cls_logits, teacher_cls, self.cfg.student_temp)
-        metrics = {"ibot_cls": loss_cls.detach()}
+        metrics = {"ibot_cls": loss_cls.detach(), "ibot_cls_target_entropy": mean_entropy(teacher_cls)}
         if not self.cfg.patch_loss:
             return LossOutput(loss_cls, metrics)
 
@@ -113,5 +113,5 @@ class IBOTObjective(Objective):
             teacher_patch = sharpen(t_patch.flatten(0, 2)[index], self.patch_center.value, temp)
             self.patch_center.observe(t_patch.flatten(0, 2))
         loss_patch = ibot_patch_loss(out[num_views * bsz :], teacher_patch, batch["ibot_weight"], self.cfg.student_temp)
-        metrics |= {"ibot_patch": loss_patch.detach()}
+        metrics |= {"ibot_patch": loss_patch.detach(), "ibot_patch_target_entropy": mean_entropy(teacher_patch)}
         return LossOutput(0.5 * (loss_cls + loss_patch), metrics)

@@ -15,7 +15,7 @@ import torch
 from harmony.config import TextDistillConfig
 from harmony.models.heads import DINOHead
 from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
-from harmony.objectives.centering import Center, sharpen, soft_cross_entropy
+from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
 from harmony.train.distributed import global_count
 from harmony.train.schedules import linear_ramp
 
@@ -60,4 +60,5 @@ class TextDistillObjective(Objective):
             probs = sharpen(teacher_real[batch["mlm_in_real"]], self.center.value, self.teacher_temperature(step))
             self.center.observe(teacher_real)
         normaliser = global_count(index.new_tensor(index.numel()))
-        return LossOutput(text_distill_loss(student, probs, self.cfg.student_temp, normaliser))
+        loss = text_distill_loss(student, probs, self.cfg.student_temp, normaliser)
+        return LossOutput(loss, {"text_distill_target_entropy": mean_entropy(probs)})

@@ -3,8 +3,8 @@ checkpoint with the evaluation suite, and write the comparison report.
 
 Everything is resumable: a method whose training finished (a `finished.json` marker matching the
 suite's training settings) is not trained again, a partly trained one continues with
-`--resume auto`, and an evaluation whose JSON exists for the same checkpoint step, protocol, data
-and settings is reused.
+`--resume auto`, and an evaluation whose JSON exists for the same checkpoint file (size, modification time), protocol,
+data and settings is reused.
 """
 
 from __future__ import annotations
@@ -78,12 +78,21 @@ def evaluate_method(
     from harmony.eval.suite import PROTOCOLS, run_task
     from harmony.loading import load
 
-    pretrained = load(run_dir / "checkpoints" / "last.pt", weights=suite.eval.weights, device=device)
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    pretrained = load(checkpoint, weights=suite.eval.weights, device=device)
+    stat = checkpoint.stat()
+    trained = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}  # a retrained method is evaluated again
     results: dict[str, Any] = {}
     for task in suite.eval.tasks:
         protocol, data, settings = suite.eval.task(task)
         path = eval_dir / f"{task}.json"
-        requested = {"protocol": protocol, "data": data, "settings": settings, "weights": pretrained.weights}
+        requested = {
+            "protocol": protocol,
+            "data": data,
+            "settings": settings,
+            "weights": pretrained.weights,
+            "checkpoint": trained,
+        }
         if path.exists():
             cached = json.loads(path.read_text())
             same_step = pretrained.step in (cached.get("step"), cached.get("skipped_step"))
