@@ -33,6 +33,13 @@ class Pretrained:
     def image_size(self) -> int:
         return self.config.data.augment.global_size
 
+    @property
+    def file_identity(self) -> dict[str, int]:
+        """Size and modification time of the checkpoint file: they change whenever it is rewritten, so
+        results cached under them are never reused for a retrained model."""
+        stat = self.path.stat()
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -51,13 +51,9 @@ def builtin_parts(spec: str) -> tuple[str, str]:
     return (parts[2] if len(parts) >= 3 else "train"), (parts[3] if len(parts) == 4 else "shape")
 
 
-def builtin_split(spec: str) -> str:
-    return builtin_parts(spec)[0]
-
-
 def shapes_dataset(spec: str, cfg: Config) -> ShapesDataset:
     b = cfg.data.builtin
-    split = builtin_split(spec)
+    split = builtin_parts(spec)[0]
     return ShapesDataset(split, b.num_train if split == "train" else b.num_val, b.image_size, b.seed, b.mismatch_rate)
 
 

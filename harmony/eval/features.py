@@ -54,11 +54,9 @@ def linear_input(summary: torch.Tensor, n_blocks: int, avgpool: bool) -> torch.T
 
 
 def _key(pretrained: Pretrained, data: LabelledImages, image_size: int) -> str:
-    stat = pretrained.path.stat()
     ident = {
         "checkpoint": str(pretrained.path.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        **pretrained.file_identity,
         "weights": pretrained.weights,
         "data": data.name,
         "num": len(data),

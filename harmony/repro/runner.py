@@ -73,15 +73,13 @@ def train_method(suite: Suite, preset: str, run_dir: Path, echo: bool = True) ->
 def evaluate_method(
     suite: Suite, preset: str, run_dir: Path, eval_dir: Path, cache: Path, device: torch.device, echo: bool = True
 ) -> dict[str, Any]:
-    """Every task of the suite on one checkpoint; results cached per task and checkpoint step."""
+    """Every task of the suite on one checkpoint; results cached per task and checkpoint file."""
     from harmony.eval.report import write_result
     from harmony.eval.suite import PROTOCOLS, run_task
     from harmony.loading import load
 
-    checkpoint = run_dir / "checkpoints" / "last.pt"
-    pretrained = load(checkpoint, weights=suite.eval.weights, device=device)
-    stat = checkpoint.stat()
-    trained = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}  # a retrained method is evaluated again
+    pretrained = load(run_dir / "checkpoints" / "last.pt", weights=suite.eval.weights, device=device)
+    identity = pretrained.file_identity  # a retrained method is evaluated again
     results: dict[str, Any] = {}
     for task in suite.eval.tasks:
         protocol, data, settings = suite.eval.task(task)
@@ -91,16 +89,15 @@ def evaluate_method(
             "data": data,
             "settings": settings,
             "weights": pretrained.weights,
-            "checkpoint": trained,
+            "checkpoint": identity,
         }
         if path.exists():
             cached = json.loads(path.read_text())
-            same_step = pretrained.step in (cached.get("step"), cached.get("skipped_step"))
-            if same_step and cached.get("requested") == requested:
+            if cached.get("requested") == requested:
                 results[task] = cached
                 continue
         if PROTOCOLS[protocol].needs_text and not pretrained.model.has_text:
-            result: dict[str, Any] = {"task": task, "skipped": "no text tower", "skipped_step": pretrained.step}
+            result: dict[str, Any] = {"task": task, "skipped": "no text tower", "step": pretrained.step}
         else:
             if echo:
                 print(f"[repro] {preset}: {task}", flush=True)
