@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from harmony.config import ConfigError, set_override, to_dict
@@ -116,3 +119,14 @@ def test_vision_init_is_checked_and_changes_the_weights() -> None:
     fan_in, fan_out = jax.weight.shape[1], jax.weight.shape[0]
     assert abs(jax.weight.std().item() - (2 / (fan_in + fan_out)) ** 0.5) < 0.01  # xavier-uniform
     assert abs(timm.weight.std().item() - 0.02) < 0.003  # trunc-normal 0.02
+
+
+def test_cli_output_into_a_closed_pipe_exits_quietly() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harmony.cli", "presets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line is written (`harmony presets | head -0`)
+    stderr = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
