@@ -129,6 +129,7 @@ def _fail(message: str, code: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from harmony.data.sources import DataError
+    from harmony.outputs import OutputError
     from harmony.repro.runner import ReproError
     from harmony.train.checkpoint import CheckpointError
     from harmony.train.step import TrainingError
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    except (DataError, CheckpointError, TrainingError, ReproError) as exc:
+    except (DataError, CheckpointError, TrainingError, ReproError, OutputError) as exc:
         return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

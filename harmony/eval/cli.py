@@ -32,6 +32,7 @@ def _errors_as_messages(command: Callable[[argparse.Namespace], int]) -> Callabl
     one-line message and exit status 2 instead of a traceback; harmony's own data, checkpoint and
     config errors go on to `harmony.cli.main`, which reports them with their own exit codes."""
     from harmony.data.sources import DataError
+    from harmony.outputs import OutputError
     from harmony.train.checkpoint import CheckpointError
     from harmony.typed import ConfigError
 
@@ -39,7 +40,7 @@ def _errors_as_messages(command: Callable[[argparse.Namespace], int]) -> Callabl
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except (DataError, CheckpointError, ConfigError):
+        except (DataError, CheckpointError, ConfigError, OutputError):
             raise
         except (ValueError, TypeError) as exc:
             print(f"harmony eval: error: {exc}", file=sys.stderr)

@@ -1,0 +1,51 @@
+"""Any PIL image to RGB, compositing transparency on a background instead of dropping it to black.
+
+PIL's `convert("RGB")` discards alpha, so a line drawing on a transparent canvas becomes a black
+square. Every place that turns a user's image into RGB pixels (training, conversion, inspection,
+evaluation) goes through `to_rgb`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from PIL import Image
+
+WHITE = (255, 255, 255)
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """True for modes with alpha and for palette/greyscale/RGB images with a transparency entry."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """`image` as mode RGB; transparent pixels are alpha-composited over `background`."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if not has_transparency(image):
+        return image.convert("RGB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "palette images with transparency ..." note
+        rgba = image.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, (*background, 255))
+    canvas.alpha_composite(rgba)
+    return canvas.convert("RGB")
+
+
+def parse_background(value: str) -> tuple[int, int, int]:
+    """'white', 'black', 'gray', '#rrggbb' or 'r,g,b' -> an RGB triple; ValueError otherwise."""
+    named = {"white": WHITE, "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
+    text = value.strip().lower()
+    if text in named:
+        return named[text]
+    if text.startswith("#") and len(text) == 7:
+        try:
+            return int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)
+        except ValueError:
+            pass
+    parts = text.split(",")
+    if len(parts) == 3 and all(p.strip().isdigit() and 0 <= int(p) <= 255 for p in parts):
+        r, g, b = (int(p) for p in parts)
+        return r, g, b
+    raise ValueError(f"{value!r} is not a colour: use white, black, gray, #rrggbb or r,g,b (0-255)")
