@@ -80,7 +80,7 @@ def profile_stages(preset: str, data_spec: str, samples: int, overrides: list[st
 
 def _profile_stages(preset: str, data_spec: str, samples: int, overrides: list[str]) -> dict[str, float]:
     from harmony.data.augment import render_crops
-    from harmony.data.decode import decode_pixels
+    from harmony.data.decode import decode_pixels, upright_size
     from harmony.data.inspect import in_order
     from harmony.data.sources import open_source
     from harmony.data.views import collate, view_maker_for
@@ -97,8 +97,8 @@ def _profile_stages(preset: str, data_spec: str, samples: int, overrides: list[s
         rng = random.Random(seed)
         gen = torch.Generator().manual_seed(rng.getrandbits(62))
         t0 = time.perf_counter()
-        glob, local = maker.plans(*raw.image.size, rng)
-        pixels, factor = decode_pixels(raw.image, glob + local)
+        glob, local = maker.plans(*upright_size(raw.image), rng)
+        pixels, factor = decode_pixels(raw.image, glob + local, maker.background)
         t1 = time.perf_counter()
         view = {"global": render_crops(pixels, glob, factor)}
         if local:
