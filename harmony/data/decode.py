@@ -46,6 +46,8 @@ class RawSample:
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Header-only open of an image file's bytes; refuses images above `max_pixels`."""
+    if not data:
+        raise SampleError("image", "empty image file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
