@@ -54,6 +54,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise SampleError("image", f"image refused: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise SampleError("image", f"not an image file (starts with {data[:8]!r})") from None
     except Exception as exc:  # any decoder failure on untrusted bytes means "not an image"
         raise SampleError("image", f"not a readable image ({type(exc).__name__}: {exc})") from None
     width, height = image.size

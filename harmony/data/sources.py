@@ -200,7 +200,7 @@ def interleave(streams: Iterable[Iterator[T]], width: int, rng: random.Random) -
     """Every item of `streams`, reading `width` of them at a time: each next item comes from a random open
     stream, and a finished stream is replaced by the next one (webdataset's shard interleaving). Width 1
     reads the streams one after the other."""
-    waiting, active = iter(streams), []
+    waiting, active = iter(streams), list[Iterator[T]]()
     while True:
         while len(active) < width and (stream := next(waiting, None)) is not None:
             active.append(stream)
