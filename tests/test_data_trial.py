@@ -189,3 +189,17 @@ def test_converted_messy_folder_trains(tmp_path: Path) -> None:
     cfg = config(tmp_path / "s", "train.batch_size=3", "train.max_steps=2", "train.device=cpu", "data.num_workers=0")
     result = train(cfg, tmp_path / "run", progress=False)
     assert result.steps == 2 and np.isfinite(result.last_metrics["loss"])
+
+
+def test_an_interrupted_writer_leaves_no_partial_shard_that_looks_whole(tmp_path: Path) -> None:
+    from harmony.data.shards import ShardWriter
+
+    with pytest.raises(KeyboardInterrupt), ShardWriter(tmp_path, per_shard=2) as writer:
+        for i in range(3):
+            writer.write(f"{i:03d}", {"txt": b"a caption"})
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.tar"]  # the full one; no tmp left
+    with ShardWriter(tmp_path / "ok", per_shard=2) as writer:
+        for i in range(3):
+            writer.write(f"{i:03d}", {"txt": b"a caption"})
+    assert len(writer.shards) == 2

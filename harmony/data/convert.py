@@ -14,6 +14,7 @@ import io
 import json
 import multiprocessing
 import random
+import signal
 import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -167,12 +168,12 @@ class WriteReport:
 
 
 def encoded(pairs: Sequence[Pending], options: EncodeOptions, workers: int) -> Iterator[dict[str, bytes] | SampleError]:
-    """Encode in order, in `workers` processes when > 1."""
+    """Encode in order, in `workers` processes when > 1 (which leave Ctrl-C to this one)."""
     job = partial(encode, options=options)
     if workers <= 1:
         yield from map(job, pairs)
         return
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         yield from pool.imap(job, pairs, chunksize=8)
 
 
