@@ -134,7 +134,7 @@ def grouped(keys: list[str]) -> float | None:
         return None
     same = sum(a == b for a, b in itertools.pairwise(keys)) / (len(keys) - 1)
     chance = sum((n / len(keys)) ** 2 for n in Counter(keys).values())
-    return same if same >= 0.8 and chance <= 0.5 else None
+    return same if same >= max(0.8, chance + 0.2) else None
 
 
 def order_warnings(result: Scan) -> list[str]:
