@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from harmony.cli import main
+from harmony.data.errors import SampleError
 from harmony.data.loader import build_train_data
+from harmony.data.sources import OPEN_SHARDS, PassEnd, mixing_rng, pass_samples
 from harmony.data.views import view_maker_for
 from harmony.train.distributed import DistInfo
 from tests.test_data_loader import captions, config
@@ -124,3 +126,20 @@ def test_from_csv_shuffles_and_inspect_sees_sorted_captions(tmp_path: Path, caps
     written = shard_captions(tmp_path / "s")
     assert sorted(written) == sorted(row.split(",")[1] for row in rows[1:]) and written != sorted(written)
     assert sum(a == b for a, b in itertools.pairwise(written)) < 20
+
+
+def test_parts_sharing_interleaved_shards_split_samples_and_errors_exactly(tmp_path: Path) -> None:
+    """Fewer shards than parts: every part reads every shard (interleaved alike) and keeps its share."""
+    members = [[(f"s{s}k{i}.jpg", image_bytes(i)), (f"s{s}k{i}.txt", b"x")] for s in range(2) for i in range(5)]
+    write_tar(tmp_path / "a.tar", [m for pair in members[:5] for m in pair])
+    write_tar(tmp_path / "b.tar", [m for pair in members[5:] for m in pair], cut_in="s1k4.jpg")
+    keys, errors = [], 0
+    for part in range(3):
+        for item in pass_samples(
+            [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], part, 3, mixing_rng(0, 0, 0), OPEN_SHARDS
+        ):
+            if isinstance(item, SampleError):
+                errors += 1
+            elif not isinstance(item, PassEnd):
+                keys.append(item["__key__"])
+    assert sorted(keys) == sorted([f"s0k{i}" for i in range(5)] + [f"s1k{i}" for i in range(4)]) and errors == 1

@@ -214,12 +214,18 @@ def interleave(streams: Iterable[Iterator[T]], width: int, rng: random.Random) -
             active.pop(at)
 
 
+def numbered(number: int, items: Iterator[T]) -> Iterator[tuple[int, T]]:
+    """`items` tagged with their shard's number."""
+    for item in items:
+        yield number, item
+
+
 def pass_samples(
     urls: list[str], part: int, parts: int, rng: random.Random | None = None, width: int = 1
 ) -> Iterator[ShardItem]:
     """One pass over `urls`, keeping every `parts`-th sample from `part` (and that share of shard errors);
     `width` shards are read at once (see `interleave`), 1: in the order of `urls`."""
-    shards = (((number, item) for item in read_shard(url)) for number, url in enumerate(urls))
+    shards = (numbered(number, read_shard(url)) for number, url in enumerate(urls))
     index = 0
     for number, item in interleave(shards, width, rng or random.Random(0)):
         if isinstance(item, SampleError):
