@@ -162,3 +162,18 @@ def test_every_data_flag_has_help() -> None:
     for name, sub in data.choices.items():
         for action in sub._actions:
             assert action.help, f"harmony data {name} {action.option_strings or action.dest} has no help"
+
+
+def test_inspect_takes_the_csv_keys_as_from_csv_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "0.jpg").write_bytes(image_bytes(0))
+    (tmp_path / "oc.tsv").write_text("filepath\ttitle\nimg/0.jpg\ta red square\n")
+    base = ["data", "inspect", str(tmp_path / "oc.tsv"), "--preset", "clip-tiny-test", "--out", ""]
+    status, _, err = run(capsys, *base)
+    assert status == 1 and "data.csv_caption_key=COL (train) or --caption-key COL" in err
+    counts = tmp_path / "counts.json"
+    status, out, err = run(capsys, *base, "--caption-key", "title", "--json", str(counts))
+    assert status == 0 and "scanned 1 samples: 1 usable" in out, err
+    assert json.loads(counts.read_text())["overrides"] == ["data.csv_caption_key=title"]
+    status, _, err = run(capsys, "data", "inspect", str(tmp_path / "img"), "--out", "")
+    assert status == 1 and "it holds images; make shards with harmony data from-folder" in err

@@ -134,7 +134,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from harmony.models.tokenizer import CaptionTokenizer
     from harmony.presets import build_config
 
-    cfg = build_config(args.preset, [f"data_spec={args.spec}", *args.overrides])
+    csv_keys = {"csv_image_key": args.image_key, "csv_caption_key": args.caption_key, "csv_separator": args.separator}
+    keys = [f"data.{key}={value}" for key, value in csv_keys.items() if value is not None]
+    cfg = build_config(args.preset, [f"data_spec={args.spec}", *keys, *args.overrides])
     source = open_source(args.spec, cfg)
     if isinstance(source, ShardSource):
         print(f"{args.spec}: {len(source.urls)} shard(s), {source.epoch_size} captioned samples")
@@ -149,7 +151,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         contact_sheet(result.samples, maker, tokenizer, title, args.seed).save(sheet)
         print(f"contact sheet: {sheet} ({len(result.samples)} samples)")
     if counts is not None:
-        record = {"spec": args.spec, "preset": args.preset, "limit": args.limit, "overrides": list(args.overrides)}
+        record = {"spec": args.spec, "preset": args.preset, "limit": args.limit, "overrides": [*keys, *args.overrides]}
         counts.write_text(json.dumps({**record, **summary(result, cfg.model.context_length)}, indent=2) + "\n")
     return 0
 
@@ -227,6 +229,11 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="augmentation seed of the sheet")
     p.add_argument("--json", help="also write the counts here")
     p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.csv_caption_key=title"
+        "--image-key", "--csv-image-key", dest="image_key", help="CSV image path column (data.csv_image_key)"
     )
+    p.add_argument(
+        "--caption-key", "--csv-caption-key", dest="caption_key", help="CSV caption column (data.csv_caption_key)"
+    )
+    p.add_argument("--separator", help="CSV separator: auto, comma, tab or one character (data.csv_separator)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.shuffle_buffer=0")
     p.set_defaults(func=cmd_inspect)

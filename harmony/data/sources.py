@@ -78,7 +78,13 @@ def expand_urls(spec: str) -> list[str]:
         if os.path.isdir(part):
             found = sorted(glob.glob(os.path.join(part, "*.tar")))
             if not found:
-                raise DataError(f"directory '{part}' holds no .tar shards")
+                images = any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for p in Path(part).rglob("*"))
+                hint = (
+                    f": it holds images; make shards with harmony data from-folder {part} --out SHARDS"
+                    if images
+                    else ""
+                )
+                raise DataError(f"directory '{part}' holds no .tar shards{hint}")
             urls.extend(found)
             continue
         for url in braceexpand.braceexpand(part):
