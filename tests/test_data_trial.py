@@ -203,3 +203,15 @@ def test_an_interrupted_writer_leaves_no_partial_shard_that_looks_whole(tmp_path
         for i in range(3):
             writer.write(f"{i:03d}", {"txt": b"a caption"})
     assert len(writer.shards) == 2
+
+
+def test_a_folder_name_that_is_not_utf8_becomes_a_readable_label(tmp_path: Path) -> None:
+    import os
+
+    folder = os.path.join(os.fsencode(tmp_path / "photos"), b"caf\xe9")  # a Latin-1 name from an old archive
+    os.makedirs(folder)
+    Image.new("RGB", (8, 8)).save(os.fsdecode(os.path.join(folder, b"x.png")))
+    (pending,) = folder_pairs(tmp_path / "photos", "a {label}")
+    assert pending.caption == "a café" and pending.name == "café/x.png"
+    files = encode(pending, EncodeOptions())
+    assert not isinstance(files, SampleError) and files["txt"] == "a café".encode()

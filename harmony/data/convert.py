@@ -68,9 +68,14 @@ def check_template(template: str) -> None:
         )
 
 
-def read_caption(path: Path) -> str:
-    """A sidecar caption file: UTF-8 (a BOM is dropped), else Windows-1252, the usual non-UTF-8 export."""
-    data = path.read_bytes()
+def readable(name: str) -> str:
+    """A file or folder name as text: names that are not UTF-8 on disk (Python keeps their bytes as
+    surrogates, which cannot be written as UTF-8) are read as Windows-1252, like captions."""
+    return decode_text(name.encode("utf-8", "surrogateescape"))
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 (a BOM is dropped), else Windows-1252, the usual non-UTF-8 encoding of exported text."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -87,12 +92,12 @@ def folder_pairs(root: Path, caption_template: str = "") -> list[Pending]:
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
-            caption = read_caption(sidecar)
+            caption = decode_text(sidecar.read_bytes())
         elif caption_template and path.parent != root:
-            caption = caption_template.format(label=path.parent.name.replace("_", " "))
+            caption = caption_template.format(label=readable(path.parent.name).replace("_", " "))
         else:
             caption = ""
-        pairs.append(Pending(str(path.relative_to(root)), path, caption))
+        pairs.append(Pending(readable(str(path.relative_to(root))), path, caption))
     if not pairs:
         raise DataError(f"folder '{root}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return pairs
