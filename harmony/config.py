@@ -201,7 +201,8 @@ class BuiltinDataConfig:
 class DataConfig:
     """Loader settings. `csv_*` name the columns of a .csv/.tsv spec (open_clip's convention);
     `csv_separator` is auto (from the extension), comma, tab or one character. Images above
-    `max_image_pixels` are refused unread. `shuffle_buffer` 0 keeps shard samples in stored order."""
+    `max_image_pixels` are refused unread. `shuffle_buffer` 0 keeps shard samples in stored order.
+    `alpha_background` is the colour transparent pixels are composited on (white, black, gray, #rrggbb, r,g,b)."""
 
     num_workers: int = 2
     epoch_size: int = 0
@@ -212,6 +213,7 @@ class DataConfig:
     csv_caption_key: str = "caption"
     csv_separator: str = "auto"
     max_image_pixels: int = 8192 * 8192
+    alpha_background: str = "white"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
@@ -294,6 +296,7 @@ def set_override(cfg: Config, assignment: str) -> Config:
 
 def validate(cfg: Config) -> None:
     """Semantic checks beyond types, each naming its key."""
+    from harmony.data.rgb import parse_background
     from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
 
     if cfg.model.vision not in VISION_SIZES:
@@ -349,6 +352,10 @@ def validate(cfg: Config) -> None:
     for key, value in probs.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value}")
+    try:
+        parse_background(cfg.data.alpha_background)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'data.alpha_background': {exc}") from None
     if not obj.enabled():
         raise ConfigError("config key 'objectives' enables no objective; a method needs at least one")
     for name in ("mlm", "text_distill"):

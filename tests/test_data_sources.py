@@ -18,7 +18,6 @@ from harmony.data.decode import open_image
 from harmony.data.errors import DataError, SampleError
 from harmony.data.inspect import in_order, scan
 from harmony.data.sources import ShardSource, caption_of, decode_sample, expand_urls, open_source
-from harmony.models.tokenizer import CaptionTokenizer
 from tests.conftest import run_cli, tiny
 
 MAX_PIXELS = DataConfig().max_image_pixels
@@ -88,7 +87,7 @@ def test_one_pass_over_broken_shards_counts_exactly(tmp_path: Path) -> None:
     source = ShardSource(str(tmp_path / "shards"))
     assert len(source.urls) == 3
     assert source.epoch_size == 8 + 2  # .txt members in tar headers; the truncated shard counts what it holds
-    result = scan(in_order(source, MAX_PIXELS), limit=0, keep=100, tokenizer=CaptionTokenizer(24))
+    result = scan(in_order(source, MAX_PIXELS), limit=0, keep=100)
     assert {s.key for s in result.samples} == usable
     assert result.skipped == skips
     assert result.scanned == len(usable) + sum(skips.values())

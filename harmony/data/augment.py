@@ -21,6 +21,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from harmony.config import AugmentConfig
+from harmony.data.rgb import WHITE, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,10 +31,9 @@ _SOLARIZE = np.where(_IDENTITY >= 128, 255 - _IDENTITY, _IDENTITY).astype(np.uin
 cv2.setNumThreads(0)  # sequential: loader workers give the parallelism, and OpenCV's pool is not fork-safe
 
 
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image (any mode) -> uint8 [3, H, W]."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+def to_uint8_tensor(image: Image.Image, background: tuple[int, int, int] = WHITE) -> torch.Tensor:
+    """PIL image (any mode) -> uint8 [3, H, W]; transparency composited on `background`."""
+    image = to_rgb(image, background)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 

@@ -1,7 +1,11 @@
 """`harmony data from-csv` / `from-folder`: image-caption pairs -> WebDataset shards (img2dataset layout:
 `key.jpg|png|webp` + `key.txt` + `key.json`). Images are checked by a full decode; unreadable ones and
 empty captions are skipped and counted. `resize` shrinks images whose short side is larger (JPEG out);
-JPEG/PNG/WebP files that need no resize are copied byte for byte.
+JPEG/PNG/WebP files that need no resize or EXIF rotation are copied byte for byte; other images are
+re-encoded as upright JPEGs, transparency composited on the chosen background.
+
+Pairs are shuffled (seeded) before sharding: folders and exports are usually sorted by class, and a
+shard holding one class gives single-class batches. `{prefix}-conversion.json` records the seed.
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
+import random
+import signal
+import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -19,10 +26,12 @@ from tqdm import tqdm
 
 from harmony.config import DataConfig
 from harmony.data.csv_source import CsvSource
-from harmony.data.decode import open_image
+from harmony.data.decode import open_image, orientation, upright
 from harmony.data.errors import SKIP_REASONS, DataError, SampleError
 from harmony.data.guard import describe_skips
+from harmony.data.rgb import WHITE, to_rgb
 from harmony.data.shards import ShardWriter
+from harmony.typed import ConfigError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -42,23 +51,53 @@ class EncodeOptions:
     resize: int = 0
     quality: int = 95
     max_pixels: int = DataConfig.max_image_pixels
+    background: tuple[int, int, int] = WHITE
+
+
+def check_template(template: str) -> None:
+    """ConfigError unless `template`'s only placeholder is {label}."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ConfigError(f"--caption-template {template!r}: {exc} (write {{{{ and }}}} for literal braces)") from None
+    unknown = [name for name in fields if name != "label"]
+    if unknown:
+        raise ConfigError(
+            f"--caption-template {template!r} has the placeholder {{{unknown[0]}}}; "
+            "the only one is {label} (the image's folder name)"
+        )
+
+
+def readable(name: str) -> str:
+    """A file or folder name as text: names that are not UTF-8 on disk (Python keeps their bytes as
+    surrogates, which cannot be written as UTF-8) are read as Windows-1252, like captions."""
+    return decode_text(name.encode("utf-8", "surrogateescape"))
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 (a BOM is dropped), else Windows-1252, the usual non-UTF-8 encoding of exported text."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
 
 
 def folder_pairs(root: Path, caption_template: str = "") -> list[Pending]:
     """Images under `root` (recursive, sorted); caption from a sidecar `name.txt`, else `caption_template`
     with {label} = the parent folder's name (underscores as spaces)."""
+    check_template(caption_template)
     if not root.is_dir():
         raise DataError(f"'{root}' is not a folder")
     pairs = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
-            caption = sidecar.read_text(encoding="utf-8", errors="replace")
+            caption = decode_text(sidecar.read_bytes())
         elif caption_template and path.parent != root:
-            caption = caption_template.format(label=path.parent.name.replace("_", " "))
+            caption = caption_template.format(label=readable(path.parent.name).replace("_", " "))
         else:
             caption = ""
-        pairs.append(Pending(str(path.relative_to(root)), path, caption))
+        pairs.append(Pending(readable(str(path.relative_to(root))), path, caption))
     if not pairs:
         raise DataError(f"folder '{root}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return pairs
@@ -69,13 +108,13 @@ def csv_pairs(path: Path, cfg: DataConfig) -> list[Pending]:
     return [Pending(source.images[i], source.image_path(i), source.captions[i]) for i in range(len(source))]
 
 
-def shrink(image: Image.Image, short_side: int) -> Image.Image:
+def shrink(image: Image.Image, short_side: int, background: tuple[int, int, int] = WHITE) -> Image.Image:
     """RGB copy whose shorter side is `short_side` (reduced-scale JPEG decode first when possible)."""
     width, height = image.size
     scale = short_side / min(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     image.draft("RGB", size)
-    return image.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return to_rgb(image, background).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def encode(pending: Pending, options: EncodeOptions) -> dict[str, bytes] | SampleError:
@@ -89,9 +128,12 @@ def encode(pending: Pending, options: EncodeOptions) -> dict[str, bytes] | Sampl
         original = image.size
         ext = KEPT_FORMATS.get(image.format or "")
         needs_resize = bool(options.resize) and min(original) > options.resize
+        turn = orientation(image)
         if needs_resize:
-            image = shrink(image, options.resize)
-        if needs_resize or ext is None:
+            image = upright(shrink(image, options.resize, options.background), turn)
+        elif turn != 1 or ext is None:
+            image = upright(to_rgb(image, options.background), turn)
+        if needs_resize or turn != 1 or ext is None:
             data, ext = jpeg_bytes(image, options.quality), "jpg"
         else:
             image.load()  # a full decode: a truncated file is caught here rather than during training
@@ -111,8 +153,9 @@ def encode(pending: Pending, options: EncodeOptions) -> dict[str, bytes] | Sampl
 
 
 def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
+    """An RGB image as JPEG file bytes."""
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -130,12 +173,12 @@ class WriteReport:
 
 
 def encoded(pairs: Sequence[Pending], options: EncodeOptions, workers: int) -> Iterator[dict[str, bytes] | SampleError]:
-    """Encode in order, in `workers` processes when > 1."""
+    """Encode in order, in `workers` processes when > 1 (which leave Ctrl-C to this one)."""
     job = partial(encode, options=options)
     if workers <= 1:
         yield from map(job, pairs)
         return
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         yield from pool.imap(job, pairs, chunksize=8)
 
 
@@ -147,8 +190,13 @@ def write_shards(
     workers: int = 0,
     prefix: str = "shard",
     progress: bool = True,
+    shuffle_seed: int | None = 0,
 ) -> WriteReport:
-    """Write `pairs` as shards of `per_shard` samples with keys 000000000, 000000001, ..."""
+    """Write `pairs` as shards of `per_shard` samples with keys 000000000, 000000001, ..., in an order
+    shuffled by `shuffle_seed` (None: as given)."""
+    if shuffle_seed is not None:
+        pairs = list(pairs)
+        random.Random(shuffle_seed).shuffle(pairs)
     skipped, first = dict.fromkeys(SKIP_REASONS, 0), ""
     results = tqdm(
         encoded(pairs, options or EncodeOptions(), workers), total=len(pairs), unit="img", disable=not progress

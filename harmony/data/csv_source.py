@@ -1,6 +1,9 @@
 """CSV/TSV image-caption tables (open_clip's convention): a header row, an image-path column and a
-caption column (named by `data.csv_image_key` / `data.csv_caption_key`), image paths relative to the
-table's folder unless absolute.
+caption column (named by `data.csv_image_key` / `data.csv_caption_key`, or `--image-key` /
+`--caption-key` in the data and eval commands), image paths relative to the table's folder unless
+absolute. Files as other tools write them are read as meant: a UTF-8 BOM (Excel), an unnamed index
+column (pandas), quoted fields with separators and line breaks, CRLF line ends, a space after the
+separator, Windows backslashes in relative paths. A file that is not UTF-8 is refused (no silently garbled captions).
 
 Rows are packed into two byte tables rather than millions of Python strings, so a CC3M-sized table
 costs its text size once and stays shared (copy-on-write) with the loader's worker processes.
@@ -20,6 +23,7 @@ from harmony.data.decode import RawSample, open_image
 from harmony.data.errors import DataError, SampleError
 
 SEPARATORS = {"comma": ",", "tab": "\t"}
+FLAGS = {"csv_image_key": "--image-key", "csv_caption_key": "--caption-key", "csv_separator": "--separator"}
 
 
 class StringTable:
@@ -58,28 +62,58 @@ def separator_for(path: Path, setting: str) -> str:
     return sep
 
 
+def how_to_set(key: str, value: str) -> str:
+    """Both spellings of a CSV setting: the config key (train) and the flag (data and eval commands)."""
+    return f"data.{key}={value} (train) or {FLAGS[key]} {value} (data/eval commands)"
+
+
+def missing_column(path: Path, header: list[str], missing: str, key: str, separator: str) -> DataError:
+    """The error for a column the table lacks: its columns and the settings that name another one."""
+    found = ", ".join(repr(h) for h in header[:8]) + (", ..." if len(header) > 8 else "")
+    message = (
+        f"'{path}' has no column '{missing}' (its columns: {found}); name the column with {how_to_set(key, 'COL')}"
+    )
+    others = [name for name, sep in (("tab", "\t"), ("comma", ","), (";", ";")) if sep != separator]
+    if len(header) == 1 and (split := next((n for n in others if SEPARATORS.get(n, n) in header[0]), None)):
+        message += f"; the header looks {split}-separated: {how_to_set('csv_separator', split)}"
+    return DataError(message)
+
+
 def read_columns(path: Path, columns: tuple[str, str], separator: str) -> Iterator[tuple[str, str]]:
     """(image path, caption) per non-blank row; a short row yields '' for what it lacks."""
     try:
-        handle = path.open(newline="", encoding="utf-8", errors="replace")
+        handle = path.open(newline="", encoding="utf-8-sig")
     except OSError as exc:
         raise DataError(f"cannot read '{path}': {exc.strerror}") from None
     with handle:
-        rows = csv.reader(handle, delimiter=separator)
-        header = [name.strip() for name in next(rows, [])]
-        if not header:
-            raise DataError(f"'{path}' is empty: expected a header row with '{columns[0]}' and '{columns[1]}'")
-        missing = [c for c in columns if c not in header]
-        if missing:
-            found = ", ".join(header[:8]) + (", ..." if len(header) > 8 else "")
-            raise DataError(
-                f"'{path}' has no column '{missing[0]}' (columns: {found}); "
-                "set data.csv_image_key / data.csv_caption_key (or data.csv_separator)"
-            )
-        at = [header.index(c) for c in columns]
-        for row in rows:
-            if row:
-                yield tuple(row[i] if i < len(row) else "" for i in at)  # type: ignore[misc]
+        rows = csv.reader(handle, delimiter=separator, skipinitialspace=True)
+        try:
+            header = [name.strip() for name in next(rows, [])]
+            if not header:
+                raise DataError(f"'{path}' is empty: expected a header row with '{columns[0]}' and '{columns[1]}'")
+            for column, key in zip(columns, ("csv_image_key", "csv_caption_key")):
+                if column not in header:
+                    raise missing_column(path, header, column, key, separator)
+            at = [header.index(c) for c in columns]
+            for row in rows:
+                if row:
+                    yield tuple(row[i] if i < len(row) else "" for i in at)  # type: ignore[misc]
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
+
+
+def not_utf8(path: Path) -> DataError:
+    """The error for a table that is not UTF-8, naming the first bad byte's line."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        where = f" (byte {data[exc.start]:#x} on line {line})"
+    return DataError(
+        f"'{path}' is not UTF-8{where}: save it as UTF-8, e.g. iconv -f cp1252 -t utf-8 '{path}' > fixed{path.suffix}"
+    )
 
 
 class CsvSource:
@@ -98,7 +132,12 @@ class CsvSource:
         return len(self.images)
 
     def image_path(self, index: int) -> Path:
-        return self.root / self.images[index]
+        """Where row `index`'s image is: relative paths from the table's folder (Windows `\\` read as `/`)."""
+        name = self.images[index].strip()
+        path = self.root / name
+        if "\\" in name and not path.exists():
+            path = self.root / name.replace("\\", "/")
+        return path
 
     def load(self, index: int) -> RawSample:
         caption = self.captions[index].strip()

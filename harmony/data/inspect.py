@@ -2,30 +2,40 @@
 
 Reads the first `limit` samples in order (decoding every image fully, as training would), counts
 usable and skipped samples per reason, summarises image sizes and caption lengths (words, and CLIP
-tokens against the preset's context), and draws a contact sheet: per sample its caption, the image,
-and the preset's augmented global crops (iBOT-masked or MAE-removed patches darkened) and local crops.
+tokens before truncation against the preset's context), warns when the stored order looks sorted (by
+folder or caption: such shards give one-class batches), and draws a contact sheet: per sample its
+caption, the image, and the preset's augmented global crops (iBOT-masked or MAE-removed patches
+darkened) and local crops.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import posixpath
 import textwrap
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from harmony.data.decode import RawSample, decode_pixels
+from harmony.data.csv_source import CsvSource
+from harmony.data.decode import RawSample, decode_pixels, upright, upright_size
 from harmony.data.errors import SKIP_REASONS, SampleError
 from harmony.data.guard import describe_skips
 from harmony.data.loader import MapSource
-from harmony.data.sources import PassEnd, ShardSource, decode_sample, pass_samples
+from harmony.data.rgb import to_rgb
+from harmony.data.sources import OPEN_SHARDS, PassEnd, ShardSource, decode_sample, pass_samples
 from harmony.data.views import ViewMaker
 from harmony.models.tokenizer import PAD_ID, CaptionTokenizer
 
 TILE = 128  # display size of a global crop in the contact sheet
+ORDER_WINDOW = 1000  # usable samples whose folder and caption the sort check looks at
 
 
 @dataclass
@@ -37,6 +47,9 @@ class Scan:
     words: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     samples: list[RawSample] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    exhausted: bool = False
 
     @property
     def usable(self) -> int:
@@ -53,22 +66,44 @@ def in_order(source: MapSource | ShardSource, max_pixels: int) -> Iterator[RawSa
                 yield item
                 continue
             try:
-                yield decode_sample(item, max_pixels)
+                raw = decode_sample(item, max_pixels)
             except SampleError as exc:
                 yield exc
+                continue
+            raw.origin = recorded_source(item)
+            yield raw
         return
     for index in range(len(source)):
         try:
-            yield source.load(index)
+            raw = source.load(index)
         except SampleError as exc:
             yield exc
+            continue
+        if isinstance(source, CsvSource):
+            raw.origin = source.images[index]
+        yield raw
 
 
-def scan(
-    items: Iterator[RawSample | SampleError], limit: int, keep: int, tokenizer: CaptionTokenizer, problems: int = 5
-) -> Scan:
-    """Decode up to `limit` samples (0: all), tally them, keep the first `keep` usable ones."""
-    out = Scan()
+def recorded_source(sample: dict[str, object]) -> str:
+    """The original file name our converters record in `key.json` ('source'), else ''."""
+    data = sample.get("json")
+    try:
+        meta = json.loads(data) if isinstance(data, bytes) else None
+    except ValueError:
+        return ""
+    return str(meta.get("source", "")) if isinstance(meta, dict) else ""
+
+
+@cache
+def untruncated() -> CaptionTokenizer:
+    """A tokenizer that never truncates, to count what a caption would need."""
+    return CaptionTokenizer(1 << 30)
+
+
+def scan(items: Iterator[RawSample | SampleError], limit: int, keep: int, problems: int = 5) -> Scan:
+    """Decode up to `limit` samples (0: all), tally them (caption tokens before truncation), keep the first
+    `keep` usable ones."""
+    out, items = Scan(), iter(items)
     for item in itertools.islice(items, limit or None):
         out.scanned += 1
         if isinstance(item, RawSample):
@@ -81,12 +116,67 @@ def scan(
             if len(out.problems) < problems:
                 out.problems.append(str(item))
             continue
-        out.sizes.append(item.image.size)
+        out.sizes.append(upright_size(item.image))
         out.words.append(len(item.caption.split()))
-        out.tokens.append(len(tokenizer.encode(item.caption)))
+        out.tokens.append(len(untruncated().encode(item.caption)))
+        if len(out.captions) < ORDER_WINDOW:
+            out.captions.append(item.caption)
+            out.folders.append(posixpath.dirname(item.origin.replace("\\", "/")) if item.origin else "")
         if len(out.samples) < keep:
             out.samples.append(item)
+    out.exhausted = next(items, None) is None
     return out
+
+
+def grouped(keys: list[str]) -> float | None:
+    """How often neighbours share a key, when that is far above chance (a sorted order); else None."""
+    if len(keys) < 20 or len(set(keys)) < 2:
+        return None
+    same = sum(a == b for a, b in itertools.pairwise(keys)) / (len(keys) - 1)
+    chance = sum((n / len(keys)) ** 2 for n in Counter(keys).values())
+    return same if same >= max(0.8, chance + 0.2) else None
+
+
+def order_warnings(result: Scan) -> list[str]:
+    """Warnings when the samples look stored by class: by folder, by caption, or alphabetically by caption."""
+    why = ""
+    folders = result.folders if all(result.folders) else []
+    captions = result.captions
+    if (share := grouped(folders)) is not None:
+        why = f"by folder ({share:.0%} of neighbours share a folder)"
+    elif (share := grouped(captions)) is not None:
+        why = f"by caption ({share:.0%} of neighbours share their caption)"
+    elif len(captions) >= 20 and len(set(captions)) > 1:
+        ascending = sum(a <= b for a, b in itertools.pairwise(captions)) / (len(captions) - 1)
+        if ascending >= 0.95:
+            why = f"alphabetically by caption ({ascending:.0%} of neighbours in order)"
+    elif len(captions) >= 20 and len(set(captions)) == 1 and not result.exhausted:
+        why = f"by caption (the first {len(captions)} usable samples all read {captions[0]!r})"
+    if not why:
+        return []
+    return [
+        f"warning: consecutive samples look sorted {why}: shards in this order give batches of one class "
+        f"(training reads {OPEN_SHARDS} shards at a time per loader worker, which helps only across shards); "
+        "rewrite them with `harmony data from-folder` / `from-csv`, which shuffle before sharding"
+    ]
+
+
+def long_share(result: Scan, context_length: int) -> float:
+    """Percentage of usable captions longer than the context (before truncation, start/end included)."""
+    return float(np.mean(np.array(result.tokens) > context_length)) * 100 if result.tokens else 0.0
+
+
+def summary(result: Scan, context_length: int) -> dict[str, Any]:
+    """The counts as JSON-ready values."""
+    return {
+        "scanned": result.scanned,
+        "usable": result.usable,
+        "skipped": result.skipped,
+        "words": result.words,
+        "context_length": context_length,
+        "exceed_context_percent": long_share(result, context_length),
+        "order_warnings": order_warnings(result),
+    }
 
 
 def histogram(values: list[int], bins: int = 8, width: int = 40) -> list[str]:
@@ -115,12 +205,11 @@ def report(result: Scan, context_length: int) -> list[str]:
     lines.append(f"image sizes: smallest {areas[0][0]}x{areas[0][1]}, median {areas[len(areas) // 2][0]}x")
     lines[-1] += f"{areas[len(areas) // 2][1]}, largest {areas[-1][0]}x{areas[-1][1]}"
     words = np.array(result.words)
-    long = float(np.mean(np.array(result.tokens) > context_length)) * 100
     lines.append(
         f"caption length (words): min {words.min()}, median {int(np.median(words))}, max {words.max()}; "
-        f"{long:.1f}% exceed the {context_length}-token context and are truncated"
+        f"{long_share(result, context_length):.1f}% exceed the {context_length}-token context and are truncated"
     )
-    return lines + histogram(result.words)
+    return lines + histogram(result.words) + order_warnings(result)
 
 
 def _font(size: int = 12) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -167,7 +256,7 @@ def sample_row(
     raw: RawSample, views: dict[str, torch.Tensor], maker: ViewMaker, tokenizer: CaptionTokenizer
 ) -> Image.Image:
     """Caption line(s) above the image and its augmented views."""
-    original = raw.image.convert("RGB")
+    original = upright(to_rgb(raw.image, maker.background))
     scale = TILE / original.height
     tiles = [original.resize((max(1, min(2 * TILE, round(original.width * scale))), TILE))]
     tiles += [tile(c, h, TILE) for c, h in zip(views["global"], hidden_patches(views, maker))]

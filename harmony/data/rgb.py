@@ -1,7 +1,8 @@
 """Any PIL image to RGB, compositing transparency on a background instead of dropping it to black.
 
 PIL's `convert("RGB")` discards alpha, so a line drawing on a transparent canvas becomes a black
-square. Every place that turns a user's image into RGB pixels (training, conversion, inspection,
+square; it also clips 16-bit greyscale (mode I;16, e.g. scans and medical PNGs) to 255, so all but the
+darkest pixels turn white. Every place that turns a user's image into RGB pixels (training, conversion, inspection,
 evaluation) goes through `to_rgb`.
 """
 
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 from PIL import Image
 
 WHITE = (255, 255, 255)
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale as PIL opens it
 
 
 def has_transparency(image: Image.Image) -> bool:
@@ -23,6 +26,9 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     """`image` as mode RGB; transparent pixels are alpha-composited over `background`."""
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
+    if image.mode in WIDE_GREY_MODES:
+        wide = np.asarray(image).astype(np.int64)
+        return Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
     if not has_transparency(image):
         return image.convert("RGB")
     with warnings.catch_warnings():

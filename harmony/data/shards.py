@@ -79,8 +79,15 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        """Completes the last shard; after an error or Ctrl-C it is dropped instead, so that no shard that
+        looks whole holds only part of what was meant to go in it."""
+        if kind is None:
+            self.close()
+        elif self._tar is not None and self._path is not None:
+            self._tar.close()
+            self._path.with_suffix(".tar.tmp").unlink(missing_ok=True)
+            self._tar = None
 
 
 def shapes_files(sample: ShapesSample) -> dict[str, bytes]:

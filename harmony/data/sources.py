@@ -18,9 +18,10 @@ import json
 import os
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import braceexpand
 import webdataset as wds
@@ -34,6 +35,7 @@ from harmony.data.shapes import ShapesDataset
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
+OPEN_SHARDS = 8  # shards a loader part reads at once, drawing each sample from a random one of them
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS  # PIL refuses beyond twice this even where open_image is not used
 __all__ = ["BuiltinSource", "DataError", "PassEnd", "RawSample", "SampleError", "ShardSource", "open_source"]
 
@@ -46,6 +48,7 @@ class PassEnd:
 
 
 ShardItem = dict[str, object] | SampleError | PassEnd
+T = TypeVar("T")
 
 
 class BuiltinSource:
@@ -75,7 +78,13 @@ def expand_urls(spec: str) -> list[str]:
         if os.path.isdir(part):
             found = sorted(glob.glob(os.path.join(part, "*.tar")))
             if not found:
-                raise DataError(f"directory '{part}' holds no .tar shards")
+                images = any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for p in Path(part).rglob("*"))
+                hint = (
+                    f": it holds images; make shards with harmony data from-folder {part} --out SHARDS"
+                    if images
+                    else ""
+                )
+                raise DataError(f"directory '{part}' holds no .tar shards{hint}")
             urls.extend(found)
             continue
         for url in braceexpand.braceexpand(part):
@@ -176,24 +185,62 @@ class ShardSource:
 
     def raw_samples(self, seed: int, epoch: int, part: int, parts: int) -> Iterator[ShardItem]:
         """Endless stream for part `part` of `parts` (rank x worker): sample dicts, a SampleError per
-        unreadable shard, and a PassEnd after each pass (shard order reshuffled every pass)."""
+        unreadable shard, and a PassEnd after each pass (shard order reshuffled every pass). Each pass
+        reads OPEN_SHARDS shards at once and draws every sample from a random one of them (the same draws
+        for every part), so shards that each hold one class still give mixed batches."""
         for pass_no in itertools.count():
             urls, by_sample = self.pass_shards(seed, epoch, pass_no, part, parts)
-            yield from pass_samples(urls, part, parts) if by_sample else pass_samples(urls, 0, 1)
+            mix = mixing_rng(seed, epoch, pass_no)
+            if by_sample:
+                yield from pass_samples(urls, part, parts, mix, OPEN_SHARDS)
+            else:
+                yield from pass_samples(urls, 0, 1, mix, OPEN_SHARDS)
 
 
-def pass_samples(urls: list[str], part: int, parts: int) -> Iterator[ShardItem]:
-    """One pass over `urls`, keeping every `parts`-th sample from `part` (and that share of shard errors)."""
+def mixing_rng(seed: int, epoch: int, pass_no: int) -> random.Random:
+    """The draws that interleave the open shards of one pass."""
+    return random.Random(f"{seed}/{epoch}/{pass_no}/interleave")
+
+
+def interleave(streams: Iterable[Iterator[T]], width: int, rng: random.Random) -> Iterator[T]:
+    """Every item of `streams`, reading `width` of them at a time: each next item comes from a random open
+    stream, and a finished stream is replaced by the next one (webdataset's shard interleaving). Width 1
+    reads the streams one after the other."""
+    waiting, active = iter(streams), list[Iterator[T]]()
+    while True:
+        while len(active) < width and (stream := next(waiting, None)) is not None:
+            active.append(stream)
+        if not active:
+            return
+        at = rng.randrange(len(active)) if len(active) > 1 else 0
+        for item in active[at]:  # one item, or none when the stream is done
+            yield item
+            break
+        else:
+            active.pop(at)
+
+
+def numbered(number: int, items: Iterator[T]) -> Iterator[tuple[int, T]]:
+    """`items` tagged with their shard's number."""
+    for item in items:
+        yield number, item
+
+
+def pass_samples(
+    urls: list[str], part: int, parts: int, rng: random.Random | None = None, width: int = 1
+) -> Iterator[ShardItem]:
+    """One pass over `urls`, keeping every `parts`-th sample from `part` (and that share of shard errors);
+    `width` shards are read at once (see `interleave`), 1: in the order of `urls`."""
+    shards = (numbered(number, read_shard(url)) for number, url in enumerate(urls))
     index = 0
-    for number, url in enumerate(urls):
-        for item in read_shard(url):
-            if isinstance(item, SampleError):
-                if number % parts == part:
-                    yield item
-                continue
-            if index % parts == part:
+    for number, item in interleave(shards, width, rng or random.Random(0)):
+        if isinstance(item, SampleError):
+            if number % parts == part:
                 yield item
-            index += 1
+            continue
+        if index % parts == part:
+            yield item
+        index += 1
     yield PassEnd(tuple(urls))
 
 

@@ -1,6 +1,7 @@
 """`harmony bench data`: images/s of the full training loader (read, decode, multi-crop augmentation,
 tokenisation, masking, collation) for each worker count, and with `--profile` where one process
-spends its time per image, stage by stage."""
+spends its time per image, stage by stage. Each worker count is timed for `--seconds` (or a fixed
+number of `--batches`) after a warm-up, and its line is printed as soon as it is measured."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import json
 import random
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from harmony.config import Config
+from harmony.config import Config, ConfigError
+from harmony.outputs import check_output_file
 from harmony.presets import build_config
-from harmony.train.distributed import DistInfo
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _config(preset: str, data_spec: str, workers: int, batch_size: int, overrides: list[str]) -> Config:
@@ -34,11 +35,19 @@ def _config(preset: str, data_spec: str, workers: int, batch_size: int, override
 
 
 def measure_loader(
-    preset: str, data_spec: str, workers: int, batches: int, batch_size: int, overrides: list[str]
+    preset: str,
+    data_spec: str,
+    workers: int,
+    batches: int,
+    batch_size: int,
+    overrides: list[str],
+    seconds: float = 10.0,
 ) -> dict[str, Any]:
-    """Steady-state images/s: the first 2 x workers batches (start-up, filling the prefetch queue) are not timed."""
+    """Steady-state images/s over `batches` batches, or (batches 0) over at least `seconds`; the first batch of
+    every worker (process start-up, first decode) is not timed."""
     from harmony.data.loader import TrainData, build_train_data
     from harmony.data.views import view_maker_for
+    from harmony.train.distributed import DistInfo
 
     cfg = _config(preset, data_spec, workers, batch_size, overrides)
     data = build_train_data(cfg, view_maker_for(cfg), DistInfo())
@@ -48,19 +57,21 @@ def measure_loader(
             yield from data.batches(epoch)
 
     iterator = endless(data)
-    for _ in range(max(2, 2 * workers)):
+    for _ in range(max(1, workers)):
         next(iterator)
-    start, seen, skipped = time.perf_counter(), 0, 0
-    for _ in range(batches):
+    start, seen, skipped, timed = time.perf_counter(), 0, 0, 0
+    while timed < batches if batches else time.perf_counter() - start < seconds:
         batch = next(iterator)
         seen += batch["global"].shape[1]
         skipped += int(batch["data_errors"].sum())
+        timed += 1
     elapsed = time.perf_counter() - start
     return {
         "preset": preset,
         "data": data_spec,
         "workers": workers,
         "batch_size": batch_size,
+        "batches": timed,
         "images": seen,
         "skipped": skipped,
         "seconds": elapsed,
@@ -70,6 +81,8 @@ def measure_loader(
 
 def profile_stages(preset: str, data_spec: str, samples: int, overrides: list[str]) -> dict[str, float]:
     """Milliseconds per image of each loader stage, in this process on one thread (as a loader worker runs)."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -79,8 +92,10 @@ def profile_stages(preset: str, data_spec: str, samples: int, overrides: list[st
 
 
 def _profile_stages(preset: str, data_spec: str, samples: int, overrides: list[str]) -> dict[str, float]:
+    import torch
+
     from harmony.data.augment import render_crops
-    from harmony.data.decode import decode_pixels
+    from harmony.data.decode import decode_pixels, upright_size
     from harmony.data.inspect import in_order
     from harmony.data.sources import open_source
     from harmony.data.views import collate, view_maker_for
@@ -97,8 +112,8 @@ def _profile_stages(preset: str, data_spec: str, samples: int, overrides: list[s
         rng = random.Random(seed)
         gen = torch.Generator().manual_seed(rng.getrandbits(62))
         t0 = time.perf_counter()
-        glob, local = maker.plans(*raw.image.size, rng)
-        pixels, factor = decode_pixels(raw.image, glob + local)
+        glob, local = maker.plans(*upright_size(raw.image), rng)
+        pixels, factor = decode_pixels(raw.image, glob + local, maker.background)
         t1 = time.perf_counter()
         view = {"global": render_crops(pixels, glob, factor)}
         if local:
@@ -117,14 +132,44 @@ def _profile_stages(preset: str, data_spec: str, samples: int, overrides: list[s
     return {stage: 1000 * seconds / max(len(views), 1) for stage, seconds in totals.items()}
 
 
+def worker_counts(text: str) -> list[int]:
+    """'0,2,4' -> [0, 2, 4] (a single value is one count); ConfigError naming the flag otherwise."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ConfigError(f"--workers takes comma-separated counts >= 0, e.g. 0,2,4; got {text!r}")
+    return [int(p) for p in parts]
+
+
+def check_args(args: argparse.Namespace) -> list[int]:
+    """The worker counts; every count flag checked before anything is measured."""
+    counts = worker_counts(args.workers)
+    for flag, value in [("--batches", args.batches), ("--profile", args.profile)]:
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if not args.batches and not args.seconds > 0:
+        raise ConfigError(f"--seconds must be positive, got {args.seconds}")
+    return counts
+
+
 def cmd_bench_data(args: argparse.Namespace) -> int:
-    counts = [int(w) for w in str(args.workers).split(",")]
+    counts = check_args(args)
+    json_path = check_output_file(args.json, "--json") if args.json else None
     overrides = list(args.overrides)
-    rows = [measure_loader(args.preset, args.data, w, args.batches, args.batch_size, overrides) for w in counts]
-    print(f"{'preset':<24}{'workers':>8}{'images/s':>12}{'skipped':>9}")
-    for r in rows:
-        print(f"{r['preset']:<24}{r['workers']:>8}{r['images_per_s']:>12.1f}{r['skipped']:>9}")
-    result: dict[str, Any] = {"loader": rows}
+    length = f"{args.batches} batches" if args.batches else f"{args.seconds:g} s"
+    print(
+        f"bench data: {args.preset} on {args.data}, batch {args.batch_size}, workers {','.join(map(str, counts))}: "
+        f"{length} each after a warm-up batch per worker",
+        flush=True,
+    )
+    print(f"{'preset':<24}{'workers':>8}{'images/s':>12}{'skipped':>9}", flush=True)
+    rows = []
+    for w in counts:
+        r = measure_loader(args.preset, args.data, w, args.batches, args.batch_size, overrides, args.seconds)
+        print(f"{r['preset']:<24}{r['workers']:>8}{r['images_per_s']:>12.1f}{r['skipped']:>9}", flush=True)
+        rows.append(r)
+    result: dict[str, Any] = {"loader": rows, "overrides": overrides}
     if args.profile:
         stages = profile_stages(args.preset, args.data, args.profile, overrides)
         total = sum(stages.values())
@@ -132,17 +177,19 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
         for stage, ms in stages.items():
             print(f"  {stage:<10}{ms:8.3f} ms {100 * ms / total:5.1f}%")
         result["profile_ms_per_image"] = stages
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
 def add_bench_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.prog = "harmony bench data"  # argparse would put the parent's positionals ('[key=value ...]') in the name
     p.add_argument("--preset", required=True, help="preset whose views (crops, masks, captions) are produced")
     p.add_argument("--data", default="builtin:shapes", help="data spec")
-    p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
-    p.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts, e.g. 0,2,4 (or one)")
+    p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per worker count (after warm-up)")
+    p.add_argument("--batches", type=int, default=0, help="timed batches per worker count instead of --seconds")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also time each stage over N images")
     p.add_argument("--json", help="write the figures here")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.shuffle_buffer=0")

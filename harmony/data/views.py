@@ -17,7 +17,7 @@ from PIL import Image
 
 from harmony.config import Config
 from harmony.data.augment import CropPlan, plan_global, plan_local, render_crops
-from harmony.data.decode import decode_pixels
+from harmony.data.decode import decode_pixels, upright_size
 from harmony.data.masking import (
     block_mask,
     flat_index,
@@ -26,6 +26,7 @@ from harmony.data.masking import (
     patch_loss_weights,
     random_split,
 )
+from harmony.data.rgb import parse_background
 from harmony.models.tokenizer import PAD_ID, CaptionTokenizer, mask_caption
 from harmony.objectives.base import Needs
 
@@ -35,6 +36,7 @@ CROP_MAJOR = ("global", "local", "ibot_mask", "mae_keep", "mae_remove")
 class ViewMaker:
     def __init__(self, cfg: Config, needs: Needs, tokenizer: CaptionTokenizer | None, patch_size: int) -> None:
         self.aug = cfg.data.augment
+        self.background = parse_background(cfg.data.alpha_background)
         self.needs = needs
         self.tokenizer = tokenizer
         self.grid = (self.aug.global_size // patch_size, self.aug.global_size // patch_size)
@@ -59,8 +61,8 @@ class ViewMaker:
         return glob, local
 
     def crops(self, image: Image.Image, rng: random.Random) -> dict[str, torch.Tensor]:
-        glob, local = self.plans(*image.size, rng)
-        pixels, factor = decode_pixels(image, glob + local)
+        glob, local = self.plans(*upright_size(image), rng)
+        pixels, factor = decode_pixels(image, glob + local, self.background)
         out = {"global": render_crops(pixels, glob, factor)}
         if local:
             out["local"] = render_crops(pixels, local, factor)
