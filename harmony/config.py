@@ -230,6 +230,9 @@ class OptimConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0
+    # per_param: each parameter's gradient norm is clipped at clip_grad separately (DINO, iBOT, the code
+    # behind the paper); global: the norm of all gradients together (torch's clip_grad_norm_)
+    clip_mode: Literal["per_param", "global"] = "per_param"
 
 
 @dataclass

@@ -143,7 +143,7 @@ def test_mae_loss_on_normalised_patches_of_removed_positions() -> None:
     assert math.isclose(got.item(), expected, rel_tol=1e-6)
 
 
-def test_mlm_and_text_distill_normalise_by_global_count() -> None:
+def test_mlm_normalises_by_global_count_text_distill_by_token_weight() -> None:
     logits = torch.randn(5, 11, dtype=torch.float64)
     targets = torch.tensor([1, 4, 4, 0, 10])
     got = mlm_loss(logits, targets, torch.tensor(5.0))
@@ -151,7 +151,7 @@ def test_mlm_and_text_distill_normalise_by_global_count() -> None:
     assert math.isclose(got.item(), expected, rel_tol=1e-6)
     teacher = torch.softmax(torch.randn(5, 7, dtype=torch.float64), dim=-1)
     student = torch.randn(5, 7, dtype=torch.float64)
-    got = text_distill_loss(student, teacher, 0.1, torch.tensor(5.0))
+    got = text_distill_loss(student, teacher, 0.1, torch.full((5,), 1 / 5, dtype=torch.float64))
     assert math.isclose(got.item(), sum(ce(teacher[i], student[i] / 0.1) for i in range(5)) / 5, rel_tol=1e-6)
     got = masked_distill_loss(student, teacher, 0.1)
     assert math.isclose(got.item(), sum(ce(teacher[i], student[i] / 0.1) for i in range(5)) / 5, rel_tol=1e-6)

@@ -32,7 +32,7 @@ from harmony.data.loader import MapSource
 from harmony.data.rgb import to_rgb
 from harmony.data.sources import OPEN_SHARDS, PassEnd, ShardSource, decode_sample, pass_samples
 from harmony.data.views import ViewMaker
-from harmony.models.tokenizer import PAD_ID, CaptionTokenizer
+from harmony.models.tokenizer import CaptionTokenizer
 
 TILE = 128  # display size of a global crop in the contact sheet
 ORDER_WINDOW = 1000  # usable samples whose folder and caption the sort check looks at
@@ -244,7 +244,7 @@ def hidden_patches(views: dict[str, torch.Tensor], maker: ViewMaker) -> list[tor
 
 def masked_caption(tokens: torch.Tensor, tokenizer: CaptionTokenizer) -> str:
     """The caption as the masked-language student reads it, masked pieces shown as [MASK]."""
-    words = [int(t) for t in tokens if int(t) not in (PAD_ID, tokenizer.sot_id, tokenizer.eot_id)]
+    words = tokenizer.words(tokens)
     parts = []
     for is_mask, group in itertools.groupby(words, key=lambda t: t == tokenizer.mask_id):
         run = list(group)

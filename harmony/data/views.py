@@ -27,7 +27,7 @@ from harmony.data.masking import (
     random_split,
 )
 from harmony.data.rgb import parse_background
-from harmony.models.tokenizer import PAD_ID, CaptionTokenizer, mask_caption
+from harmony.models.tokenizer import CaptionTokenizer, mask_caption
 from harmony.objectives.base import Needs
 
 CROP_MAJOR = ("global", "local", "ibot_mask", "mae_keep", "mae_remove")
@@ -97,6 +97,7 @@ class ViewMaker:
             assert self.tokenizer is not None
             tokens = self.tokenizer(caption)[0]
             out["text"] = tokens
+            out["text_real"] = self.tokenizer.real_positions(tokens)
             if self.needs.text_masked:
                 maskable = self.tokenizer.word_positions(tokens)
                 masked, where = mask_caption(tokens, maskable, self.needs.text_mask_prob, self.tokenizer.mask_id, gen)
@@ -114,10 +115,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         masks = batch["ibot_mask"]
         batch["ibot_index"], batch["ibot_weight"] = patch_loss_weights(masks.flatten(2))
     if "text" in batch:
-        real = batch["text"] != PAD_ID
+        real = batch["text_real"]  # padding is what follows end-of-text, never found by token id
         batch["text_real_index"] = flat_index(real)
         if "text_mask" in batch:
-            mlm_index = flat_index(batch["text_mask"])
+            # per masked token 1 / (masked tokens in its caption x B): text self-distillation averages per
+            # caption, then over captions, as iBOT's patch loss does per image
+            mlm_index, batch["text_distill_weight"] = patch_loss_weights(batch["text_mask"].unsqueeze(0))
             batch["mlm_index"] = mlm_index
             batch["mlm_in_real"] = (real.flatten().long().cumsum(0) - 1)[mlm_index]
     return batch

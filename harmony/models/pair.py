@@ -16,6 +16,7 @@ from harmony.config import Config
 from harmony.models.text import TextTower
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.models.vision import VisionTower
+from harmony.train.distributed import local
 
 
 class ImageTextModel(nn.Module):
@@ -49,7 +50,7 @@ class ImageTextModel(nn.Module):
             self.visual_projection = nn.Linear(self.visual.embed_dim, embed_dim, bias=False)
             self.text_projection = nn.Parameter(torch.empty(self.text.width, embed_dim))
             # shape [1], not a scalar: FSDP cannot shard 0-d parameters
-            self.logit_scale = nn.Parameter(torch.full((1,), math.log(logit_scale_init)))
+            self.logit_scale = nn.Parameter(torch.full((1,), math.log(min(logit_scale_init, logit_scale_max))))
             nn.init.normal_(self.visual_projection.weight, std=self.visual.embed_dim**-0.5)
             nn.init.normal_(self.text_projection, std=self.text.width**-0.5)
 
@@ -69,8 +70,17 @@ class ImageTextModel(nn.Module):
             self.text.set_grad_checkpointing(enable)
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale) as a 0-d tensor, clamped at `logit_scale_max` (CLIP's 100)."""
-        return self.logit_scale.exp().clamp(max=self.logit_scale_max).squeeze(0)
+        """exp(logit_scale) as a 0-d tensor. Not clamped here: a clamp in the forward pass has zero
+        gradient above the cap, so the parameter could never come back down; `clamp_logit_scale` keeps
+        the parameter itself at or below log(`logit_scale_max`) after every optimiser step instead."""
+        return self.logit_scale.exp().squeeze(0)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Clamp the parameter in place to [0, log(logit_scale_max)] (open_clip and SLIP do this after
+        each optimiser step); a no-op without a text tower."""
+        if self.text is not None:
+            local(self.logit_scale.data).clamp_(0.0, math.log(self.logit_scale_max))
 
     def image_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """L2-normalised joint-space embedding from the CLS token of vision-tower output."""

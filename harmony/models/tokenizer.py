@@ -2,6 +2,8 @@
 
 Truncation keeps the end-of-text token: a caption longer than the context keeps its first
 `context_length - 2` word pieces between start and end, so end-of-text pooling always finds it.
+Padding is whatever follows the first end-of-text token; it is never recognised by its id, because the
+fill id 0 is also a real word piece (a bare "!", as in "wow !$").
 """
 
 from __future__ import annotations
@@ -11,11 +13,20 @@ from collections.abc import Sequence
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-PAD_ID = 0
+PAD_ID = 0  # the fill value only: id 0 is also the BPE id of "!" (see `real_positions`)
+
+
+def real_positions(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Bool mask [..., T] of the caption's own positions: start, word pieces and the first end-of-text;
+    everything after it is padding (a row without end-of-text, e.g. a bare list of word ids, is all real)."""
+    is_eot = tokens == eot_id
+    last = tokens.shape[-1] - 1
+    eot = torch.where(is_eot.any(dim=-1, keepdim=True), is_eot.int().argmax(dim=-1, keepdim=True), last)
+    return torch.arange(tokens.shape[-1], device=tokens.device) <= eot
 
 
 class CaptionTokenizer:
-    """Callable: captions -> LongTensor [N, context_length], padded with 0."""
+    """Callable: captions -> LongTensor [N, context_length], padded with `PAD_ID` after end-of-text."""
 
     def __init__(self, context_length: int = 77) -> None:
         if context_length < 3:
@@ -42,12 +53,20 @@ class CaptionTokenizer:
         return out
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        keep = [int(i) for i in ids if int(i) not in (PAD_ID, self.sot_id, self.eot_id, self.mask_id)]
+        keep = [i for i in self.words(ids) if i != self.mask_id]
         return str(self._bpe.decode(keep)).strip()
 
+    def words(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
+        """The word-piece ids of one caption (`[MASK]` included): no start, end-of-text or padding."""
+        ids = torch.as_tensor(ids)
+        return [int(i) for i in ids[self.word_positions(ids)]]
+
+    def real_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        return real_positions(tokens, self.eot_id)
+
     def word_positions(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Bool mask of maskable positions: real word pieces, not start/end/padding."""
-        return (tokens != PAD_ID) & (tokens != self.sot_id) & (tokens != self.eot_id)
+        """Bool mask of maskable positions: real word pieces, not start/end-of-text/padding."""
+        return self.real_positions(tokens) & (tokens != self.sot_id) & (tokens != self.eot_id)
 
 
 def mask_caption(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -53,6 +53,12 @@ class VisionTower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vit.set_grad_checkpointing(enable)
+
+    def disable_drop_path(self) -> None:
+        """Stochastic depth off even in train mode (EMA teachers: DINO/iBOT build them without it)."""
+        for module in self.modules():
+            if isinstance(module, DropPath):
+                module.drop_prob = 0.0
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {f"vit.{n}" for n in self.vit.no_weight_decay()}

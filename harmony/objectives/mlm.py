@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from harmony.config import MLMConfig
 from harmony.models.decoders import MLMDecoder
-from harmony.models.tokenizer import PAD_ID
 from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
 from harmony.train.distributed import global_count
 
@@ -37,7 +36,7 @@ class MLMObjective(Objective):
     def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
         assert enc.text_masked is not None
         index = batch["mlm_index"]
-        logits = self.decoder(enc.text_masked, batch["text"] == PAD_ID, index)
+        logits = self.decoder(enc.text_masked, ~batch["text_real"], index)
         targets = batch["text"].flatten()[index]
         loss = mlm_loss(logits, targets, global_count(index.new_tensor(index.numel())))
         with torch.no_grad():

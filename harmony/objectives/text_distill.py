@@ -2,8 +2,10 @@
 
 Teacher text tower + head on the clean caption; student on the masked caption (the MLM forward is
 reused). Per-token CE between the centred/sharpened teacher distribution and the student's, over the
-masked tokens, normalised by the global masked count. The centre is an EMA of raw teacher logits of
-real (non-padding) tokens only (the authors' code centred probabilities, padding included).
+masked tokens, averaged per caption over its masked tokens, then over captions (a caption without a
+masked token counts 0), as iBOT's patch loss does per image. With equal per-rank batches DDP's gradient
+averaging makes this the mean over the global batch's captions. The centre is an EMA of raw teacher
+logits of real (non-padding) tokens only (the authors' code centred probabilities, padding included).
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from harmony.config import TextDistillConfig
 from harmony.models.heads import DINOHead
 from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
-from harmony.train.distributed import global_count
 from harmony.train.schedules import linear_ramp
 
 
 def text_distill_loss(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float, normaliser: torch.Tensor
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float, token_weight: torch.Tensor
 ) -> torch.Tensor:
-    return soft_cross_entropy(teacher_probs, student_logits, student_temp).sum() / normaliser
+    """Masked-token CE weighted by `token_weight` = 1 / (masked tokens in its caption x B), so the sum is
+    the mean over captions of each caption's mean CE (`collate`'s `text_distill_weight`)."""
+    return (soft_cross_entropy(teacher_probs, student_logits, student_temp) * token_weight).sum()
 
 
 class TextDistillObjective(Objective):
@@ -59,6 +62,5 @@ class TextDistillObjective(Objective):
             teacher_real = self.teacher_head(enc.teacher_text.flatten(0, 1)[batch["text_real_index"]])
             probs = sharpen(teacher_real[batch["mlm_in_real"]], self.center.value, self.teacher_temperature(step))
             self.center.observe(teacher_real)
-        normaliser = global_count(index.new_tensor(index.numel()))
-        loss = text_distill_loss(student, probs, self.cfg.student_temp, normaliser)
+        loss = text_distill_loss(student, probs, self.cfg.student_temp, batch["text_distill_weight"])
         return LossOutput(loss, {"text_distill_target_entropy": mean_entropy(probs)})

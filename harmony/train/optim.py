@@ -1,11 +1,15 @@
-"""AdamW with two parameter groups: weight decay (scheduled) and none (biases, norms, tokens, tables)."""
+"""AdamW with two parameter groups: weight decay (scheduled) and none (biases, norms, tokens, tables);
+gradient clipping per parameter (DINO/iBOT/the authors) or over the global norm."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
 
 from harmony.config import OptimConfig
+from harmony.train.distributed import all_reduce_sum, local
 
 
 def no_decay_names(module: nn.Module) -> set[str]:
@@ -39,3 +43,31 @@ def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: floa
         group["lr"] = lr
         if group.get("scheduled_wd"):
             group["weight_decay"] = weight_decay
+
+
+def clip_gradients(
+    params: list[nn.Parameter], max_norm: float, mode: Literal["per_param", "global"], sharded: bool = False
+) -> torch.Tensor:
+    """Clip gradients in place; returns the global gradient norm before clipping (for logging and the
+    non-finite check: one inf/NaN gradient makes it non-finite).
+
+    `per_param`: each gradient whose own norm exceeds `max_norm` is scaled to `max_norm` (DINO's
+    `clip_gradients`, coefficient max_norm / (norm + 1e-6)); `global`: every gradient is scaled by
+    max_norm / (global norm + 1e-6) when the global norm exceeds it. `max_norm <= 0` only measures.
+    `sharded` (FSDP): each rank holds a shard of every gradient, so the squared norms of the shards are
+    summed over ranks first (one all-reduce): each parameter is clipped by its full norm, as without FSDP.
+    No host synchronisation either way.
+    """
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    squares = torch.stack(torch._foreach_norm(grads)).float().pow(2)
+    if sharded:
+        squares = all_reduce_sum(squares)
+    norms = squares.sqrt()
+    total = squares.sum().sqrt()
+    if max_norm > 0:
+        norm = norms if mode == "per_param" else total.expand_as(norms)
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coef.unbind(), grads)])
+    return total

@@ -13,8 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 from harmony.config import Config
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.objectives.base import StepInfo
-from harmony.train.distributed import DistInfo, full
-from harmony.train.optim import build_optimizer, set_schedule
+from harmony.train.distributed import DistInfo
+from harmony.train.optim import build_optimizer, clip_gradients, set_schedule
 from harmony.train.schedules import Schedules
 from harmony.train.task import PretrainTask
 
@@ -45,7 +45,7 @@ def make_tokenizer(cfg: Config) -> CaptionTokenizer | None:
 
 class Stepper:
     """Owns the task and its optimiser; `train_step(batch)` runs forward, backward, clipping, the
-    update, and the once-per-step EMA/centre advance."""
+    update, the logit-scale clamp, and the once-per-step EMA/centre advance."""
 
     def __init__(self, cfg: Config, device: torch.device, dist: DistInfo) -> None:
         self.cfg, self.device, self.dist = cfg, device, dist
@@ -147,8 +147,8 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.clip_grad
-        grad_norm = full(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf")))
+        optim = self.cfg.optim
+        grad_norm = clip_gradients(self.params, optim.clip_grad, optim.clip_mode, sharded=self.fsdp)
         for param in self.task.frozen_parameters(info):
             param.grad = None
         finite = torch.isfinite(grad_norm) & torch.isfinite(loss.detach())
@@ -158,6 +158,7 @@ class Stepper:
         else:
             self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
             self.optimizer.step()
+        self.task.student.clamp_logit_scale()
         self.task.after_step(self.schedules.momentum(self.step))
         self.bad_in_a_row = torch.where(finite, 0, self.bad_in_a_row + 1)
         self.bad_steps = self.bad_steps + (~finite).long()

@@ -81,6 +81,7 @@ class PretrainTask(nn.Module):
         self.teacher: ImageTextModel | None = None
         if needs.needs_teacher:
             teacher = copy.deepcopy(self.student).requires_grad_(False)
+            teacher.visual.disable_drop_path()
             if not needs.teacher_text and teacher.text is not None:
                 teacher.text = None
                 del teacher.visual_projection, teacher.text_projection, teacher.logit_scale
