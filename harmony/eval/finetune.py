@@ -21,10 +21,11 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from torch import nn
-from torch.utils.data import DataLoader
 
 from harmony.data.augment import normalize
+from harmony.data.rgb import WHITE
 from harmony.eval.datasets import EvalViews, LabelledImages, default_train_spec, extract, open_labelled, subset
+from harmony.eval.images import Colour, SkippingLoader, Skips
 from harmony.eval.metrics import topk_accuracy
 from harmony.eval.optim import autocast, warmup_schedule
 from harmony.eval.report import make_result
@@ -113,13 +114,17 @@ def fit_classifier(
     image_size: int,
     device: torch.device,
     num_workers: int,
+    skips: Skips | None = None,
 ) -> list[float]:
-    """Train in place; returns the mean training loss of each epoch."""
+    """Train in place; returns the mean training loss of each epoch. Unreadable training images are
+    counted in `skips` (once, in the first epoch) and left out."""
     num_classes = len(train.class_names)
     batch = min(s.batch_size, len(train))
     batch -= batch % 2  # timm's Mixup needs an even batch
-    loader = DataLoader(
+    first_epoch = Skips()
+    loader: SkippingLoader[list[torch.Tensor]] = SkippingLoader(
         EvalViews(train, image_size, train_transform(image_size, s.crop_scale)),
+        first_epoch,
         batch_size=batch,
         shuffle=True,
         drop_last=True,
@@ -136,9 +141,13 @@ def fit_classifier(
     schedule = warmup_schedule(optimizer, steps, round(s.warmup_epochs * len(loader)), s.min_lr)
     model.to(device).train()
     curve, update = [], 0
-    for _ in range(s.epochs):
+    for epoch in range(s.epochs):
         total = 0.0
         for images, labels in loader:
+            if len(labels) % 2 and mixup is not None:  # a skipped image left the batch odd
+                images, labels = images[1:], labels[1:]
+            if len(labels) == 0:
+                continue
             schedule.step_update(update)
             x, y = normalize(images.to(device)), labels.to(device)
             with autocast(device):
@@ -153,6 +162,8 @@ def fit_classifier(
             total += loss.item()
             update += 1
         curve.append(total / max(len(loader), 1))
+        if epoch == 0 and skips is not None:
+            skips.merge(first_epoch.as_dict())
     return curve
 
 
@@ -162,25 +173,33 @@ def run_finetune(
     device: torch.device,
     train_spec: str | None = None,
     num_workers: int = 2,
+    background: Colour = WHITE,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Top-1/top-5 on the evaluation split after fine-tuning the whole tower on the training split."""
     started = time.perf_counter()
     s = resolve(FinetuneSettings(), FINETUNE_FULL, data_spec, overrides)
+    if len(s.crop_scale) != 2 or not 0 < s.crop_scale[0] <= s.crop_scale[1] <= 1:
+        raise ValueError(f"--crop-scale needs two area fractions lo,hi with 0 < lo <= hi <= 1, got {s.crop_scale}")
     torch.manual_seed(s.seed)
     train_spec = train_spec or default_train_spec(data_spec)
-    train = subset(open_labelled(train_spec, pretrained.config), s.max_train, s.seed)
-    test = subset(open_labelled(data_spec, pretrained.config), s.max_eval, s.seed)
+    train = subset(open_labelled(train_spec, pretrained.config, background), s.max_train, s.seed)
+    test = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval, s.seed)
+    if train.class_names != test.class_names:
+        raise ValueError(f"'{train_spec}' and '{data_spec}' have different classes")
     model = classifier_from(pretrained.model.visual, len(train.class_names), s.drop_path, s.pool)
-    curve = fit_classifier(model, train, s, pretrained.image_size, device, num_workers)
+    train_skips, skips = Skips(), Skips()
+    curve = fit_classifier(model, train, s, pretrained.image_size, device, num_workers, train_skips)
     model.eval()
-    logits, labels = extract(model, test, pretrained.image_size, device, 256, num_workers)
+    logits, labels = extract(model, test, pretrained.image_size, device, 256, num_workers, skips)
+    skips.merge(train_skips.as_dict())
     metrics = {**topk_accuracy(logits, labels), "chance": 1.0 / len(train.class_names)}
     dataset = {
         "spec": data_spec,
         "train": train_spec,
-        "num_train": len(train),
-        "num_images": len(test),
+        "num_train": len(train) - len(train_skips),
+        "num_images": len(labels),
         "num_classes": len(train.class_names),
+        "skipped": skips.as_dict(),
     }
-    return make_result("finetune", pretrained, dataset, s, metrics, started, curve={"train_loss": curve})
+    return make_result("finetune", pretrained, dataset, s, metrics, started, background, curve={"train_loss": curve})
