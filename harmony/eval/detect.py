@@ -39,11 +39,11 @@ from harmony.models.vision import VisionTower
 @dataclass(frozen=True)
 class DetectSettings:
     epochs: int = field(default=6, metadata={"help": "training epochs"})
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata={"help": "training batch (images)"})
     lr: float = field(default=2e-4, metadata={"help": "AdamW peak lr (head; ViT layer-decayed)"})
-    layer_decay: float = 0.75
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
+    layer_decay: float = field(default=0.75, metadata={"help": "lr x decay^(layers above)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear lr warm-up steps"})
     decay_at: tuple[float, ...] = field(default=(0.75, 0.92), metadata={"help": "x0.1 lr at these fractions"})
     train_sizes: tuple[int, ...] = field(default=(0,), metadata={"help": "short sides drawn in training (0 = as is)"})
     test_size: int = field(default=0, metadata={"help": "short side at test (0 = as is)"})
@@ -56,7 +56,7 @@ class DetectSettings:
     detections_per_image: int = field(default=20, metadata={"help": "kept detections per test image"})
     max_train: int = field(default=256, metadata={"help": "training images used (0 = all)"})
     max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
 
 
 DETECT_FULL = DetectSettings(

@@ -40,19 +40,19 @@ class FinetuneSettings:
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     batch_size: int = field(default=64, metadata={"help": "training batch"})
     lr: float = field(default=1e-2, metadata={"help": "peak lr per 256 images"})
-    min_lr: float = 1e-6
+    min_lr: float = field(default=1e-6, metadata={"help": "lr at the end of the cosine schedule"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up"})
     layer_decay: float = field(default=0.65, metadata={"help": "lr x decay^(layers above)"})
-    weight_decay: float = 0.05
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate"})
     mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 = off)"})
     cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 = off)"})
-    label_smoothing: float = 0.1
+    label_smoothing: float = field(default=0.1, metadata={"help": "cross-entropy label smoothing"})
     crop_scale: tuple[float, ...] = field(default=(0.5, 1.0), metadata={"help": "random-resized-crop area range"})
     pool: str = field(default="avg", metadata={"help": "avg (patch mean + fc_norm) or token (CLS)"})
     max_train: int = field(default=2000, metadata={"help": "training images used (0 = all)"})
     max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
 
 
 FINETUNE_FULL = FinetuneSettings(

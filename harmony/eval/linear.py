@@ -43,7 +43,7 @@ class LinearSettings:
     heldout_fraction: float = field(default=0.1, metadata={"help": "share of training images held out"})
     max_train: int = field(default=5000, metadata={"help": "training images used (0 = all)"})
     max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
 
 
 LINEAR_FULL = LinearSettings(epochs=100, batch_size=1024, max_train=0)

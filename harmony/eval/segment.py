@@ -43,12 +43,12 @@ class SegmentSettings:
     protocols: tuple[str, ...] = field(default=PROTOCOLS, metadata={"help": "linear and/or fpn"})
     linear_steps: int = field(default=300, metadata={"help": "iterations of the linear protocol"})
     fpn_steps: int = field(default=300, metadata={"help": "iterations of the FPN protocol"})
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata={"help": "training batch"})
     linear_lr: float = field(default=1e-2, metadata={"help": "AdamW peak lr of the linear head"})
     fpn_lr: float = field(default=1e-3, metadata={"help": "AdamW peak lr of the FPN protocol (head; ViT decayed)"})
-    layer_decay: float = 0.65
-    weight_decay: float = 0.05
-    warmup_steps: int = 30
+    layer_decay: float = field(default=0.65, metadata={"help": "lr x decay^(layers above)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear lr warm-up steps"})
     crop_size: int = field(default=0, metadata={"help": "square view size (0 = the checkpoint's image size)"})
     scale_range: tuple[float, ...] = field(default=(0.75, 1.5), metadata={"help": "training rescale range"})
     fpn_channels: int = field(default=64, metadata={"help": "feature pyramid width"})
@@ -56,7 +56,7 @@ class SegmentSettings:
     class_names: str = field(default="", metadata={"help": "folders: file of class names"})
     max_train: int = field(default=2000, metadata={"help": "training images used (0 = all)"})
     max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
 
 
 SEGMENT_FULL = SegmentSettings(
