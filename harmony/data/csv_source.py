@@ -61,7 +61,7 @@ def separator_for(path: Path, setting: str) -> str:
 def read_columns(path: Path, columns: tuple[str, str], separator: str) -> Iterator[tuple[str, str]]:
     """(image path, caption) per non-blank row; a short row yields '' for what it lacks."""
     try:
-        handle = path.open(newline="", encoding="utf-8", errors="replace")
+        handle = path.open(newline="", encoding="utf-8-sig", errors="replace")  # -sig: Excel writes a BOM
     except OSError as exc:
         raise DataError(f"cannot read '{path}': {exc.strerror}") from None
     with handle:

@@ -59,7 +59,8 @@ def _from_files(
     name: str, items: list[tuple[Path, list[str]]], background: Colour, max_pixels: int, skips: Skips | None = None
 ) -> CaptionedImages:
     if not items:
-        raise DataError(f"'{name}' holds no captioned images")
+        why = f" ({len(skips)} rows skipped; first: {skips.examples[0]})" if skips else ""
+        raise DataError(f"'{name}' holds no captioned images{why}")
 
     def get(i: int) -> tuple[Image.Image, list[str]]:
         path, captions = items[i]
@@ -93,10 +94,13 @@ def _table(path: Path, columns: TableColumns, background: Colour, max_pixels: in
         raise DataError(f"{exc} (harmony eval: --image-key / --caption-key / --separator)") from None
     grouped: dict[str, list[str]] = {}
     skips = Skips()
-    for number, (image, caption) in enumerate(rows, start=2):
+    for number, (image, caption) in enumerate(rows, start=1):
         if not image.strip() or not caption.strip():
             missing = "caption" if image.strip() else "image"
-            skips.add(SampleError(missing, f"{path} line {number} has no {missing}"))
+            skips.add(SampleError(missing, f"{path} row {number} has no {missing}"))
+            continue
+        if is_remote(image.strip()):
+            skips.add(SampleError("image", f"{path} row {number}: '{image.strip()}' is a URL (not downloaded)"))
             continue
         grouped.setdefault(image.strip(), []).append(caption.strip())
     items = [(path.parent / p, c) for p, c in grouped.items()]

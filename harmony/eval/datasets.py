@@ -4,6 +4,7 @@ sub-folder per class). The built-in set is labelled by its primary object's shap
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,13 @@ def image_folder(root: Path, background: Colour = WHITE, max_pixels: int = DEFAU
     files = [(path, label) for label, name in enumerate(classes) for path in image_files(root / name)]
     if not files:
         raise DataError(f"image folder '{root}' holds no images")
+    empty = sorted(set(classes) - {classes[label] for _, label in files})
+    if empty:
+        print(
+            f"harmony eval: warning: class folder(s) {', '.join(empty)} of '{root}' hold no images; "
+            "they still count as classes",
+            file=sys.stderr,
+        )
 
     def get(i: int) -> tuple[Image.Image, int]:
         path, label = files[i]

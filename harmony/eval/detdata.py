@@ -76,6 +76,12 @@ def _coco(path: Path, image_root: Path | None, background: Colour, max_pixels: i
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(path))
+    boxes_only = sum(1 for a in coco.dataset.get("annotations", []) if not a.get("segmentation"))
+    if boxes_only:
+        raise DataError(
+            f"'{path}': {boxes_only} annotation(s) without 'segmentation'; Mask R-CNN trains on instance masks "
+            "(COCO polygons or RLE), box-only annotations are not supported"
+        )
     cat_ids = sorted(coco.getCatIds())
     label_of = {c: i + 1 for i, c in enumerate(cat_ids)}
     names = [coco.cats[c]["name"] for c in cat_ids]
@@ -90,7 +96,7 @@ def _coco(path: Path, image_root: Path | None, background: Colour, max_pixels: i
             a for a in coco.imgToAnns[image_ids[i]] if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0
         ]
         boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]
-        masks = [coco.annToMask(a) for a in anns] if all("segmentation" in a for a in anns) else []
+        masks = [coco.annToMask(a) for a in anns]
         return rgb, _target(boxes, [label_of[a["category_id"]] for a in anns], masks, rgb.height, rgb.width)
 
     return DetectionSet(str(path), names, len(image_ids), get)

@@ -214,16 +214,17 @@ def run_detect(
     native = _native_size(train, train_spec)
     train_sizes = tuple(size or native for size in s.train_sizes)
     model = build_mask_rcnn(pretrained.model.visual, len(train.class_names), s, train_sizes)
-    skips, test_skips = Skips(), Skips()
-    curve = train_detector(model, train, s, device, num_workers, skips)
+    train_skips, test_skips, skips = Skips(), Skips(), Skips()
+    curve = train_detector(model, train, s, device, num_workers, train_skips)
     truth, boxes, segms = detections_of(model, test, s.test_size or native, device, num_workers, test_skips)
+    skips.merge(train_skips.as_dict())
     skips.merge(test_skips.as_dict())
     box, mask = coco_ap(truth, boxes, "bbox"), coco_ap(truth, segms, "segm")
     metrics = {**{f"box_{k}": v for k, v in box.items()}, **{f"mask_{k}": v for k, v in mask.items()}}
     dataset = {
         "spec": data_spec,
         "train": train_spec,
-        "num_train": len(train),
+        "num_train": len(train) - len(train_skips),
         "num_images": len(test) - len(test_skips),
         "num_objects": len(truth["annotations"]),
         "num_classes": len(train.class_names),

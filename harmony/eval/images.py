@@ -44,6 +44,8 @@ def read_image(path: Path, background: Colour = WHITE, max_pixels: int = DEFAULT
         data = path.read_bytes()
     except OSError as exc:
         raise SampleError("image", f"cannot read '{path}': {exc.strerror or exc}") from None
+    if not data:
+        raise SampleError("image", f"'{path}' is an empty file (0 bytes)")
     try:
         image = open_image(data, max_pixels)
     except SampleError as exc:
@@ -88,13 +90,16 @@ class Skips:
         return {"count": len(self), "reasons": dict(self.reasons), "examples": list(self.examples)}
 
 
-def skip_line(task: str, spec: str, skipped: dict[str, Any]) -> str | None:
+def skip_line(task: str, skipped: dict[str, Any]) -> str | None:
     """The one stderr line that reports skipped samples (None when nothing was skipped)."""
     if not skipped.get("count"):
         return None
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped["reasons"].items()))
     first = skipped["examples"][0] if skipped.get("examples") else ""
-    return f"harmony eval {task}: skipped {skipped['count']} unreadable sample(s) of {spec} ({reasons}); first: {first}"
+    return (
+        f"harmony eval {task}: skipped {skipped['count']} unreadable sample(s) ({reasons}; see dataset.skipped "
+        f"in the JSON); first: {first}"
+    )
 
 
 def either(get: Callable[[int], Any], i: int) -> Any:

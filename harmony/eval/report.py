@@ -72,6 +72,6 @@ def result_table(result: dict[str, Any]) -> str:
 def report_skips(result: dict[str, Any]) -> None:
     """One stderr line when a protocol skipped unreadable samples."""
     dataset = result.get("dataset", {})
-    line = skip_line(result["task"], dataset.get("spec", ""), dataset.get("skipped", {}))
+    line = skip_line(result["task"], dataset.get("skipped", {}))
     if line:
         print(line, file=sys.stderr, flush=True)

@@ -224,7 +224,7 @@ def run_segment(
     names = names or train.class_names
     opened = (s.reduce_zero_label, names, background)
     test = _restricted(open_segmentation(data_spec, pretrained.config, *opened), s.max_eval, s.seed)
-    skips = {p: Skips() for p in s.protocols}
+    train_skips, test_skips = {p: Skips() for p in s.protocols}, {p: Skips() for p in s.protocols}
     size = s.crop_size or pretrained.image_size
     views = SegViews(train, size, train=True, scale=(s.scale_range[0], s.scale_range[1]))
     visual, num_classes = pretrained.model.visual, len(names)
@@ -247,10 +247,10 @@ def run_segment(
             s,
             device,
             num_workers,
-            skips["linear"],
+            train_skips["linear"],
         )
         head.eval()
-        scores = score(linear, test, size, device, 64, num_workers, skips["linear"])
+        scores = score(linear, test, size, device, 64, num_workers, test_skips["linear"])
         metrics.update({f"linear_{k}": v for k, v in scores.items()})
     if "fpn" in s.protocols:
         model = FPNSegmenter(visual, num_classes, s.fpn_channels).to(device).train()
@@ -258,20 +258,24 @@ def run_segment(
             model.pyramid.vit, model.head_modules(), s.fpn_lr, s.weight_decay, s.layer_decay
         )
         curves["fpn"] = train_segmenter(
-            model, optimizer, views, s.fpn_steps, s.warmup_steps, s, device, num_workers, skips["fpn"]
+            model, optimizer, views, s.fpn_steps, s.warmup_steps, s, device, num_workers, train_skips["fpn"]
         )
         model.eval()
         metrics.update(
-            {f"fpn_{k}": v for k, v in score(model, test, size, device, 64, num_workers, skips["fpn"]).items()}
+            {f"fpn_{k}": v for k, v in score(model, test, size, device, 64, num_workers, test_skips["fpn"]).items()}
         )
+    first = s.protocols[0]  # every protocol reads the same files: report what the first one met
+    skipped = Skips()
+    skipped.merge(train_skips[first].as_dict())
+    skipped.merge(test_skips[first].as_dict())
     dataset = {
         "spec": data_spec,
         "train": train_spec,
-        "num_train": len(train),
-        "num_images": len(test),
+        "num_train": len(train) - len(train_skips[first]),
+        "num_images": len(test) - len(test_skips[first]),
         "num_classes": num_classes,
         "class_names": names,
         "crop_size": size,
-        "skipped": skips[s.protocols[0]].as_dict() if s.protocols else Skips().as_dict(),
+        "skipped": skipped.as_dict(),
     }
     return make_result("segment", pretrained, dataset, s, metrics, started, background, curve=curves)
