@@ -137,3 +137,33 @@ def test_coco_detection_json_without_masks_or_with_a_missing_image(tmp_path: Pat
     assert data.get(0)[1]["masks"].shape == (1, 32, 32)
     with pytest.raises(SampleError, match=r"missing\.jpg"):
         data.get(1)
+
+
+def test_feature_cache_notices_an_edited_folder(tmp_path: Path, clip_checkpoint: Path) -> None:
+    """Moving images to another class folder (same count) gave the old features and labels from the cache."""
+    from harmony.eval.features import cached_summaries
+
+    pretrained = load(clip_checkpoint)
+    ds = ShapesDataset("val", 6, 32)
+    for i in range(6):
+        (tmp_path / "val" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        ds[i].image.save(tmp_path / "val" / "ab"[i % 2] / f"{i}.png")
+
+    def labels() -> list[int]:
+        data = open_labelled(str(tmp_path / "val"), pretrained.config)
+        return cached_summaries(pretrained, data, torch.device("cpu"), tmp_path / "cache", num_workers=0)[1].tolist()
+
+    assert labels() == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "val" / "a" / "0.png").rename(tmp_path / "val" / "b" / "0.png")  # still 6 images
+    assert labels() == [0, 0, 1, 1, 1, 1] and len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+def test_train_and_eval_folders_with_different_classes_are_named(tmp_path: Path, clip_checkpoint: Path) -> None:
+    from harmony.eval.knn import run_knn
+
+    image = ShapesDataset("val", 1, 32)[0].image
+    for folder in ("train/cat", "train/dog", "val/cat", "val/Dog"):
+        (tmp_path / folder).mkdir(parents=True)
+        image.save(tmp_path / folder / "0.png")
+    with pytest.raises(ValueError, match=r"only in training \['dog'\], only in evaluation \['Dog'\]"):
+        run_knn(load(clip_checkpoint), str(tmp_path / "val"), torch.device("cpu"), cache_dir=tmp_path, num_workers=0)

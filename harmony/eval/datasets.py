@@ -4,6 +4,7 @@ sub-folder per class). The built-in set is labelled by its primary object's shap
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +27,13 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 @dataclass
 class LabelledImages:
+    """`identity` changes whenever the files do (the feature cache is keyed on it)."""
+
     name: str
     class_names: list[str]
     size: int
     get: Callable[[int], tuple[Image.Image, int]]
+    identity: str = ""
 
     def __len__(self) -> int:
         return self.size
@@ -92,7 +96,30 @@ def image_folder(root: Path, background: Colour = WHITE, max_pixels: int = DEFAU
         return read_image(path, background, max_pixels), label
 
     name = str(root) if background == WHITE else f"{root} on {background_name(background)}"
-    return LabelledImages(name, classes, len(files), get)
+    return LabelledImages(name, classes, len(files), get, fingerprint(root, files))
+
+
+def fingerprint(root: Path, files: list[tuple[Path, int]]) -> str:
+    """A digest of every file's class, relative path, size and modification time: an image edited,
+    replaced or moved to another class gives another digest (one stat per file, no reading)."""
+    digest = hashlib.sha1()
+    for path, label in files:
+        stat = path.stat()
+        digest.update(f"{label}\0{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def check_same_classes(train: LabelledImages, test: LabelledImages, train_spec: str, spec: str) -> None:
+    """ValueError naming the differing class folders when the two splits' classes differ (the labels,
+    indices into the class list, would mean different things)."""
+    if train.class_names == test.class_names:
+        return
+    only_train = sorted(set(train.class_names) - set(test.class_names))
+    only_test = sorted(set(test.class_names) - set(train.class_names))
+    raise ValueError(
+        f"'{train_spec}' and '{spec}' have different classes: only in training {only_train or 'none'}, "
+        f"only in evaluation {only_test or 'none'} (an empty folder counts as a class)"
+    )
 
 
 def default_train_spec(spec: str) -> str:
@@ -127,7 +154,11 @@ def subset(data: LabelledImages, limit: int, seed: int = 0) -> LabelledImages:
     if len(index) == len(data):
         return data
     return LabelledImages(
-        f"{data.name}[{len(index)} seed {seed}]", data.class_names, len(index), lambda i: data.get(index[i])
+        f"{data.name}[{len(index)} seed {seed}]",
+        data.class_names,
+        len(index),
+        lambda i: data.get(index[i]),
+        data.identity,
     )
 
 

@@ -4,7 +4,8 @@ Per image the cache keeps a small "token summary" [SUMMARY_BLOCKS + 1, D]: the C
 the last blocks (after the final norm, DINOv2's `get_intermediate_layers(norm=True)`), oldest first,
 then the average of the last block's patch tokens. k-NN uses the last CLS row; the linear probe builds
 any (last-n CLS, +avgpool) input from it. Entries are keyed by checkpoint file (path, size, mtime),
-weights, data spec, subset and image size, so a second protocol or a re-run skips extraction.
+weights, data spec, subset, image size and the data's files (their paths, sizes and modification
+times), so a second protocol or a re-run skips extraction and an edited folder is extracted afresh.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def _key(pretrained: Pretrained, data: LabelledImages, image_size: int) -> str:
         **pretrained.file_identity,
         "weights": pretrained.weights,
         "data": data.name,
+        "files": data.identity,
         "num": len(data),
         "image_size": image_size,
         "blocks": summary_blocks(pretrained.model.visual),

@@ -24,7 +24,15 @@ from torch import nn
 
 from harmony.data.augment import normalize
 from harmony.data.rgb import WHITE
-from harmony.eval.datasets import EvalViews, LabelledImages, default_train_spec, extract, open_labelled, subset
+from harmony.eval.datasets import (
+    EvalViews,
+    LabelledImages,
+    check_same_classes,
+    default_train_spec,
+    extract,
+    open_labelled,
+    subset,
+)
 from harmony.eval.images import Colour, SkippingLoader, Skips
 from harmony.eval.metrics import topk_accuracy
 from harmony.eval.optim import autocast, warmup_schedule
@@ -185,8 +193,7 @@ def run_finetune(
     train_spec = train_spec or default_train_spec(data_spec)
     train = subset(open_labelled(train_spec, pretrained.config, background), s.max_train, s.seed)
     test = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval, s.seed)
-    if train.class_names != test.class_names:
-        raise ValueError(f"'{train_spec}' and '{data_spec}' have different classes")
+    check_same_classes(train, test, train_spec, data_spec)
     model = classifier_from(pretrained.model.visual, len(train.class_names), s.drop_path, s.pool)
     train_skips, skips = Skips(), Skips()
     curve = fit_classifier(model, train, s, pretrained.image_size, device, num_workers, train_skips)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from harmony.data.rgb import WHITE
-from harmony.eval.datasets import default_train_spec, open_labelled, subset
+from harmony.eval.datasets import check_same_classes, default_train_spec, open_labelled, subset
 from harmony.eval.features import cached_summaries
 from harmony.eval.images import Colour, Skips
 from harmony.eval.metrics import knn_scores, topk_accuracy
@@ -73,8 +73,7 @@ def run_knn(
     train_spec = train_spec or default_train_spec(data_spec)
     train = subset(open_labelled(train_spec, pretrained.config, background), s.max_train)
     test = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval)
-    if train.class_names != test.class_names:
-        raise ValueError(f"'{train_spec}' and '{data_spec}' have different classes")
+    check_same_classes(train, test, train_spec, data_spec)
     extract: dict[str, Any] = {
         "device": device,
         "cache_dir": cache_dir,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harmony.data.rgb import WHITE
-from harmony.eval.datasets import default_train_spec, open_labelled, pick, subset
+from harmony.eval.datasets import check_same_classes, default_train_spec, open_labelled, pick, subset
 from harmony.eval.features import cached_summaries, linear_input
 from harmony.eval.images import Colour, Skips
 from harmony.eval.metrics import topk_accuracy
@@ -136,8 +136,7 @@ def run_linear(
     train_spec = train_spec or default_train_spec(data_spec)
     train = subset(open_labelled(train_spec, pretrained.config, background), s.max_train, s.seed)
     test = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval, s.seed)
-    if train.class_names != test.class_names:
-        raise ValueError(f"'{train_spec}' and '{data_spec}' have different classes")
+    check_same_classes(train, test, train_spec, data_spec)
     num_classes = len(train.class_names)
     skips = Skips()
     extract: dict[str, Any] = {
