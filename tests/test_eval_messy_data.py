@@ -160,10 +160,14 @@ def test_feature_cache_notices_an_edited_folder(tmp_path: Path, clip_checkpoint:
 
 def test_train_and_eval_folders_with_different_classes_are_named(tmp_path: Path, clip_checkpoint: Path) -> None:
     from harmony.eval.knn import run_knn
+    from harmony.eval.linear import run_linear
 
     image = ShapesDataset("val", 1, 32)[0].image
     for folder in ("train/cat", "train/dog", "val/cat", "val/Dog"):
         (tmp_path / folder).mkdir(parents=True)
         image.save(tmp_path / folder / "0.png")
+    pretrained, cpu = load(clip_checkpoint), torch.device("cpu")
     with pytest.raises(ValueError, match=r"only in training \['dog'\], only in evaluation \['Dog'\]"):
-        run_knn(load(clip_checkpoint), str(tmp_path / "val"), torch.device("cpu"), cache_dir=tmp_path, num_workers=0)
+        run_knn(pretrained, str(tmp_path / "val"), cpu, cache_dir=tmp_path, num_workers=0)
+    with pytest.raises(ValueError, match="different classes"):  # the linear probe did not check at all
+        run_linear(pretrained, str(tmp_path / "val"), cpu, cache_dir=tmp_path, num_workers=0)

@@ -45,7 +45,13 @@ DEFAULT_TEMPLATES = [
 @dataclass(frozen=True)
 class ZeroShotSettings:
     templates: str = field(default="default", metadata={"help": "template set (default/openai/simple) or file"})
-    classnames: str = field(default="", metadata={"help": "class-name set (imagenet) or file; '' = the dataset's"})
+    classnames: str = field(
+        default="",
+        metadata={
+            "help": "class-name set (imagenet) or file, one name per line in sorted class-folder order; "
+            "'' = the class folder names, _ and - read as spaces"
+        },
+    )
     max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
     batch_size: int = field(default=256, metadata={"help": "image batch"})
 
