@@ -350,6 +350,7 @@ def test_retrieval_reads_webdataset_shards(tmp_path: Path, clip_checkpoint: Path
     proc = cli("eval", "retrieval", "--checkpoint", str(clip_checkpoint), "--data", str(tmp_path / "shards"),
                    "--workers", "0", "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert "with 5 images, text->image recall@5,10 is 1 by construction" in proc.stderr
     result = json.loads(out.read_text())
     assert result["dataset"]["num_images"] == result["dataset"]["num_captions"] == 5
     assert result["dataset"]["skipped"]["count"] == 1 and "0005" in result["dataset"]["skipped"]["examples"][0]
@@ -366,6 +367,22 @@ def test_attention_prints_where_the_maps_are(tmp_path: Path, clip_checkpoint: Pa
     files = line.removeprefix("maps: ").split(", ")
     assert files == [str(tmp_path / "m" / "attention.png"), str(tmp_path / "m" / "similarity.png")]
     assert all(Path(f).stat().st_size > 1000 for f in files)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_line(clip_checkpoint: Path, cli: Cli) -> None:
+    proc = cli("eval", "zeroshot", "--checkpoint", str(clip_checkpoint), "--data", "builtin:shapes:val",
+               "--device", "cuda")  # fmt: skip
+    assert proc.returncode == 2 and "no usable CUDA device" in one_error_line(proc.stderr)
+
+
+def test_attention_prompts_read_folder_names_as_words(tmp_path: Path, clip_checkpoint: Path, cli: Cli) -> None:
+    data = class_folder(tmp_path / "val", per_class=1, classes=("signs_and_symbols",))
+    out = tmp_path / "a.json"
+    proc = cli("eval", "attention", "--checkpoint", str(clip_checkpoint), "--data", str(data), "--workers", "0",
+               "--num-images", "1", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["dataset"]["prompts"] == ["a photo of a signs and symbols."]
 
 
 def test_every_eval_flag_has_help() -> None:

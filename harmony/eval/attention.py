@@ -30,6 +30,7 @@ from harmony.eval.images import Colour, Skips, require_some
 from harmony.eval.metrics import mass_jaccard, topk_precision
 from harmony.eval.report import make_result
 from harmony.eval.settings import resolve
+from harmony.eval.zeroshot import prompt_name
 from harmony.loading import Pretrained
 from harmony.models.pair import ImageTextModel
 
@@ -123,6 +124,7 @@ def run_attention(
     shapes = shapes_dataset(data_spec, pretrained.config) if builtin else None
     index = pick(len(labelled), max(s.max_eval, s.num_images) if builtin else s.num_images)
     has_text = model.has_text and pretrained.tokenizer is not None
+    names = labelled.class_names if builtin else [prompt_name(n) for n in labelled.class_names]
     scores: dict[str, list[float]] = {
         "jaccard": [],
         "fg_mass": [],
@@ -149,7 +151,7 @@ def run_attention(
         sim = None
         if has_text:
             assert pretrained.tokenizer is not None
-            prompt = s.prompt.format(labelled.class_names[label])
+            prompt = s.prompt.format(names[label])
             text = model.encode_text(pretrained.tokenizer([prompt]).to(device))
             sim = similarity_map(model, tokens, text, grid)[0].float().cpu()
         if len(pictures) < s.num_images:
@@ -186,5 +188,11 @@ def run_attention(
     if scores["text_precision"]:
         metrics["text_precision"] = float(np.mean(scores["text_precision"]))
         metrics["text_chance"] = float(np.mean(scores["text_chance"]))
-    dataset = {"spec": data_spec, "num_images": used, "num_pictures": len(pictures), "skipped": skips.as_dict()}
+    dataset = {
+        "spec": data_spec,
+        "num_images": used,
+        "num_pictures": len(pictures),
+        "prompts": [s.prompt.format(n) for n in names] if has_text else [],
+        "skipped": skips.as_dict(),
+    }
     return make_result("attention", pretrained, dataset, s, metrics, started, background, files=[str(f) for f in files])

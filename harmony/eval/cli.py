@@ -33,6 +33,8 @@ def _device(name: str) -> torch.device:
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no usable CUDA device (use --device cpu or auto)")
     return torch.device(name)
 
 

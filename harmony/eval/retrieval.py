@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,13 @@ def run_retrieval(
     skips = Skips()
     skips.merge(data.skipped)
     image_emb, text_emb, owners = embed_pairs(pretrained, data, index, device, s.batch_size, num_workers, skips)
+    trivial = [k for k in s.ks if k >= len(image_emb)]
+    if trivial:
+        print(
+            f"harmony eval retrieval: warning: with {len(image_emb)} images, text->image "
+            f"recall@{','.join(map(str, trivial))} is 1 by construction",
+            file=sys.stderr,
+        )
     metrics = retrieval_recall(image_emb @ text_emb.t(), owners, s.ks)
     metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
     dataset = {
