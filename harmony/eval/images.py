@@ -84,7 +84,7 @@ class Skips:
     def merge(self, record: dict[str, Any]) -> None:
         """Add a recorded `as_dict()` (e.g. from the feature cache)."""
         self.reasons.update(record.get("reasons", {}))
-        self.examples.extend(record.get("examples", [])[: EXAMPLES - len(self.examples)])
+        self.examples.extend(record.get("examples", [])[: max(0, EXAMPLES - len(self.examples))])
 
     def as_dict(self) -> dict[str, Any]:
         return {"count": len(self), "reasons": dict(self.reasons), "examples": list(self.examples)}

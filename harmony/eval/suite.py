@@ -84,9 +84,9 @@ def run_task(
     """One protocol by name, given only the arguments it takes (`background`: what transparent images
     are composited over)."""
     protocol = PROTOCOLS[task]
-    extra: dict[str, Any] = {"num_workers": num_workers, "background": background}
-    if not protocol.loads:
-        del extra["num_workers"]
+    extra: dict[str, Any] = {"background": background}
+    if protocol.loads:
+        extra["num_workers"] = num_workers
     if protocol.trains and train_spec:
         extra["train_spec"] = train_spec
     if protocol.caches:
