@@ -186,7 +186,7 @@ def test_unreadable_images_are_skipped_counted_and_reported(tmp_path: Path, clip
     proc = cli("eval", "zeroshot", *common)
     assert proc.returncode == 0, proc.stderr
     line = one_error_line(proc.stderr)
-    assert line.startswith("harmony eval zeroshot: skipped 4 unreadable sample(s)") and "(4 image)" in line
+    assert line.startswith("harmony eval zeroshot: skipped 4 unreadable sample(s)") and "(4 image;" in line
     dataset = json.loads(out.read_text())["dataset"]
     assert dataset["class_names"] == ["circle", "square"] and dataset["num_images"] == 6
     assert dataset["skipped"]["count"] == 4 and dataset["skipped"]["reasons"] == {"image": 4}
@@ -320,7 +320,7 @@ def test_retrieval_reads_a_csv_with_other_column_names(tmp_path: Path, clip_chec
     (tmp_path / "pairs.csv").write_text("id_unused;image;text\n" + "\n".join(f"x;{r}" for r in rows) + "\n")
     out = tmp_path / "r.json"
     args = ["eval", "retrieval", "--checkpoint", str(clip_checkpoint), "--data", str(tmp_path / "pairs.csv")]
-    proc = cli(*args, "--workers", "0", "--image-key", "image", "--caption-key", "text", "--separator", ";",
+    proc = cli(*args, "--workers", "0", "--image-key", "image", "--caption-key", "text", "--separator", ";", "--ks", "1,2",
                    "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "skipped 2 unreadable sample(s)" in one_error_line(proc.stderr)
