@@ -23,10 +23,14 @@ import torch.nn.functional as F
 from timm.layers import Attention
 
 from harmony.data.augment import eval_transform, normalize
+from harmony.data.errors import SampleError
+from harmony.data.rgb import WHITE
 from harmony.eval.datasets import open_labelled, pick, shapes_dataset
+from harmony.eval.images import Colour, Skips, require_some
 from harmony.eval.metrics import mass_jaccard, topk_precision
 from harmony.eval.report import make_result
 from harmony.eval.settings import resolve
+from harmony.eval.zeroshot import prompt_name
 from harmony.loading import Pretrained
 from harmony.models.pair import ImageTextModel
 
@@ -106,17 +110,21 @@ def run_attention(
     data_spec: str,
     device: torch.device,
     out_dir: Path = Path("attention_maps"),
+    background: Colour = WHITE,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Writes attention.png (and similarity.png with a text tower) to `out_dir`; scores on built-in data."""
     started = time.perf_counter()
     s = resolve(AttentionSettings(), ATTENTION_FULL, data_spec, overrides)
+    if s.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {s.num_images}")
     model, size = pretrained.model, pretrained.image_size
     builtin = data_spec.startswith("builtin:")
-    labelled = open_labelled(data_spec, pretrained.config)
+    labelled = open_labelled(data_spec, pretrained.config, background)
     shapes = shapes_dataset(data_spec, pretrained.config) if builtin else None
     index = pick(len(labelled), max(s.max_eval, s.num_images) if builtin else s.num_images)
     has_text = model.has_text and pretrained.tokenizer is not None
+    names = labelled.class_names if builtin else [prompt_name(n) for n in labelled.class_names]
     scores: dict[str, list[float]] = {
         "jaccard": [],
         "fg_mass": [],
@@ -128,8 +136,14 @@ def run_attention(
     pictures: list[np.ndarray] = []
     attn_rows: list[list[np.ndarray]] = []
     sim_rows: list[list[np.ndarray]] = []
+    skips, used = Skips(), 0
     for i in index:
-        image, label = labelled.get(i)
+        try:
+            image, label = labelled.get(i)
+        except SampleError as exc:
+            skips.add(exc)
+            continue
+        used += 1
         pixels = eval_transform(image, size)
         attention, tokens = attention_and_tokens(model, normalize(pixels[None].to(device)))
         attention = attention[0].float().cpu()
@@ -137,7 +151,7 @@ def run_attention(
         sim = None
         if has_text:
             assert pretrained.tokenizer is not None
-            prompt = s.prompt.format(labelled.class_names[label])
+            prompt = s.prompt.format(names[label])
             text = model.encode_text(pretrained.tokenizer([prompt]).to(device))
             sim = similarity_map(model, tokens, text, grid)[0].float().cpu()
         if len(pictures) < s.num_images:
@@ -157,6 +171,7 @@ def run_attention(
                 if target.any():
                     scores["text_precision"].append(topk_precision(sim, target))
                     scores["text_chance"].append(float(target.float().mean()))
+    require_some(used, skips, labelled.name)
     out_dir = Path(out_dir)
     heads = attention.shape[0]
     files = [out_dir / "attention.png"]
@@ -173,5 +188,11 @@ def run_attention(
     if scores["text_precision"]:
         metrics["text_precision"] = float(np.mean(scores["text_precision"]))
         metrics["text_chance"] = float(np.mean(scores["text_chance"]))
-    dataset = {"spec": data_spec, "num_images": len(index), "num_pictures": len(pictures)}
-    return make_result("attention", pretrained, dataset, s, metrics, started, files=[str(f) for f in files])
+    dataset = {
+        "spec": data_spec,
+        "num_images": used,
+        "num_pictures": len(pictures),
+        "prompts": [s.prompt.format(n) for n in names] if has_text else [],
+        "skipped": skips.as_dict(),
+    }
+    return make_result("attention", pretrained, dataset, s, metrics, started, background, files=[str(f) for f in files])

@@ -3,27 +3,36 @@
 Specs:
 - `builtin:shapes[:val]`: every image with `per_image` captions drawn afresh from its own scene
   (so none is a mismatched web caption);
-- a `.csv`/`.tsv` table with `filepath` and `caption` columns (rows of one image are grouped);
+- a `.csv`/`.tsv` table with an image-path and a caption column (`image_key` / `caption_key`, the same
+  meaning as `data.csv_image_key` / `data.csv_caption_key`; rows of one image are grouped);
 - a `.json` in COCO captions format (`images` + `annotations` with `caption`) or the Karpathy
   split format (`images` with `filename`, `split`, `sentences`), which the Flickr30K and COCO
-  retrieval benchmarks use; `split` picks the Karpathy split.
+  retrieval benchmarks use; `split` picks the Karpathy split;
+- anything else is read as local WebDataset shards, as for training (a folder of .tar, a brace
+  pattern, globs): one caption per image; the compressed images are held in memory.
+Unreadable images (and rows without a caption) are skipped and counted, never fatal.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from harmony.config import Config
+from harmony.data.csv_source import read_columns, separator_for
+from harmony.data.decode import open_image
+from harmony.data.errors import SampleError
+from harmony.data.rgb import WHITE, to_rgb
 from harmony.data.shapes import caption_for
-from harmony.data.sources import DataError
+from harmony.data.sources import IMAGE_EXTENSIONS, DataError, caption_of, expand_urls, is_remote, read_shard
 from harmony.eval.datasets import shapes_dataset
+from harmony.eval.images import Colour, Skips, background_name, read_image
 
 
 @dataclass
@@ -31,21 +40,34 @@ class CaptionedImages:
     name: str
     size: int
     get: Callable[[int], tuple[Image.Image, list[str]]]
+    skipped: dict[str, Any] = field(default_factory=dict)  # rows left out while opening the set
 
     def __len__(self) -> int:
         return self.size
 
 
-def _from_files(name: str, items: list[tuple[Path, list[str]]]) -> CaptionedImages:
+@dataclass(frozen=True)
+class TableColumns:
+    """Where a .csv/.tsv keeps image paths and captions, and how its fields are separated."""
+
+    image_key: str = "filepath"
+    caption_key: str = "caption"
+    separator: str = "auto"
+
+
+def _from_files(
+    name: str, items: list[tuple[Path, list[str]]], background: Colour, max_pixels: int, skips: Skips | None = None
+) -> CaptionedImages:
     if not items:
-        raise DataError(f"'{name}' holds no captioned images")
+        why = f" ({len(skips)} rows skipped; first: {skips.examples[0]})" if skips else ""
+        raise DataError(f"'{name}' holds no captioned images{why}")
 
     def get(i: int) -> tuple[Image.Image, list[str]]:
         path, captions = items[i]
-        with Image.open(path) as image:
-            return image.convert("RGB"), captions
+        return read_image(path, background, max_pixels), captions
 
-    return CaptionedImages(name, len(items), get)
+    shown = name if background == WHITE else f"{name} on {background_name(background)}"
+    return CaptionedImages(shown, len(items), get, (skips or Skips()).as_dict())
 
 
 def _builtin(spec: str, cfg: Config, per_image: int) -> CaptionedImages:
@@ -63,18 +85,72 @@ def _builtin(spec: str, cfg: Config, per_image: int) -> CaptionedImages:
     return CaptionedImages(spec, len(ds), get)
 
 
-def _table(path: Path, image_key: str, caption_key: str) -> CaptionedImages:
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
-    if rows and (image_key not in rows[0] or caption_key not in rows[0]):
-        raise DataError(f"'{path}' needs '{image_key}' and '{caption_key}' columns, has {list(rows[0])}")
+def _table(path: Path, columns: TableColumns, background: Colour, max_pixels: int) -> CaptionedImages:
+    """Rows of a CSV/TSV (read by the training reader), grouped by image; blank fields are skipped rows."""
+    keys = (columns.image_key, columns.caption_key)
+    try:
+        rows = list(read_columns(path, keys, separator_for(path, columns.separator)))
+    except DataError as exc:
+        raise DataError(f"{exc} (harmony eval: --image-key / --caption-key / --separator)") from None
     grouped: dict[str, list[str]] = {}
-    for row in rows:
-        grouped.setdefault(row[image_key], []).append(row[caption_key])
-    return _from_files(str(path), [(path.parent / p, c) for p, c in grouped.items()])
+    skips = Skips()
+    for number, (image, caption) in enumerate(rows, start=1):
+        if not image.strip() or not caption.strip():
+            missing = "caption" if image.strip() else "image"
+            skips.add(SampleError(missing, f"{path} row {number} has no {missing}"))
+            continue
+        if is_remote(image.strip()):
+            skips.add(SampleError("image", f"{path} row {number}: '{image.strip()}' is a URL (not downloaded)"))
+            continue
+        grouped.setdefault(image.strip(), []).append(caption.strip())
+    items = [(path.parent / p, c) for p, c in grouped.items()]
+    return _from_files(str(path), items, background, max_pixels, skips)
 
 
-def _json(path: Path, image_root: Path | None, split: str) -> CaptionedImages:
+def _shards(spec: str, background: Colour, max_pixels: int) -> CaptionedImages:
+    """Every (image, caption) of local WebDataset shards, images kept compressed in memory."""
+    urls = expand_urls(spec)
+    if any(is_remote(u) for u in urls):
+        raise DataError(f"'{spec}' is remote: retrieval reads local shards, a .csv/.tsv or a .json")
+    samples: list[tuple[str, bytes, str]] = []
+    skips = Skips()
+    for url in urls:
+        for item in read_shard(url):
+            if isinstance(item, SampleError):
+                skips.add(item)
+                continue
+            key = str(item.get("__key__", "?"))
+            data = next((item[e] for e in IMAGE_EXTENSIONS if e in item), None)
+            try:
+                caption = caption_of(item)
+            except SampleError as exc:
+                skips.add(exc)
+                continue
+            if not isinstance(data, bytes) or not caption:
+                skips.add(
+                    SampleError("image" if caption else "caption", f"{url}: sample {key} has no image or caption")
+                )
+                continue
+            samples.append((f"{url}#{key}", data, caption))
+    if not samples:
+        raise DataError(f"'{spec}' holds no captioned images ({len(skips)} samples skipped)")
+
+    def get(i: int) -> tuple[Image.Image, list[str]]:
+        name, data, caption = samples[i]
+        try:
+            image = open_image(data, max_pixels)
+            image.load()
+            return to_rgb(image, background), [caption]
+        except SampleError as exc:
+            raise SampleError("image", f"{name}: {exc}") from None
+        except Exception as exc:  # corrupt image data, in whatever type the codec raises
+            raise SampleError("image", f"{name}: image data unreadable ({type(exc).__name__}: {exc})") from None
+
+    shown = spec if background == WHITE else f"{spec} on {background_name(background)}"
+    return CaptionedImages(shown, len(samples), get, skips.as_dict())
+
+
+def _json(path: Path, image_root: Path | None, split: str, background: Colour, max_pixels: int) -> CaptionedImages:
     data = json.loads(path.read_text())
     images = data.get("images", [])
     if images and "sentences" in images[0]:  # Karpathy split format
@@ -84,7 +160,7 @@ def _json(path: Path, image_root: Path | None, split: str) -> CaptionedImages:
             for im in images
             if im.get("split", split) == split
         ]
-        return _from_files(f"{path}#{split}", items)
+        return _from_files(f"{path}#{split}", items, background, max_pixels)
     if "annotations" not in data:
         raise DataError(f"'{path}' is neither COCO captions nor Karpathy-split json")
     guess = path.parent.parent / path.stem.split("_")[-1]
@@ -93,20 +169,28 @@ def _json(path: Path, image_root: Path | None, split: str) -> CaptionedImages:
     for ann in data["annotations"]:
         captions.setdefault(ann["image_id"], []).append(ann["caption"])
     items = [(root / im["file_name"], captions[im["id"]]) for im in images if im["id"] in captions]
-    return _from_files(str(path), items)
+    return _from_files(str(path), items, background, max_pixels)
 
 
 def open_captioned(
-    spec: str, cfg: Config, per_image: int = 5, image_root: Path | None = None, split: str = "test"
+    spec: str,
+    cfg: Config,
+    per_image: int = 5,
+    image_root: Path | None = None,
+    split: str = "test",
+    columns: TableColumns = TableColumns(),
+    background: Colour = WHITE,
 ) -> CaptionedImages:
     """A captioned image set from a spec (see the module docstring)."""
     if spec.startswith("builtin:"):
         return _builtin(spec, cfg, per_image)
-    path = Path(spec)
-    if not path.is_file():
-        raise DataError(f"'{spec}' is not a captioned dataset (builtin:shapes[:val], a .csv/.tsv or a .json)")
+    path, max_pixels = Path(spec), cfg.data.max_image_pixels
+    if path.suffix.lower() in (".csv", ".tsv", ".json") and not path.is_file():
+        raise DataError(f"'{spec}' is not a file")
     if path.suffix.lower() in (".csv", ".tsv"):
-        return _table(path, cfg.data.csv_image_key, cfg.data.csv_caption_key)
+        return _table(path, columns, background, max_pixels)
     if path.suffix.lower() == ".json":
-        return _json(path, image_root, split)
-    raise DataError(f"'{spec}': captioned sets are .csv, .tsv or .json files")
+        return _json(path, image_root, split, background, max_pixels)
+    if path.is_file() and path.suffix.lower() != ".tar":
+        raise DataError(f"'{spec}': captioned sets are .csv, .tsv or .json files, or WebDataset shards")
+    return _shards(spec, background, max_pixels)

@@ -3,6 +3,10 @@
 Each task's budget knobs are flags generated from its settings dataclass (defaults sized for the
 built-in data on a CPU, paper-sized for real datasets). `harmony eval all` runs the whole suite for
 one or more checkpoints and writes one markdown report with plots.
+
+Every command needs `--data` (no command picks a dataset for the user: `builtin:shapes:val` is the
+built-in demo set), and output paths are checked before any checkpoint is loaded. Unreadable images
+are skipped, counted in the JSON (`dataset.skipped`) and reported in one stderr line.
 """
 
 from __future__ import annotations
@@ -12,19 +16,39 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from harmony.eval.report import result_table, write_result
+from harmony.data.rgb import parse_background
+from harmony.eval.report import report_skips, result_table, write_result
 from harmony.eval.settings import add_flags, overrides_from, parse_value
 from harmony.eval.suite import PROTOCOLS, run_label, run_suite, run_task
+from harmony.outputs import check_output_dir, check_output_file
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no usable CUDA device (use --device cpu or auto)")
     return torch.device(name)
+
+
+def _background(text: str) -> tuple[int, int, int]:
+    try:
+        return parse_background(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _workers(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of workers (0 or more)")
+    return int(text)
 
 
 def _errors_as_messages(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -54,14 +78,16 @@ def cmd_task(args: argparse.Namespace) -> int:
     from harmony.loading import load
 
     protocol = PROTOCOLS[args.eval_task]
+    out = check_output_file(args.out) if args.out else None
+    maps = Path(args.maps) if getattr(args, "maps", None) else (out.with_suffix("") if out else None)
+    if args.eval_task == "attention":
+        maps = check_output_dir(maps or Path("attention_maps"), "--maps" if getattr(args, "maps", None) else "--out")
     device = _device(args.device)
     pretrained = load(args.checkpoint, weights=args.weights, device=device)
     extra: dict[str, Any] = {}
     for name in ("image_root", "train_image_root"):
         if getattr(args, name, None):
             extra[name] = Path(getattr(args, name))
-    out = Path(args.out) if args.out else None
-    maps = Path(args.maps) if getattr(args, "maps", None) else (out.with_suffix("") if out else None)
     result = run_task(
         args.eval_task,
         pretrained,
@@ -71,11 +97,17 @@ def cmd_task(args: argparse.Namespace) -> int:
         cache_dir=Path(args.cache_dir) if getattr(args, "cache_dir", None) else None,
         maps_dir=maps,
         num_workers=args.workers,
+        background=args.alpha_background,
         **extra,
         **overrides_from(args, protocol.defaults),
     )
     write_result(out, result)
     print(result_table(result))
+    report_skips(result)
+    if out is not None:
+        print(f"result: {out}")
+    if "files" in result:
+        print(f"maps: {', '.join(result['files'])}")
     return 0
 
 
@@ -91,19 +123,30 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def parse_data_for(items: list[str]) -> dict[str, str]:
+    """`task=spec` strings -> {task: spec}; a missing '=' or spec is an error, not a silent default."""
+    out: dict[str, str] = {}
+    for item in items:
+        task, sep, spec = item.partition("=")
+        if not sep or not spec.strip() or task not in PROTOCOLS:
+            raise ValueError(f"--data-for '{item}' is not <task>=<data spec> for a known task ({','.join(PROTOCOLS)})")
+        out[task] = spec.strip()
+    return out
+
+
 @_errors_as_messages
 def cmd_all(args: argparse.Namespace) -> int:
     from harmony.eval.summary import headline_rows, markdown_table, write_report
     from harmony.loading import load
 
-    device = _device(args.device)
-    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else list(PROTOCOLS)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(PROTOCOLS)
+    unknown = [t for t in tasks if t not in PROTOCOLS]
+    if unknown or not tasks:
+        raise ValueError(f"--tasks names unknown task(s) {unknown or 'none'}; known: {','.join(PROTOCOLS)}")
     settings = parse_sets(args.set)
-    data_for = dict(item.partition("=")[::2] for item in args.data_for)
-    unknown = sorted(set(data_for) - set(PROTOCOLS))
-    if unknown:
-        raise ValueError(f"--data-for names unknown task(s) {unknown}")
-    out = Path(args.out)
+    data_for = parse_data_for(args.data_for)
+    out = check_output_dir(args.out)
+    device = _device(args.device)
     runs, taken = {}, set[str]()
     for checkpoint in args.checkpoint:
         label = run_label(Path(checkpoint), taken)
@@ -120,6 +163,7 @@ def cmd_all(args: argparse.Namespace) -> int:
             Path(args.cache_dir) if args.cache_dir else None,
             args.workers,
             data_for=data_for,
+            background=args.alpha_background,
         )
     report = write_report(runs, out)
     print(markdown_table(["metric", *runs], [[name, *values] for name, values in headline_rows(runs)]))
@@ -127,11 +171,35 @@ def cmd_all(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="builtin:shapes:val", help="evaluation data spec")
-    p.add_argument("--weights", choices=["auto", "student", "teacher"], default="auto")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--workers", type=int, default=2, help="data loader workers")
+def _common(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument(
+        "--weights",
+        choices=["auto", "student", "teacher"],
+        default="auto",
+        help="which weights of the checkpoint (auto: the teacher when it is complete, else the student)",
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    p.add_argument("--workers", type=_workers, default=2, help="data loader worker processes (0: in this process)")
+    p.add_argument(
+        "--alpha-background",
+        type=_background,
+        default="white",
+        metavar="COLOUR",
+        help="colour transparent images are composited over: white, black, gray, #rrggbb or r,g,b [white]",
+    )
+
+
+DATA_HELP = {
+    "zeroshot": "class folder (one sub-folder per class), or builtin:shapes:val",
+    "retrieval": ".csv/.tsv, COCO/Karpathy .json, WebDataset shards, or builtin:shapes:val",
+    "knn": "class folder of the evaluation split (its train/ sibling is the training split), or builtin:shapes:val",
+    "linear": "class folder of the evaluation split (its train/ sibling is the training split), or builtin:shapes:val",
+    "finetune": "class folder of the evaluation split (its train/ sibling is the training split), or builtin:shapes:val",
+    "segment": "ADE20K-style images/<split> folder, or builtin:shapes:val",
+    "detect": "COCO instances .json, or builtin:shapes:val",
+    "attention": "class folder (images drawn from it), or builtin:shapes:val (also scored)",
+}
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -141,8 +209,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     for name, protocol in PROTOCOLS.items():
         p = tasks.add_parser(name, help=protocol.help, description=protocol.help)
         p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-        p.add_argument("--out", help="write the result JSON here")
-        _common(p)
+        p.add_argument("--out", help="write the result JSON here (checked before any work)")
+        _common(p, f"evaluation data (required): {DATA_HELP[name]}")
         if protocol.trains:
             p.add_argument("--train", help="training split spec (default: derived from --data)")
         if protocol.caches:
@@ -158,7 +226,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = tasks.add_parser("all", help="run every protocol and write one markdown report with plots")
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint (repeat to compare several)")
     p.add_argument("--out", default="runs/eval", help="report folder (one sub-folder of JSONs per checkpoint)")
-    _common(p)
+    _common(p, "data for every task (required; builtin:shapes:val for the demo set); --data-for overrides per task")
     p.add_argument("--train", help="training split spec (default: derived from --data)")
     p.add_argument("--cache-dir", help="feature cache folder")
     p.add_argument("--tasks", help=f"comma-separated subset of {','.join(PROTOCOLS)}")

@@ -4,28 +4,36 @@ sub-folder per class). The built-in set is labelled by its primary object's shap
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from harmony.config import Config
 from harmony.data.augment import eval_transform, normalize
+from harmony.data.decode import DEFAULT_MAX_PIXELS
+from harmony.data.rgb import WHITE
 from harmony.data.shapes import CLASS_NAMES, COLOR_NAMES, ShapesDataset
-from harmony.data.sources import DataError
+from harmony.data.sources import DataError, SampleError
+from harmony.eval.images import Colour, SkippingLoader, Skips, background_name, either, read_image, require_some
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 @dataclass
 class LabelledImages:
+    """`identity` changes whenever the files do (the feature cache is keyed on it)."""
+
     name: str
     class_names: list[str]
     size: int
     get: Callable[[int], tuple[Image.Image, int]]
+    identity: str = ""
 
     def __len__(self) -> int:
         return self.size
@@ -57,25 +65,61 @@ def shapes_dataset(spec: str, cfg: Config) -> ShapesDataset:
     return ShapesDataset(split, b.num_train if split == "train" else b.num_val, b.image_size, b.seed, b.mismatch_rate)
 
 
-def image_folder(root: Path) -> LabelledImages:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+def is_hidden(path: Path, root: Path) -> bool:
+    """A dot-file or anything under a dot-folder below `root` (.DS_Store, ._x.jpg, .ipynb_checkpoints/)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files anywhere under `folder` (by suffix), hidden ones left out, in sorted order."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, folder))
+
+
+def image_folder(root: Path, background: Colour = WHITE, max_pixels: int = DEFAULT_MAX_PIXELS) -> LabelledImages:
+    """One class per visible sub-folder (sorted by name); unreadable images raise SampleError on `get`."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"image folder '{root}' has no class sub-folders")
-    files = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    files = [(path, label) for label, name in enumerate(classes) for path in image_files(root / name)]
     if not files:
         raise DataError(f"image folder '{root}' holds no images")
+    empty = sorted(set(classes) - {classes[label] for _, label in files})
+    if empty:
+        print(
+            f"harmony eval: warning: class folder(s) {', '.join(empty)} of '{root}' hold no images; "
+            "they still count as classes",
+            file=sys.stderr,
+        )
 
     def get(i: int) -> tuple[Image.Image, int]:
         path, label = files[i]
-        with Image.open(path) as image:
-            return image.convert("RGB"), label
+        return read_image(path, background, max_pixels), label
 
-    return LabelledImages(str(root), classes, len(files), get)
+    name = str(root) if background == WHITE else f"{root} on {background_name(background)}"
+    return LabelledImages(name, classes, len(files), get, fingerprint(root, files))
+
+
+def fingerprint(root: Path, files: list[tuple[Path, int]]) -> str:
+    """A digest of every file's class, relative path, size and modification time: an image edited,
+    replaced or moved to another class gives another digest (one stat per file, no reading)."""
+    digest = hashlib.sha1()
+    for path, label in files:
+        stat = path.stat()
+        digest.update(f"{label}\0{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def check_same_classes(train: LabelledImages, test: LabelledImages, train_spec: str, spec: str) -> None:
+    """ValueError naming the differing class folders when the two splits' classes differ (the labels,
+    indices into the class list, would mean different things)."""
+    if train.class_names == test.class_names:
+        return
+    only_train = sorted(set(train.class_names) - set(test.class_names))
+    only_test = sorted(set(test.class_names) - set(train.class_names))
+    raise ValueError(
+        f"'{train_spec}' and '{spec}' have different classes: only in training {only_train or 'none'}, "
+        f"only in evaluation {only_test or 'none'} (an empty folder counts as a class)"
+    )
 
 
 def default_train_spec(spec: str) -> str:
@@ -110,12 +154,17 @@ def subset(data: LabelledImages, limit: int, seed: int = 0) -> LabelledImages:
     if len(index) == len(data):
         return data
     return LabelledImages(
-        f"{data.name}[{len(index)} seed {seed}]", data.class_names, len(index), lambda i: data.get(index[i])
+        f"{data.name}[{len(index)} seed {seed}]",
+        data.class_names,
+        len(index),
+        lambda i: data.get(index[i]),
+        data.identity,
     )
 
 
-def open_labelled(spec: str, cfg: Config) -> LabelledImages:
-    """A labelled image set from a spec: `builtin:shapes[:val[:color]]` or a class-folder tree."""
+def open_labelled(spec: str, cfg: Config, background: Colour = WHITE) -> LabelledImages:
+    """A labelled image set from a spec: `builtin:shapes[:val[:color]]` or a class-folder tree (whose
+    transparent images are composited over `background`)."""
     if spec.startswith("builtin:"):
         ds = shapes_dataset(spec, cfg)
         labels = builtin_parts(spec)[1]
@@ -127,14 +176,15 @@ def open_labelled(spec: str, cfg: Config) -> LabelledImages:
         return LabelledImages(spec, list(BUILTIN_LABELS[labels]), len(ds), get)
     root = Path(spec)
     if root.is_dir():
-        return image_folder(root)
+        return image_folder(root, background, cfg.data.max_image_pixels)
     raise DataError(
         f"'{spec}' is not a labelled dataset (builtin:shapes[:val] or a folder with one sub-folder per class)"
     )
 
 
-class EvalViews(Dataset[tuple[torch.Tensor, int]]):
-    """Deterministic uint8 eval views of a labelled set, optionally through a training `transform`."""
+class EvalViews(Dataset[tuple[torch.Tensor, int] | SampleError]):
+    """Deterministic uint8 eval views of a labelled set, optionally through a training `transform`;
+    an unreadable image is handed out as its SampleError (see `SkippingLoader`)."""
 
     def __init__(
         self,
@@ -147,8 +197,11 @@ class EvalViews(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.data.get(i)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | SampleError:
+        item = either(self.data.get, i)
+        if isinstance(item, SampleError):
+            return item
+        image, label = item
         if self.transform is not None:
             return self.transform(image), label
         return eval_transform(image, self.image_size), label
@@ -162,11 +215,17 @@ def extract(
     device: torch.device,
     batch_size: int = 256,
     num_workers: int = 2,
+    skips: Skips | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, ...] from `encode(normalised images)`, labels [N]) over a labelled set."""
-    loader = DataLoader(EvalViews(data, image_size), batch_size=batch_size, num_workers=num_workers)
+    """(features [N, ...] from `encode(normalised images)`, labels [N]) over the readable images of a
+    labelled set; the unreadable ones are counted in `skips` (DataError when none is readable)."""
+    skips = Skips() if skips is None else skips
+    loader: SkippingLoader[list[torch.Tensor]] = SkippingLoader(
+        EvalViews(data, image_size), skips, batch_size=batch_size, num_workers=num_workers
+    )
     feats, labels = [], []
     for images, target in loader:
         feats.append(encode(normalize(images.to(device))).float().cpu())
         labels.append(target)
+    require_some(len(labels), skips, data.name)
     return torch.cat(feats), torch.cat(labels)

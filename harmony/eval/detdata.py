@@ -25,9 +25,12 @@ from torch.utils.data import Dataset
 
 from harmony.config import Config
 from harmony.data.augment import to_uint8_tensor
+from harmony.data.errors import SampleError
+from harmony.data.rgb import WHITE
 from harmony.data.shapes import CLASS_NAMES
 from harmony.data.sources import DataError
 from harmony.eval.datasets import pick, shapes_dataset
+from harmony.eval.images import Colour, either, read_image
 
 Target = dict[str, torch.Tensor]
 
@@ -68,11 +71,17 @@ def _builtin(spec: str, cfg: Config) -> DetectionSet:
     return DetectionSet(spec, list(CLASS_NAMES), len(ds), get)
 
 
-def _coco(path: Path, image_root: Path | None) -> DetectionSet:
+def _coco(path: Path, image_root: Path | None, background: Colour, max_pixels: int) -> DetectionSet:
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(path))
+    boxes_only = sum(1 for a in coco.dataset.get("annotations", []) if not a.get("segmentation"))
+    if boxes_only:
+        raise DataError(
+            f"'{path}': {boxes_only} annotation(s) without 'segmentation'; Mask R-CNN trains on instance masks "
+            "(COCO polygons or RLE), box-only annotations are not supported"
+        )
     cat_ids = sorted(coco.getCatIds())
     label_of = {c: i + 1 for i, c in enumerate(cat_ids)}
     names = [coco.cats[c]["name"] for c in cat_ids]
@@ -82,24 +91,24 @@ def _coco(path: Path, image_root: Path | None) -> DetectionSet:
 
     def get(i: int) -> tuple[Image.Image, Target]:
         info = coco.imgs[image_ids[i]]
-        with Image.open(root / info["file_name"]) as image:
-            rgb = image.convert("RGB")
+        rgb = read_image(root / info["file_name"], background, max_pixels)
         anns = [
             a for a in coco.imgToAnns[image_ids[i]] if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0
         ]
         boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]
-        masks = [coco.annToMask(a) for a in anns] if all("segmentation" in a for a in anns) else []
+        masks = [coco.annToMask(a) for a in anns]
         return rgb, _target(boxes, [label_of[a["category_id"]] for a in anns], masks, rgb.height, rgb.width)
 
     return DetectionSet(str(path), names, len(image_ids), get)
 
 
-def open_detection(spec: str, cfg: Config, image_root: Path | None = None) -> DetectionSet:
+def open_detection(spec: str, cfg: Config, image_root: Path | None = None, background: Colour = WHITE) -> DetectionSet:
+    """A detection set from a spec; an unreadable COCO image raises SampleError on `get`."""
     if spec.startswith("builtin:"):
         return _builtin(spec, cfg)
     path = Path(spec)
     if path.is_file() and path.suffix.lower() == ".json":
-        return _coco(path, image_root)
+        return _coco(path, image_root, background, cfg.data.max_image_pixels)
     raise DataError(f"'{spec}' is not a detection set (builtin:shapes[:val] or a COCO-format .json)")
 
 
@@ -129,7 +138,7 @@ def coco_ground_truth(targets: list[Target], sizes: list[tuple[int, int]], class
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-class DetViews(Dataset[tuple[torch.Tensor, Target]]):
+class DetViews(Dataset[tuple[torch.Tensor, Target] | SampleError]):
     """(uint8 image [3, H, W], target); `train` flips half of the samples horizontally."""
 
     def __init__(self, data: DetectionSet, train: bool) -> None:
@@ -139,8 +148,11 @@ class DetViews(Dataset[tuple[torch.Tensor, Target]]):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
-        image, target = self.data.get(i)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Target] | SampleError:
+        item = either(self.data.get, i)
+        if isinstance(item, SampleError):
+            return item
+        image, target = item
         pixels = to_uint8_tensor(image)
         if self.train and random.Random(f"{self.epoch}/{i}").random() < 0.5:
             width = pixels.shape[-1]

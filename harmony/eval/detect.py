@@ -16,15 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 from harmony.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from harmony.data.errors import DataError, SampleError
+from harmony.data.rgb import WHITE
 from harmony.eval.datasets import default_train_spec
 from harmony.eval.detdata import DetectionSet, DetViews, Target, coco_ground_truth, open_detection
+from harmony.eval.images import Colour, SkippingLoader, Skips, either, require_some
 from harmony.eval.metrics import coco_ap
 from harmony.eval.optim import backbone_head_optimizer, warmup_schedule
 from harmony.eval.pyramid import SimpleFeaturePyramid
@@ -37,11 +39,11 @@ from harmony.models.vision import VisionTower
 @dataclass(frozen=True)
 class DetectSettings:
     epochs: int = field(default=6, metadata={"help": "training epochs"})
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata={"help": "training batch (images)"})
     lr: float = field(default=2e-4, metadata={"help": "AdamW peak lr (head; ViT layer-decayed)"})
-    layer_decay: float = 0.75
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
+    layer_decay: float = field(default=0.75, metadata={"help": "lr x decay^(layers above)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear lr warm-up steps"})
     decay_at: tuple[float, ...] = field(default=(0.75, 0.92), metadata={"help": "x0.1 lr at these fractions"})
     train_sizes: tuple[int, ...] = field(default=(0,), metadata={"help": "short sides drawn in training (0 = as is)"})
     test_size: int = field(default=0, metadata={"help": "short side at test (0 = as is)"})
@@ -54,7 +56,7 @@ class DetectSettings:
     detections_per_image: int = field(default=20, metadata={"help": "kept detections per test image"})
     max_train: int = field(default=256, metadata={"help": "training images used (0 = all)"})
     max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
 
 
 DETECT_FULL = DetectSettings(
@@ -109,9 +111,10 @@ def _inputs(images: list[torch.Tensor], device: torch.device) -> list[torch.Tens
 
 
 def train_detector(
-    model: MaskRCNN, train: DetectionSet, s: DetectSettings, device: torch.device, num_workers: int
+    model: MaskRCNN, train: DetectionSet, s: DetectSettings, device: torch.device, num_workers: int, skips: Skips
 ) -> list[float]:
-    """Train in place; returns the mean total loss of each epoch."""
+    """Train in place; returns the mean total loss of each epoch. Unreadable images are left out (and
+    counted in `skips` in the first epoch)."""
     views = DetViews(train, train=True)
     batch = min(s.batch_size, len(train))
     backbone = model.backbone
@@ -124,13 +127,14 @@ def train_detector(
     curve, update = [], 0
     for epoch in range(s.epochs):
         views.epoch = epoch
-        loader = DataLoader(
+        loader = SkippingLoader(
             views,
+            skips if epoch == 0 else Skips(),
+            _collate,
             batch_size=batch,
             shuffle=True,
             drop_last=True,
             num_workers=num_workers,
-            collate_fn=_collate,
             generator=torch.Generator().manual_seed(s.seed + epoch),
         )
         total = 0.0
@@ -149,9 +153,9 @@ def train_detector(
 
 @torch.no_grad()
 def detections_of(
-    model: MaskRCNN, data: DetectionSet, test_size: int, device: torch.device, num_workers: int
+    model: MaskRCNN, data: DetectionSet, test_size: int, device: torch.device, num_workers: int, skips: Skips
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(COCO ground truth, box results, mask results) over an evaluation set."""
+    """(COCO ground truth, box results, mask results) over the readable images of an evaluation set."""
     from pycocotools import mask as mask_util
 
     model.eval()
@@ -160,7 +164,7 @@ def detections_of(
     segms: list[dict[str, Any]] = []
     targets: list[Target] = []
     sizes: list[tuple[int, int]] = []
-    loader = DataLoader(DetViews(data, train=False), batch_size=8, num_workers=num_workers, collate_fn=_collate)
+    loader = SkippingLoader(DetViews(data, train=False), skips, _collate, batch_size=8, num_workers=num_workers)
     for images, batch_targets in loader:
         for image, target, out in zip(images, batch_targets, model(_inputs(images, device))):
             image_id = len(sizes)
@@ -173,7 +177,17 @@ def detections_of(
                 rle = mask_util.encode(np.asfortranarray((mask[0] > 0.5).cpu().numpy().astype(np.uint8)))
                 rle["counts"] = rle["counts"].decode("ascii")
                 segms.append({**common, "segmentation": rle})
+    require_some(len(sizes), skips, data.name)
     return coco_ground_truth(targets, sizes, data.class_names), boxes, segms
+
+
+def _native_size(data: DetectionSet, spec: str) -> int:
+    """The short side of the first readable image (the default training and test size)."""
+    for i in range(len(data)):
+        item = either(data.get, i)
+        if not isinstance(item, SampleError):
+            return min(item[0].size)
+    raise DataError(f"no readable training image in '{spec}'")
 
 
 def run_detect(
@@ -184,6 +198,7 @@ def run_detect(
     image_root: Path | None = None,
     train_image_root: Path | None = None,
     num_workers: int = 2,
+    background: Colour = WHITE,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Box and mask AP / AP50 / AP75 on the evaluation set after training Mask R-CNN on the training set."""
@@ -191,23 +206,28 @@ def run_detect(
     s = resolve(DetectSettings(), DETECT_FULL, data_spec, overrides)
     torch.manual_seed(s.seed)
     train_spec = train_spec or default_train_spec(data_spec)
-    train = open_detection(train_spec, pretrained.config, train_image_root).restricted(s.max_train, s.seed)
-    test = open_detection(data_spec, pretrained.config, image_root).restricted(s.max_eval, s.seed)
+    opened = open_detection(train_spec, pretrained.config, train_image_root, background)
+    train = opened.restricted(s.max_train, s.seed)
+    test = open_detection(data_spec, pretrained.config, image_root, background).restricted(s.max_eval, s.seed)
     if train.class_names != test.class_names:
         raise ValueError(f"'{train_spec}' and '{data_spec}' have different categories")
-    native = min(train.get(0)[0].size)
+    native = _native_size(train, train_spec)
     train_sizes = tuple(size or native for size in s.train_sizes)
     model = build_mask_rcnn(pretrained.model.visual, len(train.class_names), s, train_sizes)
-    curve = train_detector(model, train, s, device, num_workers)
-    truth, boxes, segms = detections_of(model, test, s.test_size or native, device, num_workers)
+    train_skips, test_skips, skips = Skips(), Skips(), Skips()
+    curve = train_detector(model, train, s, device, num_workers, train_skips)
+    truth, boxes, segms = detections_of(model, test, s.test_size or native, device, num_workers, test_skips)
+    skips.merge(train_skips.as_dict())
+    skips.merge(test_skips.as_dict())
     box, mask = coco_ap(truth, boxes, "bbox"), coco_ap(truth, segms, "segm")
     metrics = {**{f"box_{k}": v for k, v in box.items()}, **{f"mask_{k}": v for k, v in mask.items()}}
     dataset = {
         "spec": data_spec,
         "train": train_spec,
-        "num_train": len(train),
-        "num_images": len(test),
+        "num_train": len(train) - len(train_skips),
+        "num_images": len(test) - len(test_skips),
         "num_objects": len(truth["annotations"]),
         "num_classes": len(train.class_names),
+        "skipped": skips.as_dict(),
     }
-    return make_result("detect", pretrained, dataset, s, metrics, started, curve={"train_loss": curve})
+    return make_result("detect", pretrained, dataset, s, metrics, started, background, curve={"train_loss": curve})

@@ -4,7 +4,8 @@ Per image the cache keeps a small "token summary" [SUMMARY_BLOCKS + 1, D]: the C
 the last blocks (after the final norm, DINOv2's `get_intermediate_layers(norm=True)`), oldest first,
 then the average of the last block's patch tokens. k-NN uses the last CLS row; the linear probe builds
 any (last-n CLS, +avgpool) input from it. Entries are keyed by checkpoint file (path, size, mtime),
-weights, data spec, subset and image size, so a second protocol or a re-run skips extraction.
+weights, data spec, subset, image size and the data's files (their paths, sizes and modification
+times), so a second protocol or a re-run skips extraction and an edited folder is extracted afresh.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from harmony.eval.datasets import LabelledImages, extract
+from harmony.eval.images import Skips
 from harmony.loading import Pretrained
 from harmony.models.vision import VisionTower
 
@@ -59,6 +61,7 @@ def _key(pretrained: Pretrained, data: LabelledImages, image_size: int) -> str:
         **pretrained.file_identity,
         "weights": pretrained.weights,
         "data": data.name,
+        "files": data.identity,
         "num": len(data),
         "image_size": image_size,
         "blocks": summary_blocks(pretrained.model.visual),
@@ -73,20 +76,26 @@ def cached_summaries(
     cache_dir: Path | None = None,
     batch_size: int = 256,
     num_workers: int = 2,
+    skips: Skips | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token summaries [N, n + 1, D] float32, labels [N]) of a labelled set, from the cache when present."""
+    """(token summaries [N, n + 1, D] float32, labels [N]) of the readable images of a labelled set, from
+    the cache when present; unreadable images are counted in `skips` (the cache remembers them too)."""
     image_size = pretrained.image_size
     folder = cache_dir or default_cache_dir()
     path = folder / f"{_key(pretrained, data, image_size)}.pt"
+    skips = Skips() if skips is None else skips
     if path.exists():
         stored = torch.load(path, map_location="cpu")
+        skips.merge(stored.get("skipped", {}))
         return stored["features"].float(), stored["labels"]
     visual = pretrained.model.visual
+    mine = Skips()
     feats, labels = extract(
-        lambda images: token_summary(visual, images), data, image_size, device, batch_size, num_workers
+        lambda images: token_summary(visual, images), data, image_size, device, batch_size, num_workers, mine
     )
+    skips.merge(mine.as_dict())
     folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
-    torch.save({"features": feats.half(), "labels": labels, "data": data.name}, partial)
+    torch.save({"features": feats.half(), "labels": labels, "data": data.name, "skipped": mine.as_dict()}, partial)
     partial.replace(path)
     return feats.half().float(), labels

@@ -21,10 +21,19 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from torch import nn
-from torch.utils.data import DataLoader
 
 from harmony.data.augment import normalize
-from harmony.eval.datasets import EvalViews, LabelledImages, default_train_spec, extract, open_labelled, subset
+from harmony.data.rgb import WHITE
+from harmony.eval.datasets import (
+    EvalViews,
+    LabelledImages,
+    check_same_classes,
+    default_train_spec,
+    extract,
+    open_labelled,
+    subset,
+)
+from harmony.eval.images import Colour, SkippingLoader, Skips
 from harmony.eval.metrics import topk_accuracy
 from harmony.eval.optim import autocast, warmup_schedule
 from harmony.eval.report import make_result
@@ -39,19 +48,19 @@ class FinetuneSettings:
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     batch_size: int = field(default=64, metadata={"help": "training batch"})
     lr: float = field(default=1e-2, metadata={"help": "peak lr per 256 images"})
-    min_lr: float = 1e-6
+    min_lr: float = field(default=1e-6, metadata={"help": "lr at the end of the cosine schedule"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up"})
     layer_decay: float = field(default=0.65, metadata={"help": "lr x decay^(layers above)"})
-    weight_decay: float = 0.05
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate"})
     mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 = off)"})
     cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 = off)"})
-    label_smoothing: float = 0.1
+    label_smoothing: float = field(default=0.1, metadata={"help": "cross-entropy label smoothing"})
     crop_scale: tuple[float, ...] = field(default=(0.5, 1.0), metadata={"help": "random-resized-crop area range"})
     pool: str = field(default="avg", metadata={"help": "avg (patch mean + fc_norm) or token (CLS)"})
     max_train: int = field(default=2000, metadata={"help": "training images used (0 = all)"})
     max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
 
 
 FINETUNE_FULL = FinetuneSettings(
@@ -113,13 +122,17 @@ def fit_classifier(
     image_size: int,
     device: torch.device,
     num_workers: int,
+    skips: Skips | None = None,
 ) -> list[float]:
-    """Train in place; returns the mean training loss of each epoch."""
+    """Train in place; returns the mean training loss of each epoch. Unreadable training images are
+    counted in `skips` (once, in the first epoch) and left out."""
     num_classes = len(train.class_names)
     batch = min(s.batch_size, len(train))
     batch -= batch % 2  # timm's Mixup needs an even batch
-    loader = DataLoader(
+    first_epoch = Skips()
+    loader: SkippingLoader[list[torch.Tensor]] = SkippingLoader(
         EvalViews(train, image_size, train_transform(image_size, s.crop_scale)),
+        first_epoch,
         batch_size=batch,
         shuffle=True,
         drop_last=True,
@@ -136,9 +149,13 @@ def fit_classifier(
     schedule = warmup_schedule(optimizer, steps, round(s.warmup_epochs * len(loader)), s.min_lr)
     model.to(device).train()
     curve, update = [], 0
-    for _ in range(s.epochs):
+    for epoch in range(s.epochs):
         total = 0.0
         for images, labels in loader:
+            if len(labels) % 2 and mixup is not None:  # a skipped image left the batch odd
+                images, labels = images[1:], labels[1:]
+            if len(labels) == 0:
+                continue
             schedule.step_update(update)
             x, y = normalize(images.to(device)), labels.to(device)
             with autocast(device):
@@ -153,6 +170,8 @@ def fit_classifier(
             total += loss.item()
             update += 1
         curve.append(total / max(len(loader), 1))
+        if epoch == 0 and skips is not None:
+            skips.merge(first_epoch.as_dict())
     return curve
 
 
@@ -162,25 +181,32 @@ def run_finetune(
     device: torch.device,
     train_spec: str | None = None,
     num_workers: int = 2,
+    background: Colour = WHITE,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Top-1/top-5 on the evaluation split after fine-tuning the whole tower on the training split."""
     started = time.perf_counter()
     s = resolve(FinetuneSettings(), FINETUNE_FULL, data_spec, overrides)
+    if len(s.crop_scale) != 2 or not 0 < s.crop_scale[0] <= s.crop_scale[1] <= 1:
+        raise ValueError(f"--crop-scale needs two area fractions lo,hi with 0 < lo <= hi <= 1, got {s.crop_scale}")
     torch.manual_seed(s.seed)
     train_spec = train_spec or default_train_spec(data_spec)
-    train = subset(open_labelled(train_spec, pretrained.config), s.max_train, s.seed)
-    test = subset(open_labelled(data_spec, pretrained.config), s.max_eval, s.seed)
+    train = subset(open_labelled(train_spec, pretrained.config, background), s.max_train, s.seed)
+    test = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval, s.seed)
+    check_same_classes(train, test, train_spec, data_spec)
     model = classifier_from(pretrained.model.visual, len(train.class_names), s.drop_path, s.pool)
-    curve = fit_classifier(model, train, s, pretrained.image_size, device, num_workers)
+    train_skips, skips = Skips(), Skips()
+    curve = fit_classifier(model, train, s, pretrained.image_size, device, num_workers, train_skips)
     model.eval()
-    logits, labels = extract(model, test, pretrained.image_size, device, 256, num_workers)
+    logits, labels = extract(model, test, pretrained.image_size, device, 256, num_workers, skips)
+    skips.merge(train_skips.as_dict())
     metrics = {**topk_accuracy(logits, labels), "chance": 1.0 / len(train.class_names)}
     dataset = {
         "spec": data_spec,
         "train": train_spec,
-        "num_train": len(train),
-        "num_images": len(test),
+        "num_train": len(train) - len(train_skips),
+        "num_images": len(labels),
         "num_classes": len(train.class_names),
+        "skipped": skips.as_dict(),
     }
-    return make_result("finetune", pretrained, dataset, s, metrics, started, curve={"train_loss": curve})
+    return make_result("finetune", pretrained, dataset, s, metrics, started, background, curve={"train_loss": curve})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,8 +11,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harmony.eval.datasets import default_train_spec, open_labelled, subset
+from harmony.data.rgb import WHITE
+from harmony.eval.datasets import check_same_classes, default_train_spec, open_labelled, subset
 from harmony.eval.features import cached_summaries
+from harmony.eval.images import Colour, Skips
 from harmony.eval.metrics import knn_scores, topk_accuracy
 from harmony.eval.report import make_result
 from harmony.eval.settings import resolve
@@ -30,6 +33,28 @@ class KnnSettings:
 KNN_FULL = KnnSettings(max_train=0)
 
 
+def check_ks(ks: tuple[int, ...]) -> None:
+    """A non-positive (or no) k is a settings error, refused before any work."""
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"--ks needs positive numbers of neighbours, got {','.join(map(str, ks)) or 'none'}")
+
+
+def neighbour_counts(ks: tuple[int, ...], num_train: int) -> list[int]:
+    """The k values used: each requested k, capped at the number of training images (with a warning on
+    stderr), duplicates dropped."""
+    check_ks(ks)
+    used: list[int] = []
+    for k in ks:
+        if k > num_train:
+            print(
+                f"harmony eval knn: warning: k={k} is more than the {num_train} training images; using k={num_train}",
+                file=sys.stderr,
+            )
+        if min(k, num_train) not in used:
+            used.append(min(k, num_train))
+    return used
+
+
 def run_knn(
     pretrained: Pretrained,
     data_spec: str,
@@ -37,28 +62,32 @@ def run_knn(
     train_spec: str | None = None,
     cache_dir: Path | None = None,
     num_workers: int = 2,
+    background: Colour = WHITE,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Top-1/top-5 of weighted k-NN for each k: eval images against (a subset of) the training split."""
+    """Top-1/top-5 of weighted k-NN for each k (`k<k>_top1`, k capped at the training set's size):
+    eval images against (a subset of) the training split."""
     started = time.perf_counter()
     s = resolve(KnnSettings(), KNN_FULL, data_spec, overrides)
+    check_ks(s.ks)
     train_spec = train_spec or default_train_spec(data_spec)
-    train = subset(open_labelled(train_spec, pretrained.config), s.max_train)
-    test = subset(open_labelled(data_spec, pretrained.config), s.max_eval)
-    if train.class_names != test.class_names:
-        raise ValueError(f"'{train_spec}' and '{data_spec}' have different classes")
+    train = subset(open_labelled(train_spec, pretrained.config, background), s.max_train)
+    test = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval)
+    check_same_classes(train, test, train_spec, data_spec)
     extract: dict[str, Any] = {
         "device": device,
         "cache_dir": cache_dir,
         "batch_size": s.batch_size,
         "num_workers": num_workers,
+        "skips": Skips(),
     }
     train_feats, train_labels = cached_summaries(pretrained, train, **extract)
     test_feats, test_labels = cached_summaries(pretrained, test, **extract)
     train_cls = F.normalize(train_feats[:, -2], dim=-1)
     test_cls = F.normalize(test_feats[:, -2], dim=-1)
+    used = neighbour_counts(s.ks, len(train_labels))
     metrics: dict[str, float] = {}
-    for k in s.ks:
+    for k in used:
         votes = knn_scores(train_cls, train_labels, test_cls, k, s.temperature, len(train.class_names))
         acc = topk_accuracy(votes, test_labels)
         metrics[f"k{k}_top1"], metrics[f"k{k}_top5"] = acc["top1"], acc["top5"]
@@ -66,8 +95,9 @@ def run_knn(
     dataset = {
         "spec": data_spec,
         "train": train_spec,
-        "num_train": len(train),
-        "num_images": len(test),
+        "num_train": len(train_labels),
+        "num_images": len(test_labels),
         "num_classes": len(train.class_names),
+        "skipped": extract["skips"].as_dict(),
     }
-    return make_result("knn", pretrained, dataset, s, metrics, started)
+    return make_result("knn", pretrained, dataset, s, metrics, started, background, ks_used=used)

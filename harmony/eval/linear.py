@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmony.eval.datasets import default_train_spec, open_labelled, pick, subset
+from harmony.data.rgb import WHITE
+from harmony.eval.datasets import check_same_classes, default_train_spec, open_labelled, pick, subset
 from harmony.eval.features import cached_summaries, linear_input
+from harmony.eval.images import Colour, Skips
 from harmony.eval.metrics import topk_accuracy
 from harmony.eval.report import make_result
 from harmony.eval.settings import resolve
@@ -41,7 +43,7 @@ class LinearSettings:
     heldout_fraction: float = field(default=0.1, metadata={"help": "share of training images held out"})
     max_train: int = field(default=5000, metadata={"help": "training images used (0 = all)"})
     max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
 
 
 LINEAR_FULL = LinearSettings(epochs=100, batch_size=1024, max_train=0)
@@ -125,16 +127,25 @@ def run_linear(
     train_spec: str | None = None,
     cache_dir: Path | None = None,
     num_workers: int = 2,
+    background: Colour = WHITE,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Linear-probe top-1/top-5 of the head chosen on held-out training images; the full sweep in `sweep`."""
     started = time.perf_counter()
     s = resolve(LinearSettings(), LINEAR_FULL, data_spec, overrides)
     train_spec = train_spec or default_train_spec(data_spec)
-    train = subset(open_labelled(train_spec, pretrained.config), s.max_train, s.seed)
-    test = subset(open_labelled(data_spec, pretrained.config), s.max_eval, s.seed)
+    train = subset(open_labelled(train_spec, pretrained.config, background), s.max_train, s.seed)
+    test = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval, s.seed)
+    check_same_classes(train, test, train_spec, data_spec)
     num_classes = len(train.class_names)
-    extract: dict[str, Any] = {"device": device, "cache_dir": cache_dir, "batch_size": 256, "num_workers": num_workers}
+    skips = Skips()
+    extract: dict[str, Any] = {
+        "device": device,
+        "cache_dir": cache_dir,
+        "batch_size": 256,
+        "num_workers": num_workers,
+        "skips": skips,
+    }
     train_feats, train_labels = cached_summaries(pretrained, train, **extract)
     test_feats, test_labels = cached_summaries(pretrained, test, **extract)
     heldout = torch.tensor(pick(len(train_labels), max(1, round(s.heldout_fraction * len(train_labels))), s.seed + 1))
@@ -167,8 +178,9 @@ def run_linear(
         "train": train_spec,
         "num_train": int(fit.sum()),
         "num_heldout": len(heldout),
-        "num_images": len(test),
+        "num_images": len(test_labels),
         "num_classes": num_classes,
+        "skipped": skips.as_dict(),
     }
     selected = {k: best[k] for k in ("n_blocks", "pooling", "lr")}
-    return make_result("linear", pretrained, dataset, s, metrics, started, selected=selected, sweep=sweep)
+    return make_result("linear", pretrained, dataset, s, metrics, started, background, selected=selected, sweep=sweep)

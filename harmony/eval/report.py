@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from harmony.data.rgb import WHITE
+from harmony.eval.images import Colour, background_name, skip_line
 from harmony.loading import Pretrained
 
 
@@ -36,9 +39,13 @@ def make_result(
     settings: Any,
     metrics: dict[str, float],
     started: float,
+    background: Colour = WHITE,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The common result record every protocol returns (and `--out` writes as JSON)."""
+    """The common result record every protocol returns (and `--out` writes as JSON); the settings
+    include the background transparent images were composited over."""
+    recorded = asdict(settings) if is_dataclass(settings) and not isinstance(settings, type) else dict(settings)
+    recorded["alpha_background"] = background_name(background)
     return {
         "task": task,
         "checkpoint": str(pretrained.path),
@@ -46,7 +53,7 @@ def make_result(
         "weights": pretrained.weights,
         "step": pretrained.step,
         "dataset": dataset,
-        "settings": asdict(settings) if is_dataclass(settings) and not isinstance(settings, type) else settings,
+        "settings": recorded,
         "metrics": metrics,
         **extra,
         "time_s": round(time.perf_counter() - started, 3),
@@ -60,3 +67,11 @@ def result_table(result: dict[str, Any]) -> str:
     spec = result["dataset"].get("spec", "")
     title = f"{result['task']} on {spec} ({result['weights']} weights, step {result['step']})"
     return format_table(rows, title)
+
+
+def report_skips(result: dict[str, Any]) -> None:
+    """One stderr line when a protocol skipped unreadable samples."""
+    dataset = result.get("dataset", {})
+    line = skip_line(result["task"], dataset.get("skipped", {}))
+    if line:
+        print(line, file=sys.stderr, flush=True)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from harmony.data.augment import eval_transform, normalize
-from harmony.eval.captions import CaptionedImages, open_captioned
+from harmony.data.errors import SampleError
+from harmony.data.rgb import WHITE
+from harmony.eval.captions import CaptionedImages, TableColumns, open_captioned
 from harmony.eval.datasets import pick
+from harmony.eval.images import Colour, SkippingLoader, Skips, either, require_some
 from harmony.eval.metrics import retrieval_recall
 from harmony.eval.report import make_result
 from harmony.eval.settings import resolve
@@ -26,20 +30,26 @@ class RetrievalSettings:
     split: str = field(default="test", metadata={"help": "split of a Karpathy-format json"})
     max_images: int = field(default=0, metadata={"help": "images used (0 = all)"})
     batch_size: int = field(default=256, metadata={"help": "encoding batch"})
+    image_key: str = field(default="filepath", metadata={"help": "CSV/TSV column of image paths"})
+    caption_key: str = field(default="caption", metadata={"help": "CSV/TSV column of captions"})
+    separator: str = field(default="auto", metadata={"help": "CSV/TSV separator: auto, comma, tab or one character"})
 
 
 RETRIEVAL_FULL = RetrievalSettings()
 
 
-class _Views(Dataset[tuple[torch.Tensor, list[str]]]):
+class _Views(Dataset[tuple[torch.Tensor, list[str]] | SampleError]):
     def __init__(self, data: CaptionedImages, index: list[int], image_size: int) -> None:
         self.data, self.index, self.image_size = data, index, image_size
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[str]]:
-        image, captions = self.data.get(self.index[i])
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[str]] | SampleError:
+        item = either(self.data.get, self.index[i])
+        if isinstance(item, SampleError):
+            return item
+        image, captions = item
         return eval_transform(image, self.image_size), captions
 
 
@@ -55,15 +65,19 @@ def embed_pairs(
     device: torch.device,
     batch_size: int,
     num_workers: int,
+    skips: Skips | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image embeddings [I, E], caption embeddings [T, E], image index of each caption [T])."""
+    """(image embeddings [I, E], caption embeddings [T, E], image index of each caption [T]) of the
+    readable images; unreadable ones are counted in `skips`."""
     model, tokenizer = pretrained.model, pretrained.tokenizer
     assert tokenizer is not None
-    loader = DataLoader(
+    skips = Skips() if skips is None else skips
+    loader = SkippingLoader(
         _Views(data, index, pretrained.image_size),
+        skips,
+        _collate,
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=_collate,
     )
     images, texts = [], []
     owners: list[int] = []
@@ -74,6 +88,7 @@ def embed_pairs(
         texts.append(model.encode_text(tokenizer(flat).to(device)).float().cpu())
         owners.extend(seen + i for i, group in enumerate(captions) for _ in group)
         seen += len(captions)
+    require_some(seen, skips, data.name)
     return torch.cat(images), torch.cat(texts), torch.tensor(owners)
 
 
@@ -83,6 +98,7 @@ def run_retrieval(
     device: torch.device,
     image_root: Path | None = None,
     num_workers: int = 2,
+    background: Colour = WHITE,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Recall@k both ways over a captioned set (several captions per image count as one image's)."""
@@ -92,10 +108,27 @@ def run_retrieval(
         raise ValueError(
             f"checkpoint '{pretrained.path}' has no text tower ({pretrained.weights}); retrieval needs one"
         )
-    data = open_captioned(data_spec, pretrained.config, s.captions_per_image, image_root, s.split)
+    if not s.ks or any(k < 1 for k in s.ks):
+        raise ValueError(f"--ks needs positive recall cut-offs, got {','.join(map(str, s.ks)) or 'none'}")
+    columns = TableColumns(s.image_key, s.caption_key, s.separator)
+    data = open_captioned(data_spec, pretrained.config, s.captions_per_image, image_root, s.split, columns, background)
     index = pick(len(data), s.max_images)
-    image_emb, text_emb, owners = embed_pairs(pretrained, data, index, device, s.batch_size, num_workers)
+    skips = Skips()
+    skips.merge(data.skipped)
+    image_emb, text_emb, owners = embed_pairs(pretrained, data, index, device, s.batch_size, num_workers, skips)
+    trivial = [k for k in s.ks if k >= len(image_emb)]
+    if trivial:
+        print(
+            f"harmony eval retrieval: warning: with {len(image_emb)} images, text->image "
+            f"recall@{','.join(map(str, trivial))} is 1 by construction",
+            file=sys.stderr,
+        )
     metrics = retrieval_recall(image_emb @ text_emb.t(), owners, s.ks)
     metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
-    dataset = {"spec": data_spec, "num_images": len(index), "num_captions": len(owners)}
-    return make_result("retrieval", pretrained, dataset, s, metrics, started)
+    dataset = {
+        "spec": data_spec,
+        "num_images": len(image_emb),
+        "num_captions": len(owners),
+        "skipped": skips.as_dict(),
+    }
+    return make_result("retrieval", pretrained, dataset, s, metrics, started, background)

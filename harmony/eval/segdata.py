@@ -22,9 +22,13 @@ from torch.utils.data import Dataset
 
 from harmony.config import Config
 from harmony.data.augment import to_uint8_tensor
+from harmony.data.decode import open_image
+from harmony.data.errors import SampleError
+from harmony.data.rgb import WHITE
 from harmony.data.shapes import CLASS_NAMES
 from harmony.data.sources import DataError
 from harmony.eval.datasets import IMAGE_SUFFIXES, pick, shapes_dataset
+from harmony.eval.images import Colour, either, read_image
 
 IGNORE = 255
 
@@ -50,7 +54,20 @@ def _builtin(spec: str, cfg: Config) -> MaskedImages:
     return MaskedImages(spec, ["background", *CLASS_NAMES], len(ds), get)
 
 
-def _folder(images: Path, reduce_zero_label: bool, class_names: list[str] | None) -> MaskedImages:
+def read_mask(path: Path, max_pixels: int) -> np.ndarray:
+    """A label mask file as int64 class indices; SampleError when it cannot be read."""
+    try:
+        with open_image(path.read_bytes(), max_pixels) as mask:
+            return np.asarray(mask, dtype=np.int64)
+    except SampleError as exc:
+        raise SampleError("image", f"mask '{path}': {exc}") from None
+    except Exception as exc:  # missing file or corrupt data, in whatever type the codec raises
+        raise SampleError("image", f"mask '{path}' unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def _folder(
+    images: Path, reduce_zero_label: bool, class_names: list[str] | None, background: Colour, max_pixels: int
+) -> MaskedImages:
     parts = list(images.parts)
     at = max((i for i, part in enumerate(parts) if part == "images"), default=None)
     masks = Path(*parts[:at], "annotations", *parts[at + 1 :]) if at is not None else images
@@ -66,27 +83,38 @@ def _folder(images: Path, reduce_zero_label: bool, class_names: list[str] | None
 
     def get(i: int) -> tuple[Image.Image, np.ndarray]:
         image_path, mask_path = pairs[i]
-        with Image.open(image_path) as image, Image.open(mask_path) as mask:
-            label = np.asarray(mask, dtype=np.int64)
-            rgb = image.convert("RGB")
+        rgb, label = read_image(image_path, background, max_pixels), read_mask(mask_path, max_pixels)
+        if label.ndim != 2:
+            raise SampleError(
+                "image", f"mask '{mask_path}' has {label.ndim} dimensions: masks hold one class per pixel"
+            )
         if reduce_zero_label:
             label = np.where(label == 0, IGNORE + 1, label) - 1
         return rgb, np.where(label >= IGNORE, IGNORE, label).astype(np.uint8)
 
     if class_names is None:
-        top = max(int(np.max(np.where(m == IGNORE, 0, m))) for m in (get(i)[1] for i in pick(len(pairs), 200)))
+        samples = [either(get, i) for i in pick(len(pairs), 200)]
+        found = [sample[1] for sample in samples if not isinstance(sample, SampleError)]
+        if not found:
+            raise DataError(f"no readable image/mask pair among the first ones in '{images}'")
+        top = max(int(np.max(np.where(m == IGNORE, 0, m))) for m in found)
         class_names = [f"class{k}" for k in range(top + 1)]
     return MaskedImages(str(images), class_names, len(pairs), get)
 
 
 def open_segmentation(
-    spec: str, cfg: Config, reduce_zero_label: bool = True, class_names: list[str] | None = None
+    spec: str,
+    cfg: Config,
+    reduce_zero_label: bool = True,
+    class_names: list[str] | None = None,
+    background: Colour = WHITE,
 ) -> MaskedImages:
-    """A segmentation set from a spec; folder sets without `class_names` count classes from masks."""
+    """A segmentation set from a spec; folder sets without `class_names` count classes from masks.
+    An unreadable image or mask raises SampleError on `get`."""
     if spec.startswith("builtin:"):
         return _builtin(spec, cfg)
     if Path(spec).is_dir():
-        return _folder(Path(spec), reduce_zero_label, class_names)
+        return _folder(Path(spec), reduce_zero_label, class_names, background, cfg.data.max_image_pixels)
     raise DataError(f"'{spec}' is not a segmentation set (builtin:shapes[:val] or an ADE20K-style image folder)")
 
 
@@ -96,7 +124,7 @@ def _resize_pair(image: torch.Tensor, mask: torch.Tensor, short: int) -> tuple[t
     return image, mask
 
 
-class SegViews(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+class SegViews(Dataset[tuple[torch.Tensor, torch.Tensor] | SampleError]):
     """(uint8 image [3, S, S], long mask [S, S]) views; `train` adds scale jitter, crop and flip."""
 
     def __init__(self, data: MaskedImages, size: int, train: bool, scale: tuple[float, float] = (0.5, 2.0)) -> None:
@@ -106,8 +134,11 @@ class SegViews(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_pil, label = self.data.get(i)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | SampleError:
+        item = either(self.data.get, i)
+        if isinstance(item, SampleError):
+            return item
+        image_pil, label = item
         image, mask = to_uint8_tensor(image_pil), torch.from_numpy(np.asarray(label, dtype=np.int64))
         if not self.train:
             image, mask = _resize_pair(image, mask, self.size)

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from harmony.data.augment import normalize
+from harmony.data.errors import DataError
+from harmony.data.rgb import WHITE
 from harmony.eval.datasets import default_train_spec, pick
+from harmony.eval.images import Colour, SkippingLoader, Skips
 from harmony.eval.metrics import confusion_matrix, segmentation_scores
 from harmony.eval.optim import autocast, backbone_head_optimizer, warmup_schedule
 from harmony.eval.pyramid import SimpleFeaturePyramid
@@ -41,12 +43,12 @@ class SegmentSettings:
     protocols: tuple[str, ...] = field(default=PROTOCOLS, metadata={"help": "linear and/or fpn"})
     linear_steps: int = field(default=300, metadata={"help": "iterations of the linear protocol"})
     fpn_steps: int = field(default=300, metadata={"help": "iterations of the FPN protocol"})
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata={"help": "training batch"})
     linear_lr: float = field(default=1e-2, metadata={"help": "AdamW peak lr of the linear head"})
     fpn_lr: float = field(default=1e-3, metadata={"help": "AdamW peak lr of the FPN protocol (head; ViT decayed)"})
-    layer_decay: float = 0.65
-    weight_decay: float = 0.05
-    warmup_steps: int = 30
+    layer_decay: float = field(default=0.65, metadata={"help": "lr x decay^(layers above)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear lr warm-up steps"})
     crop_size: int = field(default=0, metadata={"help": "square view size (0 = the checkpoint's image size)"})
     scale_range: tuple[float, ...] = field(default=(0.75, 1.5), metadata={"help": "training rescale range"})
     fpn_channels: int = field(default=64, metadata={"help": "feature pyramid width"})
@@ -54,7 +56,7 @@ class SegmentSettings:
     class_names: str = field(default="", metadata={"help": "folders: file of class names"})
     max_train: int = field(default=2000, metadata={"help": "training images used (0 = all)"})
     max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
 
 
 SEGMENT_FULL = SegmentSettings(
@@ -114,19 +116,27 @@ class FPNSegmenter(nn.Module):
 
 
 def _batches(
-    views: SegViews, batch_size: int, num_workers: int, seed: int
+    views: SegViews, batch_size: int, num_workers: int, seed: int, skips: Skips
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled training batches, a new augmentation draw each pass."""
+    """Endless shuffled training batches, a new augmentation draw each pass; unreadable samples are
+    counted in `skips` during the first pass (DataError when a pass yields no batch at all)."""
     for epoch in itertools.count():
         views.epoch = epoch
-        yield from DataLoader(
+        loader: SkippingLoader[list[torch.Tensor]] = SkippingLoader(
             views,
+            skips if epoch == 0 else Skips(),
             batch_size=min(batch_size, len(views)),
             shuffle=True,
             drop_last=True,
             num_workers=num_workers,
             generator=torch.Generator().manual_seed(seed + epoch),
         )
+        produced = 0
+        for images, masks in loader:
+            produced += 1
+            yield images, masks
+        if not produced:
+            raise DataError(f"no readable training image/mask pair in '{views.data.name}'")
 
 
 def train_segmenter(
@@ -138,12 +148,13 @@ def train_segmenter(
     s: SegmentSettings,
     device: torch.device,
     num_workers: int,
+    skips: Skips,
 ) -> list[float]:
     """`steps` AdamW updates of per-pixel cross-entropy; returns the loss every tenth of training."""
     schedule = warmup_schedule(optimizer, steps, warmup, min_lr=0.0)
     curve, running = [], []
     every = max(1, steps // 10)
-    for step, (images, masks) in enumerate(_batches(views, s.batch_size, num_workers, s.seed)):
+    for step, (images, masks) in enumerate(_batches(views, s.batch_size, num_workers, s.seed, skips)):
         if step == steps:
             break
         schedule.step_update(step)
@@ -168,9 +179,15 @@ def score(
     device: torch.device,
     batch_size: int,
     num_workers: int,
+    skips: Skips,
 ) -> dict[str, float]:
+    """mIoU, mAcc and pixel accuracy over the readable evaluation pairs (the others counted in `skips`)."""
     conf = torch.zeros(len(data.class_names), len(data.class_names), dtype=torch.long)
-    for images, masks in DataLoader(SegViews(data, size, train=False), batch_size=batch_size, num_workers=num_workers):
+    views = SegViews(data, size, train=False)
+    loader: SkippingLoader[list[torch.Tensor]] = SkippingLoader(
+        views, skips, batch_size=batch_size, num_workers=num_workers
+    )
+    for images, masks in loader:
         pred = predict(normalize(images.to(device))).argmax(dim=1).cpu()
         conf += confusion_matrix(pred, masks, len(data.class_names), IGNORE)
     return segmentation_scores(conf)
@@ -187,22 +204,27 @@ def run_segment(
     device: torch.device,
     train_spec: str | None = None,
     num_workers: int = 2,
+    background: Colour = WHITE,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """mIoU / mAcc / pixel accuracy of each protocol, as `<protocol>_<metric>`."""
+    """mIoU / mAcc / pixel accuracy of each protocol, as `<protocol>_<metric>`. Unreadable pairs are
+    skipped; `dataset.skipped` counts those the first protocol met (the others read the same files)."""
     started = time.perf_counter()
     s = resolve(SegmentSettings(), SEGMENT_FULL, data_spec, overrides)
     unknown = set(s.protocols) - set(PROTOCOLS)
-    if unknown:
+    if unknown or not s.protocols:
         raise ValueError(f"unknown segmentation protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
+    if len(s.scale_range) != 2 or not 0 < s.scale_range[0] <= s.scale_range[1]:
+        raise ValueError(f"--scale-range needs two factors lo,hi with 0 < lo <= hi, got {s.scale_range}")
     torch.manual_seed(s.seed)
     names = read_lines(s.class_names) if s.class_names else None
     train_spec = train_spec or default_train_spec(data_spec)
-    train = _restricted(
-        open_segmentation(train_spec, pretrained.config, s.reduce_zero_label, names), s.max_train, s.seed
-    )
+    opened = (s.reduce_zero_label, names, background)
+    train = _restricted(open_segmentation(train_spec, pretrained.config, *opened), s.max_train, s.seed)
     names = names or train.class_names
-    test = _restricted(open_segmentation(data_spec, pretrained.config, s.reduce_zero_label, names), s.max_eval, s.seed)
+    opened = (s.reduce_zero_label, names, background)
+    test = _restricted(open_segmentation(data_spec, pretrained.config, *opened), s.max_eval, s.seed)
+    train_skips, test_skips = {p: Skips() for p in s.protocols}, {p: Skips() for p in s.protocols}
     size = s.crop_size or pretrained.image_size
     views = SegViews(train, size, train=True, scale=(s.scale_range[0], s.scale_range[1]))
     visual, num_classes = pretrained.model.visual, len(names)
@@ -225,24 +247,35 @@ def run_segment(
             s,
             device,
             num_workers,
+            train_skips["linear"],
         )
         head.eval()
-        metrics.update({f"linear_{k}": v for k, v in score(linear, test, size, device, 64, num_workers).items()})
+        scores = score(linear, test, size, device, 64, num_workers, test_skips["linear"])
+        metrics.update({f"linear_{k}": v for k, v in scores.items()})
     if "fpn" in s.protocols:
         model = FPNSegmenter(visual, num_classes, s.fpn_channels).to(device).train()
         optimizer = backbone_head_optimizer(
             model.pyramid.vit, model.head_modules(), s.fpn_lr, s.weight_decay, s.layer_decay
         )
-        curves["fpn"] = train_segmenter(model, optimizer, views, s.fpn_steps, s.warmup_steps, s, device, num_workers)
+        curves["fpn"] = train_segmenter(
+            model, optimizer, views, s.fpn_steps, s.warmup_steps, s, device, num_workers, train_skips["fpn"]
+        )
         model.eval()
-        metrics.update({f"fpn_{k}": v for k, v in score(model, test, size, device, 64, num_workers).items()})
+        metrics.update(
+            {f"fpn_{k}": v for k, v in score(model, test, size, device, 64, num_workers, test_skips["fpn"]).items()}
+        )
+    first = s.protocols[0]  # every protocol reads the same files: report what the first one met
+    skipped = Skips()
+    skipped.merge(train_skips[first].as_dict())
+    skipped.merge(test_skips[first].as_dict())
     dataset = {
         "spec": data_spec,
         "train": train_spec,
-        "num_train": len(train),
-        "num_images": len(test),
+        "num_train": len(train) - len(train_skips[first]),
+        "num_images": len(test) - len(test_skips[first]),
         "num_classes": num_classes,
         "class_names": names,
         "crop_size": size,
+        "skipped": skipped.as_dict(),
     }
-    return make_result("segment", pretrained, dataset, s, metrics, started, curve=curves)
+    return make_result("segment", pretrained, dataset, s, metrics, started, background, curve=curves)

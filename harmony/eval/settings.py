@@ -49,15 +49,29 @@ def _scalar(kind: type, text: str) -> Any:
 
 
 def parse_value(default: Any, text: str) -> Any:
-    """Text -> the type of a setting's default (a comma-separated list for tuple settings)."""
+    """Text -> the type of a setting's default: for tuple settings a comma-separated list of one or
+    more values (`5` -> (5,), `5,7` -> (5, 7)); a string setting keeps the text whole."""
     if isinstance(default, tuple):
         kind = type(default[0]) if default else str
-        return tuple(_scalar(kind, part) for part in text.split(",") if part.strip())
+        values = tuple(_scalar(kind, part) for part in text.split(",") if part.strip())
+        if not values:
+            raise ValueError(f"'{text}' holds no value (give one or a comma-separated list)")
+        return values
     return _scalar(type(default), text)
 
 
 def _parser_for(default: Any) -> Callable[[str], Any]:
-    return lambda text: parse_value(default, text)
+    """An argparse `type` whose error names the expected type ("invalid value" would not)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_value(default, text)
+        except ValueError as exc:
+            kind = type(default[0] if isinstance(default, tuple) and default else default).__name__
+            what = f"{kind} list" if isinstance(default, tuple) else kind
+            raise argparse.ArgumentTypeError(f"expected {what}: {exc}") from None
+
+    return parse
 
 
 def add_flags(parser: argparse.ArgumentParser, defaults: object, full: object) -> None:

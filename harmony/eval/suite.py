@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 
+from harmony.data.rgb import WHITE
 from harmony.eval.attention import ATTENTION_FULL, AttentionSettings, run_attention
 from harmony.eval.detect import DETECT_FULL, DetectSettings, run_detect
 from harmony.eval.finetune import FINETUNE_FULL, FinetuneSettings, run_finetune
+from harmony.eval.images import Colour
 from harmony.eval.knn import KNN_FULL, KnnSettings, run_knn
 from harmony.eval.linear import LINEAR_FULL, LinearSettings, run_linear
-from harmony.eval.report import result_table, write_result
+from harmony.eval.report import report_skips, result_table, write_result
 from harmony.eval.retrieval import RETRIEVAL_FULL, RetrievalSettings, run_retrieval
 from harmony.eval.segment import SEGMENT_FULL, SegmentSettings, run_segment
 from harmony.eval.zeroshot import ZEROSHOT_FULL, ZeroShotSettings, run_zeroshot
@@ -76,11 +78,15 @@ def run_task(
     cache_dir: Path | None = None,
     maps_dir: Path | None = None,
     num_workers: int = 2,
+    background: Colour = WHITE,
     **settings: Any,
 ) -> dict[str, Any]:
-    """One protocol by name, given only the arguments it takes."""
+    """One protocol by name, given only the arguments it takes (`background`: what transparent images
+    are composited over)."""
     protocol = PROTOCOLS[task]
-    extra: dict[str, Any] = {"num_workers": num_workers} if protocol.loads else {}
+    extra: dict[str, Any] = {"background": background}
+    if protocol.loads:
+        extra["num_workers"] = num_workers
     if protocol.trains and train_spec:
         extra["train_spec"] = train_spec
     if protocol.caches:
@@ -102,6 +108,7 @@ def run_suite(
     num_workers: int = 2,
     echo: bool = True,
     data_for: Mapping[str, str] | None = None,
+    background: Colour = WHITE,
 ) -> dict[str, dict[str, Any]]:
     """Every requested protocol; `<out_dir>/<task>.json` each, maps in `<out_dir>/maps`.
 
@@ -126,11 +133,13 @@ def run_suite(
             cache_dir=cache_dir,
             maps_dir=out_dir / "maps",
             num_workers=num_workers,
+            background=background,
             **(settings or {}).get(task, {}),
         )
         write_result(out_dir / f"{task}.json", result)
         if echo:
             print(result_table(result), flush=True)
+            report_skips(result)
         results[task] = result
     return results
 

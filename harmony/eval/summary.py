@@ -92,8 +92,8 @@ def plot_curves(runs: Runs, path: Path) -> bool:
             panels.append((f"{task}: training loss", lines))
     knn = {
         label: (
-            [float(k) for k in r["knn"]["settings"]["ks"]],
-            [r["knn"]["metrics"][f"k{k}_top1"] for k in r["knn"]["settings"]["ks"]],
+            [float(k) for k in r["knn"].get("ks_used", r["knn"]["settings"]["ks"])],
+            [r["knn"]["metrics"][f"k{k}_top1"] for k in r["knn"].get("ks_used", r["knn"]["settings"]["ks"])],
         )
         for label, r in runs.items()
         if "metrics" in r.get("knn", {})

@@ -3,11 +3,14 @@ images classified by cosine similarity; top-1 / top-5 accuracy.
 
 Templates and class names come from a named set or a file with one entry per line: template sets
 `default` (short, for the built-in shapes), `openai` (CLIP's 80 ImageNet prompts) and `simple` (its
-7-prompt subset), class-name set `imagenet` (both from open_clip's metadata).
+7-prompt subset), class-name set `imagenet` (both from open_clip's metadata). Without a class-name
+set, an image folder's sub-folder names are the classes; in the prompts their `_` and `-` read as
+spaces (`signs_and_symbols` -> "a photo of a signs and symbols.").
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from harmony.data.rgb import WHITE
 from harmony.eval.datasets import extract, open_labelled, subset
+from harmony.eval.images import Colour, Skips
 from harmony.eval.metrics import topk_accuracy
 from harmony.eval.report import make_result
 from harmony.eval.settings import resolve
@@ -40,7 +45,13 @@ DEFAULT_TEMPLATES = [
 @dataclass(frozen=True)
 class ZeroShotSettings:
     templates: str = field(default="default", metadata={"help": "template set (default/openai/simple) or file"})
-    classnames: str = field(default="", metadata={"help": "class-name set (imagenet) or file; '' = the dataset's"})
+    classnames: str = field(
+        default="",
+        metadata={
+            "help": "class-name set (imagenet) or file, one name per line in sorted class-folder order; "
+            "'' = the class folder names, _ and - read as spaces"
+        },
+    )
     max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
     batch_size: int = field(default=256, metadata={"help": "image batch"})
 
@@ -49,7 +60,19 @@ ZEROSHOT_FULL = ZeroShotSettings()
 
 
 def read_lines(path: str | Path) -> list[str]:
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    """Non-blank stripped lines of a text file; DataError when it cannot be read."""
+    from harmony.data.errors import DataError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read '{path}' ({getattr(exc, 'strerror', None) or exc})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def prompt_name(folder_name: str) -> str:
+    """A class folder's name as it reads in a prompt: `_` and `-` become spaces."""
+    return re.sub(r"\s+", " ", re.sub(r"[_-]+", " ", folder_name)).strip() or folder_name
 
 
 def template_set(name: str) -> list[str]:
@@ -63,6 +86,8 @@ def template_set(name: str) -> list[str]:
     }
     if name in named:
         return list(named[name])
+    if not Path(name).is_file():
+        raise ValueError(f"templates '{name}' is neither a named set ({', '.join(named)}) nor a file")
     templates = read_lines(name)
     if not all("{}" in t for t in templates):
         raise ValueError(f"every template in '{name}' needs a '{{}}' for the class name")
@@ -70,9 +95,14 @@ def template_set(name: str) -> list[str]:
 
 
 def class_name_set(name: str) -> list[str]:
+    """The named set `imagenet` or a file with one class name per line (in the dataset's class order)."""
     from open_clip import zero_shot_metadata as meta
 
-    return list(meta.IMAGENET_CLASSNAMES) if name == "imagenet" else read_lines(name)
+    if name == "imagenet":
+        return list(meta.IMAGENET_CLASSNAMES)
+    if not Path(name).is_file():
+        raise ValueError(f"classnames '{name}' is neither the named set imagenet nor a file")
+    return read_lines(name)
 
 
 @torch.no_grad()
@@ -95,12 +125,14 @@ def run_zeroshot(
     pretrained: Pretrained,
     data_spec: str,
     device: torch.device,
-    class_names: Sequence[str] | None = None,
-    templates: Sequence[str] | None = None,
+    prompt_names: Sequence[str] | None = None,
+    prompt_templates: Sequence[str] | None = None,
     num_workers: int = 2,
+    background: Colour = WHITE,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Top-1/top-5 of zero-shot classification; explicit `class_names`/`templates` beat the settings."""
+    """Top-1/top-5 of zero-shot classification. Explicit `prompt_names` / `prompt_templates` lists beat
+    the `classnames` / `templates` settings (which name a set or a file)."""
     started = time.perf_counter()
     s = resolve(ZeroShotSettings(), ZEROSHOT_FULL, data_spec, overrides)
     model, tokenizer = pretrained.model, pretrained.tokenizer
@@ -108,14 +140,25 @@ def run_zeroshot(
         raise ValueError(
             f"checkpoint '{pretrained.path}' has no text tower ({pretrained.weights}); zero-shot needs one"
         )
-    data = subset(open_labelled(data_spec, pretrained.config), s.max_eval)
-    names = list(class_names or (class_name_set(s.classnames) if s.classnames else data.class_names))
+    data = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval)
+    if prompt_names:
+        names = list(prompt_names)
+    else:
+        names = class_name_set(s.classnames) if s.classnames else [prompt_name(n) for n in data.class_names]
     if len(names) != len(data.class_names):
         raise ValueError(f"{len(names)} class names given for a dataset with {len(data.class_names)} classes")
-    prompts = list(templates or template_set(s.templates))
+    prompts = list(prompt_templates or template_set(s.templates))
     weights = class_embeddings(model, tokenizer, names, prompts, device)
-    feats, labels = extract(model.encode_image, data, pretrained.image_size, device, s.batch_size, num_workers)
+    skips = Skips()
+    feats, labels = extract(model.encode_image, data, pretrained.image_size, device, s.batch_size, num_workers, skips)
     metrics = topk_accuracy(feats @ weights.cpu().t(), labels)
     metrics["chance"] = 1.0 / len(names)
-    dataset = {"spec": data_spec, "num_images": len(data), "num_classes": len(names), "class_names": names}
-    return make_result("zeroshot", pretrained, dataset, s, metrics, started, templates=prompts)
+    dataset = {
+        "spec": data_spec,
+        "num_images": len(labels),
+        "num_classes": len(names),
+        "class_names": data.class_names,
+        "prompt_names": names,
+        "skipped": skips.as_dict(),
+    }
+    return make_result("zeroshot", pretrained, dataset, s, metrics, started, background, templates=prompts)
