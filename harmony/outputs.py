@@ -30,14 +30,19 @@ def _probe_directory(directory: Path, flag: str, target: Path) -> None:
     os.unlink(name)
 
 
+def _check_dir(directory: Path, flag: str, named: Path, kind: str) -> None:
+    """Raise OutputError (naming `named`, the path the user gave) unless `directory` is or can become writable."""
+    existing = _first_existing(directory)
+    if not existing.is_dir():
+        what = "is a file" if existing == named else f"lies under {existing}, which is a file"
+        raise OutputError(f"{flag} {named}: {what}; give a {kind} path")
+    _probe_directory(existing, flag, named)
+
+
 def check_output_dir(path: Path | str, flag: str = "--out") -> Path:
     """Make sure `path` is, or can become, a writable directory; creates nothing. Returns it as a Path."""
     target = Path(path)
-    existing = _first_existing(target)
-    if not existing.is_dir():
-        what = "is a file" if existing == target else f"lies under {existing}, which is a file"
-        raise OutputError(f"{flag} {target}: {what}; give a directory path")
-    _probe_directory(existing, flag, target)
+    _check_dir(target, flag, target, "directory")
     return target
 
 
@@ -46,5 +51,5 @@ def check_output_file(path: Path | str, flag: str = "--out") -> Path:
     target = Path(path)
     if target.is_dir():
         raise OutputError(f"{flag} {target}: is a directory; give a file path")
-    check_output_dir(target.parent, flag=flag)
+    _check_dir(target.parent, flag, target, "file")
     return target

@@ -63,7 +63,7 @@ def test_a_class_folder_as_users_have_them(tmp_path: Path, capsys: pytest.Captur
     assert "class folder(s) empty of" in capsys.readouterr().err
     (tmp_path / "café_crème" / "zero.png").write_bytes(b"")
     data = open_labelled(str(tmp_path), cfg)
-    with pytest.raises(SampleError, match=r"zero.png' is an empty file \(0 bytes\)"):
+    with pytest.raises(SampleError, match=r"zero.png': empty image file \(0 bytes\)"):
         data.get(1)
 
 

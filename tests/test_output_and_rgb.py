@@ -62,3 +62,12 @@ def test_output_checks_refuse_paths_under_a_file_and_create_nothing(tmp_path: Pa
     assert check_output_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
     assert not (tmp_path / "a").exists()
     assert check_output_file(tmp_path / "c" / "r.json").name == "r.json"
+
+
+def test_output_file_messages_name_the_path_given(tmp_path: Path) -> None:
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(
+        OutputError, match=r"--json .*file.txt/r.json: lies under .*file.txt, which is a file; give a file"
+    ):
+        check_output_file(blocker / "r.json", flag="--json")

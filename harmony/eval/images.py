@@ -16,26 +16,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from harmony.data.decode import DEFAULT_MAX_PIXELS, open_image
+from harmony.data.decode import DEFAULT_MAX_PIXELS, open_image, upright
 from harmony.data.errors import DataError, SampleError
 from harmony.data.rgb import WHITE, to_rgb
 
 Colour = tuple[int, int, int]
 B = TypeVar("B")
 EXAMPLES = 3
-HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
-
-
-def _eight_bit(image: Image.Image) -> Image.Image:
-    """16-bit and float greyscale scaled to 8 bits (PIL's own conversion clips them to white)."""
-    pixels = np.asarray(image, dtype=np.float64)
-    top = 65535.0 if pixels.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
-    return Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
 def read_image(path: Path, background: Colour = WHITE, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -44,8 +35,6 @@ def read_image(path: Path, background: Colour = WHITE, max_pixels: int = DEFAULT
         data = path.read_bytes()
     except OSError as exc:
         raise SampleError("image", f"cannot read '{path}': {exc.strerror or exc}") from None
-    if not data:
-        raise SampleError("image", f"'{path}' is an empty file (0 bytes)")
     try:
         image = open_image(data, max_pixels)
     except SampleError as exc:
@@ -54,9 +43,7 @@ def read_image(path: Path, background: Colour = WHITE, max_pixels: int = DEFAULT
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
-            if image.mode in HIGH_DEPTH_MODES:
-                image = _eight_bit(image)
-            return to_rgb(image, background)
+            return to_rgb(upright(image), background)
     except Exception as exc:  # truncated or corrupt data surfaces here, in whatever type the codec raises
         raise SampleError("image", f"'{path}': image data unreadable ({type(exc).__name__}: {exc})") from None
 
