@@ -183,3 +183,13 @@ def test_a_second_ctrl_c_aborts_at_once() -> None:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_train_into_an_unwritable_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert train(blocker / "run", "--max-steps", "1") == 1  # the old code: NotADirectoryError traceback
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lies under" in err and "which is a file" in err
+    assert train(blocker, "--max-steps", "1") == 1
+    assert "is a file; give a directory path" in capsys.readouterr().err

@@ -110,7 +110,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", lazy: bool 
     except Exception:  # torch raises many types for corrupt or foreign files
         raise CheckpointError(f"'{path}' cannot be loaded: {describe_unreadable(path)}; expected {EXPECTED}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is a PyTorch file but not a Harmony checkpoint; expected {EXPECTED}")
+        with open(path, "rb") as handle:
+            what = describe_unreadable(path) if _safetensors_header(handle.read(16)) else "a PyTorch file"
+        raise CheckpointError(f"'{path}' is {what} but not a Harmony checkpoint; expected {EXPECTED}")
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"checkpoint '{path}' has version {state['version']}; this Harmony reads <= {VERSION}")
     return state
