@@ -150,3 +150,15 @@ def test_list_valued_flags_take_one_value_or_a_comma_list(capsys: pytest.Capture
     assert "expects a list of 2 numbers, got '0.5'" in capsys.readouterr().err
     assert main(["train", "--preset", "clip-tiny-test", "data.augment.global_scale=0.5,1", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["data"]["augment"]["global_scale"] == [0.5, 1.0]
+
+
+def test_gitignore_covers_what_the_readme_examples_write() -> None:
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    outs = {m.strip("'\"") for m in re.findall(r"--out (\S+)", readme) if not m.startswith("DIR")}
+    outs |= {"vit_s16.json", "runs/demo"}  # the timm sidecar, `make demo`
+    assert len(outs) >= 8
+    for path in sorted(outs):
+        proc = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO, check=False)
+        assert proc.returncode == 0, f"{path} is not ignored"
