@@ -193,3 +193,36 @@ def test_train_into_an_unwritable_out_is_one_line(tmp_path: Path, capsys: pytest
     assert err.count("\n") == 1 and "lies under" in err and "which is a file" in err
     assert train(blocker, "--max-steps", "1") == 1
     assert "is a file; give a directory path" in capsys.readouterr().err
+
+
+def test_resuming_another_runs_checkpoint_into_a_used_folder_is_refused(
+    tmp_path: Path, clip_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = tmp_path / "mine"
+    assert train(mine, "--max-steps", "8", "train.save_every=4") == 0
+    capsys.readouterr()
+    theirs = ["--out", str(mine), "--resume", str(clip_checkpoint), "--max-steps", "8", "--no-progress"]
+    assert main(["train", *theirs]) == 1  # else a later --resume auto would pick our step_8 over theirs
+    assert "would mix the two" in capsys.readouterr().err
+    assert main(["train", *theirs, "--overwrite"]) == 0
+    assert "step_00000004.pt" not in {p.name for p in (mine / "checkpoints").iterdir()}, "our old run is gone"
+    assert steps_logged(mine) == [8] and ckpt.load(mine / "checkpoints" / "last.pt")["step"] == 8
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.yaml").write_text("my own project settings")
+    assert train(tmp_path, "--max-steps", "1", "--overwrite") == 1
+    assert "not a Harmony run" in capsys.readouterr().err
+    assert (tmp_path / "config.yaml").read_text() == "my own project settings"
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(tmp_path, "--max-steps", "2", "optim.lr=0.003") == 0
+    for path in (tmp_path / "checkpoints").iterdir():  # as if killed before the first save
+        path.unlink()
+    assert train(tmp_path, "--max-steps", "2") == 1
+    assert main(["train", "--out", str(tmp_path), "--resume", "auto", "--no-progress"]) == 0
+    assert steps_logged(tmp_path) == [2], "the killed run's lines were replaced"
+    assert ckpt.load(tmp_path / "checkpoints" / "last.pt")["config"]["optim"]["lr"] == 0.003

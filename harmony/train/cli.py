@@ -8,6 +8,7 @@ from pathlib import Path
 
 from harmony.config import Config, ConfigError, dump_yaml
 from harmony.presets import build_config, load_preset
+from harmony.train.runfolder import continues_in
 
 # flag (argparse dest) -> config key: every flag of `harmony train` that sets a config value
 FLAG_KEYS = {
@@ -42,8 +43,7 @@ def resolve_config(args: argparse.Namespace, out: Path) -> tuple[Config, str | N
     """The config to train and what to resume from ('auto', a checkpoint path, or None)."""
     overrides = explicit_overrides(args)
     if not args.resume:
-        if args.preset is None:
-            raise ConfigError("--preset is required to start a run (see `harmony presets`)")
+        assert args.preset is not None
         return build_config(args.preset, overrides), None
     from harmony.train.resume import resume_point, resumed_config
 
@@ -57,9 +57,11 @@ def resolve_config(args: argparse.Namespace, out: Path) -> tuple[Config, str | N
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.resume and args.overwrite:
-        raise ConfigError("--resume continues a run and --overwrite deletes it: give one of them")
+    if not args.resume and args.preset is None:
+        raise ConfigError("--preset is required to start a run (see `harmony presets`)")
     out = _run_folder(args)
+    if args.overwrite and continues_in(out, args.resume):
+        raise ConfigError("--resume continues the run in --out and --overwrite deletes it: give one of them")
     cfg, resume = resolve_config(args, out)
     if args.print_config:
         sys.stdout.write(dump_yaml(cfg))

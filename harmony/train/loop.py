@@ -74,7 +74,7 @@ class Trainer:
         self.cfg, self.out_dir = cfg, out_dir
         requested = resolve_device(cfg.train.device)
         self.dist: DistInfo = init_distributed(requested.type)
-        self.lock = claim(out_dir, bool(resume), overwrite) if self.dist.is_main else None
+        self.lock = claim(out_dir, resume, overwrite) if self.dist.is_main else None
         try:
             self._build(resume, progress)
         except BaseException:

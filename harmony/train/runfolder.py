@@ -45,20 +45,39 @@ class RunLock:
             self._fd = None
 
 
-def claim(folder: Path, resume: bool, overwrite: bool) -> RunLock:
-    """Lock `folder` for this run and make sure it holds no other run (see the module docstring)."""
+def continues_in(folder: Path, resume: str | None) -> bool:
+    """Whether `--resume` continues the run in `folder` ('auto', or one of its own checkpoints)."""
+    if resume is None:
+        return False
+    return resume == "auto" or folder.resolve() in Path(resume).resolve().parents
+
+
+def claim(folder: Path, resume: str | None, overwrite: bool) -> RunLock:
+    """Lock `folder` for this run and make sure it holds no other run (see the module docstring).
+    Resuming a checkpoint from elsewhere counts as a new run here (its step would mix with theirs)."""
     check_output_dir(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = RunLock(folder)
     present = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
-    if present and not resume:
-        if not overwrite:
-            lock.release()
-            shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
-            raise OutputError(
+    if present and not continues_in(folder, resume):
+        shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+        is_run = (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()
+        problem = None
+        if not overwrite and resume is not None:
+            problem = (
+                f"--out {folder} already holds a run ({shown}); continuing {resume} there would mix the two: "
+                "give a new --out, or --overwrite to replace that run"
+            )
+        elif not overwrite:
+            problem = (
                 f"--out {folder} is not empty ({shown}): continue that run with --resume auto, "
                 "start it over with --overwrite, or give a new --out"
             )
+        elif not is_run:
+            problem = f"--out {folder} holds files that are not a Harmony run ({shown}); give a new or empty --out"
+        if problem:
+            lock.release()
+            raise OutputError(problem)
         for name in RUN_FILES:
             path = folder / name
             if path.is_dir():
