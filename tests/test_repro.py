@@ -160,3 +160,36 @@ def load_suite_text(folder: Path, text: str) -> Suite:
     path = folder / "suite.yaml"
     path.write_text(text)
     return load_suite(str(path))
+
+
+def test_ctrl_c_during_repro_lets_the_training_save(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from harmony.train import checkpoint as ckpt
+    from tests.conftest import REPO
+
+    suite_file = tmp_path / "long.yaml"
+    suite_file.write_text(MICRO_SUITE.replace("train.max_steps=3", "train.max_steps=400"))
+    out = tmp_path / "repro"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harmony.cli", "repro", "--suite", str(suite_file), "--out", str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches the whole group
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if " step 4/400 " in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().endswith("interrupted"), err
+    run = out / "runs" / "clip-tiny-test"
+    assert "stopped by SIGINT" in (run / "train.log").read_text()
+    assert 4 <= ckpt.load(run / "checkpoints" / "last.pt")["step"] < 400

@@ -79,11 +79,18 @@ def train_method(suite: Suite, preset: str, run_dir: Path, echo: bool = True) ->
             bufsize=1,
         )
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            last = line.strip() or last
-            if echo and _progress_line(line, preset):
-                print(f"[repro] {line.rstrip()}", flush=True)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                last = line.strip() or last
+                if echo and _progress_line(line, preset):
+                    print(f"[repro] {line.rstrip()}", flush=True)
+        except KeyboardInterrupt:
+            # the trainer got the same Ctrl-C and is saving its checkpoint: let it finish (a second
+            # Ctrl-C aborts both), so that the next `harmony repro` continues from there
+            log.writelines(proc.stdout)
+            proc.wait()
+            raise
         returncode = proc.wait()
     if returncode != 0:
         raise ReproError(f"training {preset} failed (exit {returncode}): {last[-300:]}; see {run_dir / 'train.log'}")
