@@ -226,3 +226,17 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(
     assert main(["train", "--out", str(tmp_path), "--resume", "auto", "--no-progress"]) == 0
     assert steps_logged(tmp_path) == [2], "the killed run's lines were replaced"
     assert ckpt.load(tmp_path / "checkpoints" / "last.pt")["config"]["optim"]["lr"] == 0.003
+
+
+def test_an_edited_config_yaml_is_reported_not_silently_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(tmp_path, "--max-steps", "2") == 0
+    assert main(["train", "--out", str(tmp_path), "--resume", "auto", "--print-config"]) == 0
+    assert capsys.readouterr().err == "", "an untouched run folder resumes without a note"
+    config = tmp_path / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.001", "lr: 0.01"))
+    assert main(["train", "--out", str(tmp_path), "--resume", "auto", "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    assert "config.yaml differs from the config stored in" in err and "pass changes as key=value" in err
+    assert yaml.safe_load(out)["optim"]["lr"] == 0.001

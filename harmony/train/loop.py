@@ -124,8 +124,9 @@ class Trainer:
         state = ckpt.load(path, map_location=self.device)
         self.stepper.load_state_dict(state, f"checkpoint '{path}'")
         changes = changed_keys(state.get("config", {}), to_dict(self.cfg))
-        if changes and self.dist.is_main:
-            print(f"resuming {path} (step {self.step}) with changed settings: " + "; ".join(changes), flush=True)
+        if self.dist.is_main:
+            changed = " with changed settings: " + "; ".join(changes) if changes else ""
+            print(f"resuming {path} (step {self.step}){changed}", flush=True)
 
     def save(self, periodic: bool) -> Path:
         last = self.ckpt_dir / "last.pt"

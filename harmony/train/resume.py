@@ -52,18 +52,29 @@ def resume_point(out: Path, resume: str) -> ResumePoint:
     from harmony.train import checkpoint as ckpt
 
     path = ckpt.latest(out / "checkpoints") if resume == "auto" else Path(resume)
+    saved = _read_yaml(out / "config.yaml")
     if path is not None:
-        state = ckpt.load(path, lazy=True)
-        return ResumePoint(path, state.get("config"), f"checkpoint '{path}'")
-    saved = out / "config.yaml"
-    if saved.is_file():
-        try:
-            data = yaml.safe_load(saved.read_text())
-        except yaml.YAMLError:
-            data = None
-        if isinstance(data, dict):
-            return ResumePoint(None, data, f"'{saved}'")
+        config = ckpt.load(path, lazy=True).get("config")
+        if resume == "auto" and saved is not None and saved != config:
+            print(
+                f"resume: {out / 'config.yaml'} differs from the config stored in {path}; the stored one is "
+                "used (edits to config.yaml have no effect: pass changes as key=value)",
+                file=sys.stderr,
+            )
+        return ResumePoint(path, config, f"checkpoint '{path}'")
+    if saved is not None:
+        return ResumePoint(None, saved, f"'{out / 'config.yaml'}'")
     return ResumePoint(None, None, "")
+
+
+def _read_yaml(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
