@@ -240,3 +240,14 @@ def test_an_edited_config_yaml_is_reported_not_silently_ignored(
     out, err = capsys.readouterr()
     assert "config.yaml differs from the config stored in" in err and "pass changes as key=value" in err
     assert yaml.safe_load(out)["optim"]["lr"] == 0.001
+
+
+def test_resume_auto_with_only_unreadable_checkpoints_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(tmp_path, "--max-steps", "2") == 0
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")  # e.g. a full disk during a copy
+    assert main(["train", "--out", str(tmp_path), "--resume", "auto", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "an empty file (0 bytes)" in err and "--overwrite" in err
+    assert steps_logged(tmp_path) == [2], "the run's history was not thrown away"

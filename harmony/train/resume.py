@@ -52,6 +52,15 @@ def resume_point(out: Path, resume: str) -> ResumePoint:
     from harmony.train import checkpoint as ckpt
 
     path = ckpt.latest(out / "checkpoints") if resume == "auto" else Path(resume)
+    unusable = sorted((out / "checkpoints").glob("*.pt")) if path is None else []
+    if unusable:  # starting from step 0 here would quietly throw the run away
+        try:
+            ckpt.load(unusable[-1], lazy=True)
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(
+                f"--resume auto: no checkpoint in {out / 'checkpoints'} can be read ({exc}); "
+                "restore one, or start the run over with --overwrite"
+            ) from None
     saved = _read_yaml(out / "config.yaml")
     if path is not None:
         config = ckpt.load(path, lazy=True).get("config")
