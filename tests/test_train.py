@@ -106,7 +106,7 @@ def _zip_without_pickle(path: Path) -> None:
             lambda p, good: p.write_bytes(good.read_bytes()[: good.stat().st_size // 2]),
             "a truncated or damaged file",
         ),
-        ("vit.safetensors", lambda p, good: _safetensors_export(p), "a safetensors file (an export"),
+        ("vit.safetensors", lambda p, good: _safetensors_export(p), "a safetensors export (weights only"),
         ("other.zip", lambda p, good: _zip_without_pickle(p), "a zip archive that is not a PyTorch checkpoint"),
         (
             "tensor.pt",

@@ -67,10 +67,7 @@ def describe_unreadable(path: Path) -> str:
     with open(path, "rb") as handle:
         head = handle.read(4096)
     if _safetensors_header(head):
-        return (
-            "a safetensors file (an export: weights only, for timm or open_clip, not a training checkpoint; "
-            "load it with timm/open_clip, or give the run's checkpoints/last.pt)"
-        )
+        return "a safetensors export (weights only, for timm or open_clip: load it with those libraries)"
     if head.startswith(b"PK\x03\x04"):
         if not zipfile.is_zipfile(path):
             return f"a truncated or damaged file ({size} bytes; a zip archive without its end: an interrupted copy?)"
@@ -111,8 +108,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", lazy: bool 
         raise CheckpointError(f"'{path}' cannot be loaded: {describe_unreadable(path)}; expected {EXPECTED}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         with open(path, "rb") as handle:
-            what = describe_unreadable(path) if _safetensors_header(handle.read(16)) else "a PyTorch file"
-        raise CheckpointError(f"'{path}' is {what} but not a Harmony checkpoint; expected {EXPECTED}")
+            export = _safetensors_header(handle.read(16))
+        what = describe_unreadable(path) if export else "a PyTorch file but not a Harmony checkpoint"
+        raise CheckpointError(f"'{path}' is {what}; expected {EXPECTED}")
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"checkpoint '{path}' has version {state['version']}; this Harmony reads <= {VERSION}")
     return state
