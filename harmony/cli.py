@@ -1,53 +1,41 @@
-"""The `harmony` command: train, presets, data tools, evaluation, demo.
+"""The `harmony` command: train, presets, data tools, evaluation, benchmarks, export, reproduction.
 
-Every user mistake (bad config, bad data, bad checkpoint) ends in one line on stderr and a non-zero
-exit: 2 for configuration and usage errors, 1 for data, checkpoint and training errors.
+Each command's parser lives in its own module and is imported only when that command runs (a static
+table below names them), so `harmony --help` and `harmony presets` answer without loading torch.
+Every user mistake (bad config, bad data, bad checkpoint, unwritable output) ends in one line on
+stderr and a non-zero exit: 2 for configuration and usage errors, 1 for the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
-from harmony.config import ConfigError, dump_yaml
-from harmony.presets import build_config, describe, method_names, size_names
+from harmony.typed import ConfigError
 
-
-def _train_overrides(args: argparse.Namespace) -> list[str]:
-    flags = {
-        "train.epochs": args.epochs,
-        "train.max_steps": args.max_steps,
-        "train.batch_size": args.batch_size,
-        "train.device": args.device,
-        "train.seed": args.seed,
-        "train.precision": args.precision,
-        "data.num_workers": args.workers,
-    }
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if args.data is not None:
-        overrides.append(f"data_spec={args.data}")
-    return overrides + list(args.overrides)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    overrides = _train_overrides(args)
-    cfg = build_config(args.preset, overrides)
-    if args.print_config:
-        sys.stdout.write(dump_yaml(cfg))
-        return 0
-    from harmony.train.loop import train
-
-    out = Path(args.out) if args.out else Path("runs") / cfg.name
-    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    if result.is_main:
-        print(result.summary())
-    return 0
+# name -> (one-line help, "module:function" that adds the command's parser to the subparsers)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("pre-train a model", "harmony.train.cli:add_train_parser"),
+    "presets": ("list methods and sizes", "harmony.cli:add_presets_parser"),
+    "data": ("dataset tools: synth, from-csv, from-folder, inspect", "harmony.data.cli:add_data_parser"),
+    "eval": ("evaluate checkpoints (zero-shot, retrieval, k-NN, linear, ...)", "harmony.eval.cli:add_eval_parser"),
+    "bench": (
+        "measure FLOPs, step time, memory (or `bench data`: loader images/s)",
+        "harmony.cli:add_bench_parser",
+    ),
+    "export": ("export encoders for timm or open_clip", "harmony.export:add_export_parser"),
+    "repro": ("train and evaluate every method of a suite; write report.md", "harmony.repro.cli:add_repro_parser"),
+    "demo": ("Harmony vs CLIP on the built-in data (minutes on a CPU)", "harmony.repro.cli:add_demo_parser"),
+    "check": ("check the machine (e.g. `harmony check gpu`)", "harmony.check:add_check_parser"),
+}
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    from harmony.presets import describe, method_names, size_names
+
     print("methods (combine as {method}-{size}, e.g. harmony-tiny):")
     for name in method_names():
         print(f"  {name:<20} {describe('methods', name)}")
@@ -57,68 +45,48 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="pre-train a model", description="Pre-train with a preset and key=value overrides."
-    )
-    p.add_argument("--preset", required=True, help="{method}-{size} (see `harmony presets`) or a YAML config file")
-    p.add_argument(
-        "--data", help="builtin:shapes, a .csv/.tsv file, a shard folder, a brace pattern of .tar shards, or a URL spec"
-    )
-    p.add_argument("--out", help="run folder (default runs/<preset>)")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--max-steps", type=int, help="run length in steps (schedules span it); overrides --epochs")
-    p.add_argument("--batch-size", type=int, help="global batch size (split over processes)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--workers", type=int, help="data loader workers per process")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint path")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-3")
-    p.set_defaults(func=cmd_train)
+def add_presets_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help=COMMANDS["presets"][0])
+    p.set_defaults(func=cmd_presets)
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """`harmony bench [--preset ...]` (one training step) and `harmony bench data ...` (the loader)."""
+    from harmony.data.throughput import add_bench_data_arguments, cmd_bench_data
     from harmony.train.bench import add_bench_step_arguments, cmd_bench_step
 
-    p = sub.add_parser("bench", help="measure FLOPs, step time, memory (or `bench data`: loader images/s)")
+    p = sub.add_parser("bench", help=COMMANDS["bench"][0])
     add_bench_step_arguments(p)
     p.set_defaults(func=cmd_bench_step)
     what = p.add_subparsers(dest="bench_target")
     data = what.add_parser("data", help="images/s of the full training data loader per worker count")
-
-    def cmd_bench_data(args: argparse.Namespace) -> int:
-        from harmony.data.throughput import cmd_bench_data as run
-
-        return run(args)
-
-    from harmony.data.throughput import add_bench_data_arguments
-
     add_bench_data_arguments(data)
     data.set_defaults(func=cmd_bench_data)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from harmony.data.cli import add_data_parser
-    from harmony.eval.cli import add_eval_parser
-    from harmony.export import add_export_parser
-    from harmony.repro.cli import add_repro_parsers
+def _adder(name: str) -> Callable[[argparse._SubParsersAction], None]:
+    module, function = COMMANDS[name][1].split(":")
+    adder: Callable[[argparse._SubParsersAction], None] = getattr(importlib.import_module(module), function)
+    return adder
 
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The first argument that is not an option: the command, if it is one of ours."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser of `command`; every other command is a placeholder carrying its help line."""
     parser = argparse.ArgumentParser(
         prog="harmony", description="Pre-train and evaluate vision encoders from image-caption pairs."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    p = sub.add_parser("presets", help="list methods and sizes")
-    p.set_defaults(func=cmd_presets)
-    add_data_parser(sub)
-    add_eval_parser(sub)
-    add_bench_parser(sub)
-    add_export_parser(sub)
-    add_repro_parsers(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (help_line, _) in COMMANDS.items():
+        if name == command:
+            _adder(name)(sub)
+        else:
+            sub.add_parser(name, help=help_line, add_help=False)
     return parser
 
 
@@ -127,15 +95,21 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from harmony.data.sources import DataError
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Failures the user can act on, reported in one line (imported on demand: they pull in torch)."""
+    from harmony.data.errors import DataError
     from harmony.outputs import OutputError
     from harmony.repro.runner import ReproError
     from harmony.train.checkpoint import CheckpointError
     from harmony.train.step import TrainingError
 
+    return (DataError, CheckpointError, TrainingError, ReproError, OutputError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    parser = build_parser(_command_of(argv))
     args, extras = parser.parse_known_args(argv)
     # key=value overrides may sit anywhere among the options (argparse stops collecting a
     # positional list at the first option that follows it)
@@ -148,14 +122,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    except (DataError, CheckpointError, TrainingError, ReproError, OutputError) as exc:
-        return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except BrokenPipeError:
         # the reader went away (`harmony presets | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            return _fail(str(exc), 1)
+        raise
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,15 @@ def _python_call(name: str, kwargs: dict[str, Any], overlay: dict[str, Any]) -> 
     return f"timm.create_model({', '.join(args)})"
 
 
+def _save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """`save_file`, then the mode any new file gets (0666 less the umask): safetensors creates its files
+    0600, which hides an export from the other users and services meant to read it."""
+    save_file(state, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def check_timm_out(out: Path) -> None:
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out for --format timm must be a .safetensors file, got '{out}'")
@@ -169,7 +179,7 @@ def export_timm(model: ImageTextModel, out: Path, provenance: dict[str, Any] | N
         "timm.data_config": json.dumps(data),
         "classifier": head_note,
     }
-    save_file(state, str(out), metadata=metadata)
+    _save_safetensors(state, out, metadata)
     sidecar = out.with_suffix(".json")
     recipe = {
         "architecture": arch.model_name,
@@ -247,7 +257,7 @@ def export_open_clip(model: ImageTextModel, out: Path, provenance: dict[str, Any
     with torch.device("meta"):
         reference = open_clip.model.CLIP(**model_cfg)
     check_against(state, reference, "open_clip CLIP")
-    save_file(state, str(out / OPEN_CLIP_WEIGHTS), metadata={"format": "pt", "harmony.export": "open_clip"})
+    _save_safetensors(state, out / OPEN_CLIP_WEIGHTS, {"format": "pt", "harmony.export": "open_clip"})
     config = {
         "model_cfg": model_cfg,
         "preprocess_cfg": {
@@ -265,10 +275,14 @@ def export_open_clip(model: ImageTextModel, out: Path, provenance: dict[str, Any
 
 def cmd_export(args: argparse.Namespace) -> int:
     from harmony.loading import load
+    from harmony.outputs import check_output_dir, check_output_file
 
     out = Path(args.out)
-    if args.format == "timm":
-        check_timm_out(out)  # before the (slow) checkpoint load
+    if args.format == "timm":  # all before the (slow) checkpoint load
+        check_timm_out(out)
+        check_output_file(out)
+    else:
+        check_output_dir(out)
     pretrained = load(args.checkpoint, weights=args.weights)
     provenance = {
         "checkpoint": str(pretrained.path.resolve()),
@@ -296,7 +310,14 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         description="Write a checkpoint's vision tower for timm, or both towers for open_clip (safetensors).",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-    p.add_argument("--format", required=True, choices=["timm", "open_clip"])
+    p.add_argument(
+        "--format", required=True, choices=["timm", "open_clip"], help="timm: vision tower; open_clip: both towers"
+    )
     p.add_argument("--out", required=True, help="timm: a .safetensors file (+ .json sidecar); open_clip: a folder")
-    p.add_argument("--weights", choices=["auto", "student", "teacher"], default="auto")
+    p.add_argument(
+        "--weights",
+        choices=["auto", "student", "teacher"],
+        default="auto",
+        help="auto: the EMA teacher where it has every tower, else the student",
+    )
     p.set_defaults(func=cmd_export)

@@ -52,6 +52,7 @@ def load(path: str | Path, weights: Weights = "auto", device: str | torch.device
     convention: the teacher is the better encoder), else the student. A teacher without a text tower
     (e.g. CLIP + iBOT) loads as a vision-only model.
     """
+    path = ckpt.resolve(path)  # a run folder -> its checkpoints/last.pt (file_identity must be the file's)
     state = ckpt.load(path)
     try:
         known, dropped = known_only(Config, state["config"])

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,8 +84,28 @@ def test_bad_overrides_name_the_key(override: str, key: str) -> None:
 
 
 def test_unknown_preset_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="unknown preset"):
+    with pytest.raises(ConfigError, match=re.escape("unknown preset 'clap-tiny': did you mean 'clip-tiny'?")):
         build_config("clap-tiny")
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("optim.lrr=1", "did you mean 'optim.lr'?"),
+        ("trian.epochs=1", "did you mean 'train'?"),
+        ("objectives.clip.wieght=1", "did you mean 'objectives.clip.weight'?"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest_one(override: str, hint: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        build_config("clip-tiny-test", [override])
+
+
+def test_typos_in_a_yaml_config_file_name_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("objectives: {clip: {}}\noptim: {lr: 1e-3, warmup_epoch: 1}\n")
+    with pytest.raises(ConfigError, match=re.escape("unknown config key 'optim.warmup_epoch'; did you mean")):
+        build_config(str(path))
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import open_clip
@@ -147,3 +149,30 @@ def test_export_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     bad_out = ["export", "--checkpoint", str(tmp_path / "none.pt"), "--format", "timm", "--out", str(tmp_path / "x.pt")]
     assert main(bad_out) == 2
     assert "must be a .safetensors file" in capsys.readouterr().err
+
+
+def test_exported_files_get_normal_modes(tmp_path: Path, clip_checkpoint: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        timm_out = tmp_path / "vit.safetensors"
+        assert main(["export", "--checkpoint", str(clip_checkpoint), "--format", "timm", "--out", str(timm_out)]) == 0
+        oc_out = tmp_path / "oc"
+        assert (
+            main(["export", "--checkpoint", str(clip_checkpoint), "--format", "open_clip", "--out", str(oc_out)]) == 0
+        )
+    finally:
+        os.umask(previous)
+    written = [timm_out, timm_out.with_suffix(".json"), *(p for p in oc_out.rglob("*") if p.is_file())]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {"0o644"}, written  # safetensors wrote 0600
+
+
+@pytest.mark.parametrize("fmt, name", [("timm", "v.safetensors"), ("open_clip", "oc")])
+def test_export_to_an_unwritable_out_is_one_line_before_loading(
+    tmp_path: Path, fmt: str, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    args = ["export", "--checkpoint", str(tmp_path / "none.pt"), "--format", fmt, "--out", str(blocker / name)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file" in err and "none.pt" not in err  # checked before the load

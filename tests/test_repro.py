@@ -40,6 +40,10 @@ def test_micro_suite_end_to_end_and_resume(tmp_path: Path) -> None:
     proc = run_cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[repro] training clip-tiny-test" in proc.stdout and "[repro] training mae-tiny-test" in proc.stdout
+    progress = [line for line in proc.stdout.splitlines() if " step " in line]
+    assert len(progress) == 4 and re.fullmatch(
+        r"\[repro\] mae-tiny-test step 3/3 loss \d+\.\d{4} elapsed \d+s", progress[-1]
+    )
     assert f"report: {out / 'report.md'}" in proc.stdout
 
     report = (out / "report.md").read_text()
@@ -118,3 +122,74 @@ def test_markdown_table_bolds_best_per_column() -> None:
     lines = markdown_table(suite, runs).splitlines()
     assert lines[2] == "| a | 50.0 | **90.0** |"
     assert lines[3] == "| b | **70.0** | — |"
+
+
+def test_a_method_trained_with_other_settings_is_trained_again_from_scratch(tmp_path: Path) -> None:
+    from harmony.repro.runner import train_method
+
+    suite = load_suite_text(tmp_path, MICRO_SUITE)
+    run_dir = tmp_path / "runs" / "clip-tiny-test"
+    assert train_method(suite, "clip-tiny-test", run_dir, echo=False)["steps"] == 3
+    longer = load_suite_text(tmp_path, MICRO_SUITE.replace("train.max_steps=3", "train.max_steps=4"))
+    done = train_method(longer, "clip-tiny-test", run_dir, echo=False)
+    assert done["steps"] == 4 and done["overrides"] == longer.train.overrides
+    log = (run_dir / "train.log").read_text()
+    assert "resuming" not in log, "the old run (other settings) was not continued"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
+def test_repro_to_an_unwritable_out_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_cli("repro", "--suite", "demo", "--out", str(blocker / "out"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "which is a file" in proc.stderr
+
+
+def test_demo_prints_its_elapsed_time(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from harmony.repro import cli
+
+    monkeypatch.setattr(cli, "cmd_repro", lambda args: 0)
+    assert cli.cmd_demo(argparse.Namespace(out="runs/demo", device="cpu")) == 0
+    assert re.search(r"^\[demo\] done in \d+s$", capsys.readouterr().out, re.MULTILINE)
+
+
+def load_suite_text(folder: Path, text: str) -> Suite:
+    path = folder / "suite.yaml"
+    path.write_text(text)
+    return load_suite(str(path))
+
+
+def test_ctrl_c_during_repro_lets_the_training_save(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from harmony.train import checkpoint as ckpt
+    from tests.conftest import REPO
+
+    suite_file = tmp_path / "long.yaml"
+    suite_file.write_text(MICRO_SUITE.replace("train.max_steps=3", "train.max_steps=400"))
+    out = tmp_path / "repro"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harmony.cli", "repro", "--suite", str(suite_file), "--out", str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches the whole group
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if " step 4/400 " in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().endswith("interrupted"), err
+    run = out / "runs" / "clip-tiny-test"
+    assert "stopped by SIGINT" in (run / "train.log").read_text()
+    assert 4 <= ckpt.load(run / "checkpoints" / "last.pt")["step"] < 400

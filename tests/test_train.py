@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -82,13 +83,68 @@ def test_resume_continues_from_the_saved_step_with_the_same_losses(tmp_path: Pat
     )
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+def _safetensors_export(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(path))
+
+
+def _zip_without_pickle(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "hello")
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "says"),
+    [
+        ("empty.pt", lambda p, good: p.write_bytes(b""), "an empty file (0 bytes)"),
+        ("notes.pt", lambda p, good: p.write_text("epoch 3: loss 0.4\n"), "a text file, not a PyTorch checkpoint"),
+        (
+            "cut.pt",
+            lambda p, good: p.write_bytes(good.read_bytes()[: good.stat().st_size // 2]),
+            "a truncated or damaged file",
+        ),
+        ("vit.safetensors", lambda p, good: _safetensors_export(p), "a safetensors export (weights only"),
+        ("other.zip", lambda p, good: _zip_without_pickle(p), "a zip archive that is not a PyTorch checkpoint"),
+        (
+            "tensor.pt",
+            lambda p, good: torch.save({"w": torch.zeros(2)}, p),
+            "a PyTorch file but not a Harmony checkpoint",
+        ),
+        ("folder", lambda p, good: p.mkdir(), "is a folder without checkpoints/last.pt"),
+    ],
+)
+def test_unreadable_checkpoints_say_what_the_file_is(
+    tmp_path: Path, clip_checkpoint: Path, name: str, make: Any, says: str
+) -> None:
+    path = tmp_path / name
+    make(path, clip_checkpoint)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load(path)
+    message = str(info.value)
+    assert says in message and "expected a Harmony training checkpoint" in message, message
+    assert "\n" not in message and len(message) < 400
+
+
+def test_corrupt_checkpoint_is_one_line_from_the_cli(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ckpt.CheckpointError, match="cannot be read"):
-        ckpt.load(bad)
     proc = run_cli("eval", "zeroshot", "--checkpoint", str(bad), "--data", "builtin:shapes:val")
-    assert proc.returncode == 1 and "cannot be read" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        f"harmony: error: '{bad}' cannot be loaded: a text file, not a PyTorch checkpoint (it starts with "
+        "'not a checkpoint'); expected a Harmony training checkpoint (a run folder, or its checkpoints/last.pt "
+        "or step_*.pt)"
+    )
+
+
+def test_loading_a_run_folder_identifies_the_checkpoint_file(clip_checkpoint: Path) -> None:
+    from harmony.loading import load
+
+    pretrained = load(clip_checkpoint.parent.parent)
+    assert pretrained.path == clip_checkpoint  # the eval caches key on this file's size and mtime
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path: Path, clip_checkpoint: Path) -> None:

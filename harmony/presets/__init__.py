@@ -7,6 +7,7 @@ size shares exactly the same model and budget. `suites/` holds the reproduction 
 
 from __future__ import annotations
 
+import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,10 @@ def split_preset(name: str) -> tuple[str, str]:
             method = name[: -len(size) - 1]
             if method in method_names():
                 return method, size
+    close = difflib.get_close_matches(name, preset_names(), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
     raise ConfigError(
-        f"unknown preset '{name}': presets are '{{method}}-{{size}}' with method in "
+        f"unknown preset '{name}': {hint}presets are '{{method}}-{{size}}' with method in "
         f"{', '.join(method_names())} and size in {', '.join(size_names())} (see `harmony presets`)"
     )
 

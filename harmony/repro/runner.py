@@ -27,7 +27,8 @@ class ReproError(RuntimeError):
     """A method failed to train or evaluate; the message names it and where its log is."""
 
 
-def _train_command(suite: Suite, preset: str, run_dir: Path) -> list[str]:
+def _train_command(suite: Suite, preset: str, run_dir: Path, fresh: bool) -> list[str]:
+    """Continue the method's run (`--resume auto`), or start it over when it ran with other settings."""
     return [
         sys.executable,
         "-m",
@@ -39,31 +40,60 @@ def _train_command(suite: Suite, preset: str, run_dir: Path) -> list[str]:
         suite.train.data,
         "--out",
         str(run_dir),
-        "--resume",
-        "auto",
+        *(["--overwrite"] if fresh else ["--resume", "auto"]),
         "--no-progress",
         *suite.train.overrides,
     ]
 
 
+def _progress_line(line: str, preset: str) -> bool:
+    """The trainer's per-log-step line ('<preset> step 40/500 loss ... elapsed ...')."""
+    return line.startswith(f"{preset} step ")
+
+
 def train_method(suite: Suite, preset: str, run_dir: Path, echo: bool = True) -> dict[str, Any]:
-    """Train one method unless a matching finished run exists; returns the finished marker."""
+    """Train one method unless a matching finished run exists; returns the finished marker. The
+    training output goes to `train.log`, and its progress lines (one per log step) to the console."""
     marker = run_dir / "finished.json"
     wanted = {"preset": preset, "data": suite.train.data, "overrides": suite.train.overrides}
+    fresh = False
     if marker.exists():
         done = json.loads(marker.read_text())
         if {k: done.get(k) for k in wanted} == wanted:
             return dict(done)
+        fresh = True  # trained with other settings: continuing it would mix the two
+        marker.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     if echo:
-        print(f"[repro] training {preset} -> {run_dir}", flush=True)
+        again = " (settings changed since it was trained: starting over)" if fresh else ""
+        print(f"[repro] training {preset} -> {run_dir}{again}", flush=True)
     started = time.perf_counter()
+    last = ""
     with open(run_dir / "train.log", "a") as log:
-        proc = subprocess.run(
-            _train_command(suite, preset, run_dir), stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()
+        proc = subprocess.Popen(
+            _train_command(suite, preset, run_dir, fresh),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+            text=True,
+            bufsize=1,
         )
-    if proc.returncode != 0:
-        raise ReproError(f"training {preset} failed (exit {proc.returncode}); see {run_dir / 'train.log'}")
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                last = line.strip() or last
+                if echo and _progress_line(line, preset):
+                    print(f"[repro] {line.rstrip()}", flush=True)
+        except KeyboardInterrupt:
+            # the trainer got the same Ctrl-C and is saving its checkpoint: let it finish (a second
+            # Ctrl-C aborts both), so that the next `harmony repro` continues from there
+            log.writelines(proc.stdout)
+            proc.wait()
+            raise
+        returncode = proc.wait()
+    if returncode != 0:
+        raise ReproError(f"training {preset} failed (exit {returncode}): {last[-300:]}; see {run_dir / 'train.log'}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     done = {**wanted, "steps": records[-1]["step"] if records else 0, "train_time_s": time.perf_counter() - started}
     marker.write_text(json.dumps(done, indent=2) + "\n")

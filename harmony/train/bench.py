@@ -208,7 +208,7 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
 
 def add_bench_step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", action="append", default=[], help="preset(s) to measure; clip of each size is added")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to measure (default cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step (per device)")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")

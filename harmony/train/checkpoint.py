@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -50,21 +51,66 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a Harmony checkpoint; every failure is a one-line CheckpointError."""
+EXPECTED = "a Harmony training checkpoint (a run folder, or its checkpoints/last.pt or step_*.pt)"
+
+
+def _safetensors_header(head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header."""
+    return len(head) > 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def describe_unreadable(path: Path) -> str:
+    """What a file that torch cannot load actually is, in words a user can act on."""
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file (0 bytes)"
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if _safetensors_header(head):
+        return "a safetensors export (weights only, for timm or open_clip: load it with those libraries)"
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return f"a truncated or damaged file ({size} bytes; a zip archive without its end: an interrupted copy?)"
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "a zip archive that is not a PyTorch checkpoint"
+        return f"a damaged PyTorch checkpoint ({size} bytes)"
+    if head.startswith(b"\x80"):
+        return "a pickle that is not a plain PyTorch checkpoint (it holds Python objects, which are not loaded)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"not a PyTorch checkpoint (unknown binary content, {size} bytes)"
+    return f"a text file, not a PyTorch checkpoint (it starts with {head[:40].decode().splitlines()[0]!r})"
+
+
+def resolve(path: str | Path) -> Path:
+    """The checkpoint file `path` names: itself, or for a run folder its checkpoints/last.pt."""
     path = Path(path)
     if path.is_dir():
-        candidate = path / "checkpoints" / "last.pt"
-        path = candidate if candidate.exists() else path / "last.pt"
+        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"'{path}' is a folder without checkpoints/last.pt; expected {EXPECTED}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+        what = "does not exist" if not path.exists() else "is not a regular file"
+        raise CheckpointError(f"checkpoint '{path}' {what}; expected {EXPECTED}")
+    return path
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu", lazy: bool = False) -> dict[str, Any]:
+    """Load and check a Harmony checkpoint; every failure is a one-line CheckpointError.
+    `lazy` maps the tensors from the file instead of reading them (for a look at config and step)."""
+    path = resolve(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({reason[:200]})") from None
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=lazy)
+    except Exception:  # torch raises many types for corrupt or foreign files
+        raise CheckpointError(f"'{path}' cannot be loaded: {describe_unreadable(path)}; expected {EXPECTED}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not a Harmony checkpoint")
+        with open(path, "rb") as handle:
+            export = _safetensors_header(handle.read(16))
+        what = describe_unreadable(path) if export else "a PyTorch file but not a Harmony checkpoint"
+        raise CheckpointError(f"'{path}' is {what}; expected {EXPECTED}")
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"checkpoint '{path}' has version {state['version']}; this Harmony reads <= {VERSION}")
     return state
@@ -85,7 +131,7 @@ def latest(folder: Path) -> Path | None:
         if not path.is_file():
             continue
         try:
-            step = int(load(path)["step"])
+            step = int(load(path, lazy=True)["step"])
         except CheckpointError:
             continue
         if best is None or step > best[0]:

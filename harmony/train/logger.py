@@ -1,9 +1,12 @@
-"""Run logging on rank 0: `metrics.jsonl` (one object per log step), TensorBoard scalars, a progress bar."""
+"""Run logging on rank 0: `metrics.jsonl` (one object per log step), TensorBoard scalars, and on the
+console a progress bar, or (`--no-progress`, e.g. under `harmony repro` or in a batch job's log) one
+plain line per log step."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +33,30 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
     path.write_text("".join(f"{line}\n" for line in kept))
 
 
+def elapsed_text(seconds: float) -> str:
+    """'42s', '3m05s', '2h01m'."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class MetricsLogger:
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        progress: bool = True,
+        label: str = "",
+    ) -> None:
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
+        self.total_steps, self.label = total_steps, label
+        self.started = time.perf_counter()
         self._bar: tqdm[Any] | None = None
         self._writer: Any = None
         if not enabled:
@@ -63,9 +86,16 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._writer.add_scalar(key, value, step)
+        loss = float(record.get("loss", float("nan")))
         if self._bar is not None:
-            shown = {"loss": f"{record.get('loss', float('nan')):.3f}", "img/s": f"{record.get('images_per_s', 0):.0f}"}
+            shown = {"loss": f"{loss:.3f}", "img/s": f"{record.get('images_per_s', 0):.0f}"}
             self._bar.set_postfix(shown, refresh=False)
+        else:
+            print(
+                f"{self.label} step {step}/{self.total_steps} loss {loss:.4f} "
+                f"elapsed {elapsed_text(time.perf_counter() - self.started)}".strip(),
+                flush=True,
+            )
 
     def message(self, text: str) -> None:
         if not self.enabled:

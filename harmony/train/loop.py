@@ -22,6 +22,7 @@ from harmony.train import checkpoint as ckpt
 from harmony.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, full, init_distributed, shutdown
 from harmony.train.logger import MetricsLogger
 from harmony.train.preemption import StopRequest
+from harmony.train.runfolder import claim
 from harmony.train.step import Stepper, TrainingError, resolve_device
 from harmony.typed import changed_keys
 
@@ -67,10 +68,21 @@ def total_steps_of(cfg: Config, steps_per_epoch: int) -> int:
 class Trainer:
     """Data + `Stepper` + checkpoints + logging for one run folder."""
 
-    def __init__(self, cfg: Config, out_dir: Path, resume: str | None = None, progress: bool = True) -> None:
+    def __init__(
+        self, cfg: Config, out_dir: Path, resume: str | None = None, progress: bool = True, overwrite: bool = False
+    ) -> None:
         self.cfg, self.out_dir = cfg, out_dir
         requested = resolve_device(cfg.train.device)
         self.dist: DistInfo = init_distributed(requested.type)
+        self.lock = claim(out_dir, resume, overwrite) if self.dist.is_main else None
+        try:
+            self._build(resume, progress)
+        except BaseException:
+            self._release()
+            raise
+
+    def _build(self, resume: str | None, progress: bool) -> None:
+        cfg, out_dir = self.cfg, self.out_dir
         self.device = resolve_device(cfg.train.device, self.dist)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
@@ -85,10 +97,16 @@ class Trainer:
         self.ckpt_dir = out_dir / "checkpoints"
         if resume:
             self._resume(resume)
-        self.logger = MetricsLogger(out_dir, self.total_steps, self.step, self.dist.is_main, progress=progress)
+        self.logger = MetricsLogger(
+            out_dir, self.total_steps, self.step, self.dist.is_main, progress=progress, label=cfg.name
+        )
         if self.dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def step(self) -> int:
@@ -106,8 +124,9 @@ class Trainer:
         state = ckpt.load(path, map_location=self.device)
         self.stepper.load_state_dict(state, f"checkpoint '{path}'")
         changes = changed_keys(state.get("config", {}), to_dict(self.cfg))
-        if changes and self.dist.is_main:
-            print(f"resuming {path} (step {self.step}) with changed settings: " + "; ".join(changes), flush=True)
+        if self.dist.is_main:
+            changed = " with changed settings: " + "; ".join(changes) if changes else ""
+            print(f"resuming {path} (step {self.step}){changed}", flush=True)
 
     def save(self, periodic: bool) -> Path:
         last = self.ckpt_dir / "last.pt"
@@ -152,6 +171,7 @@ class Trainer:
                         self.window.fetch_start = time.perf_counter()
             finally:
                 self.logger.close()
+                self._release()
         return RunResult(
             self.out_dir,
             self.step,
@@ -221,8 +241,11 @@ class Trainer:
         return record
 
 
-def train(cfg: Config, out_dir: Path, resume: str | None = None, progress: bool = True) -> RunResult:
-    trainer = Trainer(cfg, out_dir, resume, progress)
+def train(
+    cfg: Config, out_dir: Path, resume: str | None = None, progress: bool = True, overwrite: bool = False
+) -> RunResult:
+    """Train `cfg` into `out_dir`; `resume` is 'auto' or a checkpoint, `overwrite` starts a used folder over."""
+    trainer = Trainer(cfg, out_dir, resume, progress, overwrite)
     try:
         return trainer.fit()
     finally:

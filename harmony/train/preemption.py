@@ -1,4 +1,5 @@
-"""Graceful stop on SIGTERM/SIGUSR1 (SLURM pre-emption and requeue): finish the step, save, exit 0.
+"""Graceful stop on SIGTERM/SIGUSR1 (SLURM pre-emption and requeue) and Ctrl-C (SIGINT): finish the
+step, save, exit 0. A second Ctrl-C aborts at once (KeyboardInterrupt, nothing saved).
 
 The handler only records the signal; the loop checks `requested()` after each step. With several
 processes the decision is all-reduced at log steps so every rank stops after the same step (torchrun
@@ -9,6 +10,7 @@ and srun deliver the signal to every rank, but not necessarily between the same 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from types import FrameType
 
@@ -16,16 +18,24 @@ import torch
 
 from harmony.train.distributed import all_reduce_sum, world_size
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked data-loader worker: the main process decides
+            return
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            # os.write, not print: a signal handler may interrupt a print in progress
+            os.write(2, b"\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort at once)\n")
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:
