@@ -27,6 +27,7 @@ class Plan:
     large: str  # the second size of the performance table (ViT-B/16)
     test_size: str  # the model size of the `cuda` tests
     test_methods: str  # comma-separated methods for the bf16 test ("" = every method)
+    test_filter: str  # pytest -k expression ("" = every cuda test)
     bench_batch: int
     bench_max_batches: tuple[int, ...]  # tried largest first for the small size; the first that fits is kept
     bench_steps: int
@@ -65,6 +66,7 @@ def gpu_plan() -> Plan:
         large="vit-b16",
         test_size="tiny",
         test_methods="",
+        test_filter="",
         bench_batch=32,
         bench_max_batches=(128, 96, 64),
         bench_steps=10,
@@ -89,6 +91,8 @@ def cpu_plan() -> Plan:
         large="tiny-test",
         test_size="tiny-test",
         test_methods="clip,harmony",
+        # tests/test_gpu_check.py runs these two probes in-process; the rehearsal need not repeat them
+        test_filter="not compiled_student and not resume",
         bench_batch=2,
         bench_max_batches=(4,),
         bench_steps=1,

@@ -143,6 +143,8 @@ def fused_adamw_matches_reference(preset: str, device: str) -> dict[str, Any]:
     for group in groups:
         group.update(fused=False, foreach=False)
     plain = torch.optim.AdamW(groups)
+    for state in reference_state["state"].values():
+        state["step"] = state["step"].cpu()  # where a plain AdamW keeps its step count
     plain.load_state_dict(reference_state)
     for group, live in zip(plain.param_groups, optimizer.param_groups):
         group.update(lr=live["lr"], weight_decay=live["weight_decay"], fused=False, foreach=False)
