@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from harmony.check import parts as check_parts
 from harmony.check import probes
 from harmony.check.parts import summarise_training
 from harmony.check.plan import PARTS, gpu_plan
@@ -24,12 +26,12 @@ from tests.conftest import REPO
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
 
 
-def check_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def check_cli(*args: str, cwd: Path = REPO, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "harmony.check", "gpu", *args],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=cwd,
         env=ENV,
         timeout=timeout,
     )
@@ -37,8 +39,9 @@ def check_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[s
 
 @pytest.mark.slow
 def test_cpu_rehearsal_runs_every_part_and_writes_the_report(tmp_path: Path) -> None:
-    out = tmp_path / "check"
-    proc = check_cli("--device", "cpu", "--out", str(out), "--quiet")
+    out = tmp_path / "check-gpu-rehearsal"
+    proc = check_cli("--device", "cpu", "--out", out.name, "--quiet", cwd=tmp_path)  # a relative --out elsewhere
+    assert not (REPO / out.name).exists()  # pytest runs in the repository: its files still go under --out
     report = json.loads((out / "report.json").read_text())
     parts = {p["name"]: p for p in report["parts"]}
     assert proc.returncode == 0, [(p["name"], p["error"]) for p in report["parts"]]
@@ -139,6 +142,33 @@ def alive(pid: int) -> bool:
     return True
 
 
+def test_ctrl_c_stops_the_running_part_and_reports_what_ran(tmp_path: Path) -> None:
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from harmony.check.runner import Part, run_parts\n"
+        f"work = Path({str(tmp_path)!r})\n"
+        f"parts = [Part('quick', {py('pass')!r}, 5), Part('hangs', {py('import time; time.sleep(60)')!r}, 60),"
+        f" Part('later', {py('pass')!r}, 5)]\n"
+        "print(json.dumps([(r.name, r.status, r.error) for r in run_parts(parts, 100, work)]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("[check] hangs: up to"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert json.loads(out) == [
+        ["quick", "ok", ""],
+        ["hangs", "failed", "interrupted (Ctrl-C)"],
+        ["later", "skipped", "skipped: interrupted"],
+    ]
+
+
 def test_parts_that_no_longer_fit_the_deadline_are_skipped(tmp_path: Path) -> None:
     parts = [Part(n, [*py(WRITE.format(data="{}")), "{out}"], 10) for n in ("a", "b")]
     results = run_parts(parts, 2, tmp_path, progress=False)
@@ -155,6 +185,24 @@ def test_a_part_may_use_time_left_over_but_not_the_later_parts_budgets(tmp_path:
     assert results[1].data["s"] == pytest.approx(100 - results[0].seconds, abs=1)
     lone = run_part(Part("c", seconds, 1), 7, tmp_path)
     assert lone.status == "ok" and lone.data["s"] == 7
+
+
+def test_a_stopped_pytest_is_reported_from_its_log_not_from_an_earlier_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cuda-tests.xml").write_text(
+        '<testsuites><testsuite><testcase name="test_from_last_week"/></testsuite></testsuites>'
+    )
+
+    def stopped(cmd: list[str], stdout: Any, **kwargs: Any) -> None:
+        stdout.write("tests/test_cuda.py::test_fused_adamw_matches_plain_adamw PASSED [ 50%]\n")
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(check_parts.subprocess, "run", stopped)
+    seen: dict[str, Any] = {}
+    with pytest.raises(check_parts.PartFailed, match="pytest ran out of its 50 s after 1 tests"):
+        check_parts.part_cuda_tests(gpu_plan(), tmp_path, 60, seen.update)
+    assert seen["tests"] == [{"name": "test_fused_adamw_matches_plain_adamw", "outcome": "passed", "message": ""}]
 
 
 # -- the report -----------------------------------------------------------------------------

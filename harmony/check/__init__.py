@@ -5,7 +5,7 @@ default): `env` (versions, GPU, peak TFLOP/s), `cuda-tests` (`pytest -m cuda`), 
 Harmony training steps: time, memory, TFLOP/s, MFU), `data` (the loader's images/s), `train` (a
 short real run: loss terms finite and falling, data-wait share). Writes `report.md` and
 `report.json` with each part ok / failed / skipped and the acceptance targets met / not met, and
-exits 1 unless every part is ok. `--device cpu` is the rehearsal at tiny sizes (run by the tests).
+exits 1 unless every part is ok (130 after Ctrl-C, with the report of what ran). `--device cpu` is the rehearsal at tiny sizes (run by the tests).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from harmony.check.plan import PARTS, plan_for
 from harmony.check.report import markdown, targets
-from harmony.check.runner import Part, run_parts
+from harmony.check.runner import INTERRUPTED, Part, run_parts
 from harmony.config import ConfigError
 from harmony.outputs import OutputError, check_output_dir
 
@@ -27,7 +27,7 @@ DEFAULT_DEADLINE_S = 480.0
 
 
 def cmd_check_gpu(args: argparse.Namespace) -> int:
-    out = check_output_dir(args.out)
+    out = check_output_dir(args.out).resolve()  # parts run in other folders (pytest in the repository)
     plan = plan_for(args.device)
     wanted = ["env", *(p for p in args.parts.split(",") if p and p != "env")] if args.parts else list(PARTS)
     unknown = [p for p in wanted if p not in PARTS]
@@ -67,6 +67,8 @@ def cmd_check_gpu(args: argparse.Namespace) -> int:
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(report)
     print(f"\nreport: {out / 'report.md'} and {out / 'report.json'}")
+    if any(r.error == INTERRUPTED for r in results):
+        return 130
     return 0 if all(r.status == "ok" for r in results) else 1
 
 

@@ -67,13 +67,16 @@ def part_env(plan: Plan, work: Path, seconds: float, record: Record) -> None:
 def _driver_version() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
-    proc = subprocess.run(
-        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
+    try:
+        proc = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):  # a hung or broken nvidia-smi costs the driver line only
+        return None
     return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else None
 
 
@@ -95,6 +98,7 @@ def part_cuda_tests(plan: Plan, work: Path, seconds: float, record: Record) -> N
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     cmd += ["-k", plan.test_filter] if plan.test_filter else []
     log = work / "cuda-tests.log"
+    junit.unlink(missing_ok=True)  # a report left by an earlier check must not stand in for this one
     with open(log, "w") as out:
         try:
             proc = subprocess.run(
@@ -220,6 +224,7 @@ def part_train(plan: Plan, work: Path, seconds: float, record: Record) -> None:
         *plan.train_overrides,
     ]
     out = work / "train-run"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not the continuation of an earlier check's
     start = time.monotonic()
     result = train(build_config(preset, overrides), out, progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

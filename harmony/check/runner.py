@@ -18,6 +18,7 @@ from typing import Any
 MIN_START_S = 5.0
 # A stopped part gets this long between SIGTERM and SIGKILL.
 GRACE_S = 5.0
+INTERRUPTED = "interrupted (Ctrl-C)"
 
 
 @dataclass
@@ -116,7 +117,7 @@ def run_parts(parts: list[Part], deadline_s: float, work: Path, progress: bool =
         try:
             result = run_part(part, seconds, work)
         except KeyboardInterrupt:  # report what ran; the rest did not
-            results.append(PartResult(part.name, "failed", time.monotonic() - part_start, "interrupted (Ctrl-C)"))
+            results.append(PartResult(part.name, "failed", time.monotonic() - part_start, INTERRUPTED))
             results += [PartResult(p.name, "skipped", 0.0, "skipped: interrupted") for p in parts[i + 1 :]]
             return results
         if progress:
