@@ -255,6 +255,17 @@ def test_targets_are_judged_against_the_figures() -> None:
     assert "MFU omitted: this GPU's peak is not known" in unknown and "| not measured |" in unknown
 
 
+def test_a_compiled_run_is_charged_the_eager_flops() -> None:
+    eager = bench_row("harmony-vit-b16", 32, False, 1.0, 18e12, 20e9, 0.018)
+    compiled = bench_row("harmony-vit-b16", 32, True, 0.5, 9e12, 20e9, 0.018)  # half the FLOPs seen
+    check_parts.use_eager_flops(compiled, [eager, compiled])
+    assert compiled["flops_per_step"] == 18e12 and compiled["flops_counted_when_compiled"] == 9e12
+    assert compiled["achieved_tflops"] == pytest.approx(36.0) and compiled["mfu"] == pytest.approx(0.036)
+    same = bench_row("clip-vit-b16", 32, True, 0.5, 3e12, 8e9, 0.006)
+    check_parts.use_eager_flops(same, [bench_row("clip-vit-b16", 32, False, 0.6, 3e12, 8e9, 0.005), same])
+    assert "flops_counted_when_compiled" not in same and same["mfu"] == 0.006
+
+
 def record(step: int, **losses: float) -> dict[str, Any]:
     return {"step": step, "step_time_s": 0.1, "data_time_s": 0.01, "images_per_s": 10.0, **losses}
 

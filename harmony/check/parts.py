@@ -190,12 +190,37 @@ def part_bench(plan: Plan, work: Path, seconds: float, record: Record) -> None:
                 measure("clip", plan.small, batch, False)
             break
     for run in bench_runs(plan, compiled=True) if plan.bench_compile else []:
-        measure(*run)
+        row = measure(*run)
+        if row is not None:
+            use_eager_flops(row, rows)
     record({"runs": rows})
     failed = [r for r in rows if "error" in r and not r.get("oom") and not r.get("skipped")]
     errors = [f"{r['preset']} b{r['batch_size']}: {r['error']}" for r in failed]
     if errors:
         raise PartFailed("; ".join(errors))
+
+
+def use_eager_flops(compiled: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """A compiled step does the same arithmetic as the eager one; if the FLOPs counted through the
+    compiled module differ, the eager count is used for TFLOP/s and MFU and the other is kept aside."""
+    eager = next(
+        (
+            r
+            for r in rows
+            if "error" not in r
+            and not r["compiled"]
+            and (r["preset"], r["batch_size"]) == (compiled["preset"], compiled["batch_size"])
+        ),
+        None,
+    )
+    if eager is None or "error" in compiled or eager["flops_per_step"] == compiled["flops_per_step"]:
+        return
+    scale = eager["flops_per_step"] / compiled["flops_per_step"]
+    compiled["flops_counted_when_compiled"] = compiled["flops_per_step"]
+    compiled["flops_per_step"] = eager["flops_per_step"]
+    compiled["achieved_tflops"] *= scale
+    if "mfu" in compiled:
+        compiled["mfu"] *= scale
 
 
 def part_data(plan: Plan, work: Path, seconds: float, record: Record) -> None:
