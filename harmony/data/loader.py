@@ -212,7 +212,11 @@ class TrainData:
         if isinstance(self.source, ShardSource):
             dataset = ShardBatches(self.source, self.maker, self.cfg, self.dist, epoch, start_step)
             loader: DataLoader[Any] = DataLoader(
-                dataset, batch_size=None, num_workers=self.cfg.data.num_workers, pin_memory=self._pin()
+                dataset,
+                batch_size=None,
+                num_workers=self.cfg.data.num_workers,
+                pin_memory=self._pin(),
+                generator=self._generator(),
             )
             for i, batch in enumerate(loader):
                 if i >= self.steps_per_epoch - start_step:
@@ -231,10 +235,16 @@ class TrainData:
                 pin_memory=self._pin(),
                 drop_last=True,
                 persistent_workers=workers > 0,
+                generator=self._generator(),
             )
         assert self._sampler is not None
         self._sampler.set_epoch(epoch, start_step)
         yield from self._loader
+
+    def _generator(self) -> torch.Generator:
+        """The loader's own generator for its workers' base seed: drawn from the global RNG instead, each
+        new epoch iterator would shift the model's random stream (drop-path), and a resumed run with it."""
+        return torch.Generator().manual_seed(self.cfg.train.seed)
 
     def _pin(self) -> bool:
         return self.cfg.data.pin_memory and torch.cuda.is_available()

@@ -84,7 +84,8 @@ class Stepper:
                     forward_sync_buffers=False,
                 )
         if self.cfg.train.compile:
-            self.task.student.visual = torch.compile(self.task.student.visual)  # type: ignore[assignment]
+            # in place: parameter names (EMA pairs, checkpoints, export) stay those of the eager module
+            self.task.student.visual.compile()
         trainable = self.task.student_modules()
         self.params = [p for p in trainable.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(trainable, self.cfg.optim)

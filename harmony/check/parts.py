@@ -1,0 +1,350 @@
+"""The parts of `harmony check gpu`, each run in its own process by `harmony.check.runner`:
+
+    python -m harmony.check.parts NAME --plan plan.json --out part.json --work DIR --seconds S
+
+A part writes its figures to `--out` as it goes (so a part killed at its time limit keeps what it
+measured) and exits non-zero with the reason when its check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harmony.check.plan import Plan, usable_cores
+
+Record = Callable[[dict[str, Any]], None]
+REPO = Path(__file__).resolve().parents[2]
+
+
+class PartFailed(RuntimeError):
+    """The part ran and found something wrong; the message is the report's error line."""
+
+
+def part_env(plan: Plan, work: Path, seconds: float, record: Record) -> None:
+    """Versions, device, the peak TFLOP/s used for MFU, CPU cores."""
+    import torch
+
+    from harmony.train.bench import peak_tflops
+    from harmony.train.checkpoint import git_revision
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "git": git_revision(),
+        "cpu_cores": usable_cores(),
+        "device": plan.device,
+    }
+    if plan.device == "cuda":
+        if not torch.cuda.is_available():
+            raise PartFailed("no CUDA device is visible (torch.cuda.is_available() is False)")
+        device = torch.device("cuda", 0)
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            peak_tflops=peak_tflops(device),
+            driver=_driver_version(),
+        )
+    record(info)
+
+
+def _driver_version() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        proc = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):  # a hung or broken nvidia-smi costs the driver line only
+        return None
+    return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+_RESULT = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)")
+
+
+def part_cuda_tests(plan: Plan, work: Path, seconds: float, record: Record) -> None:
+    """`pytest -m cuda tests/test_cuda.py` on the plan's device; one row per test."""
+    test_file = REPO / "tests" / "test_cuda.py"
+    if not test_file.is_file():
+        raise PartFailed(f"{test_file} not found: run `harmony check gpu` from a clone of the repository")
+    junit = work / "cuda-tests.xml"
+    env = {
+        **os.environ,
+        "HARMONY_CHECK_DEVICE": plan.device,
+        "HARMONY_CHECK_SIZE": plan.test_size,
+        "HARMONY_CHECK_METHODS": plan.test_methods,
+    }
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    cmd += ["-k", plan.test_filter] if plan.test_filter else []
+    log = work / "cuda-tests.log"
+    junit.unlink(missing_ok=True)  # a report left by an earlier check must not stand in for this one
+    with open(log, "w") as out:
+        try:
+            proc = subprocess.run(
+                [*cmd, str(test_file)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                timeout=max(seconds - 10, 1), check=False,
+            )  # fmt: skip
+            code: int | None = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    tests = _junit_results(junit) if junit.is_file() else _log_results(log)
+    record({"tests": tests, "pytest_exit": code})
+    failed = [t["name"] for t in tests if t["outcome"] in ("failed", "error")]
+    if code is None:
+        raise PartFailed(f"pytest ran out of its {seconds - 10:.0f} s after {len(tests)} tests")
+    if failed or code != 0:
+        raise PartFailed(f"{len(failed)} of {len(tests)} cuda tests failed: {', '.join(failed) or f'exit {code}'}")
+    if not tests or all(t["outcome"] == "skipped" for t in tests):
+        raise PartFailed("every cuda test was skipped (is the GPU visible to pytest?)")
+
+
+def _junit_results(path: Path) -> list[dict[str, str]]:
+    rows = []
+    for case in ElementTree.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome = {"failure": "failed"}.get(tag, tag)
+                message = (node.get("message") or "").splitlines()[0][:300] if node.get("message") else ""
+        rows.append({"name": case.get("name", "?"), "outcome": outcome, "message": message})
+    return rows
+
+
+def _log_results(path: Path) -> list[dict[str, str]]:
+    """Test outcomes from pytest's -v lines (when it was stopped before writing its XML)."""
+    found = (_RESULT.match(line) for line in path.read_text(errors="replace").splitlines())
+    return [{"name": m[1].split("::")[-1], "outcome": m[2].lower(), "message": ""} for m in found if m]
+
+
+def bench_runs(plan: Plan, compiled: bool) -> list[tuple[str, str, int, bool]]:
+    """(method, size, batch, compiled) at the table's batch, small size first."""
+    sizes = dict.fromkeys([plan.small, plan.large])
+    if compiled:  # the large size first: its MFU target allows compiling
+        sizes = dict.fromkeys([plan.large, plan.small])
+    return [(method, size, plan.bench_batch, compiled) for size in sizes for method in ("clip", "harmony")]
+
+
+def _bench_one(plan: Plan, preset: str, batch: int, compiled: bool, seconds: float) -> dict[str, Any]:
+    """One `harmony bench` measurement in a fresh process (its own peak memory, a crash stays there)."""
+    cmd = [sys.executable, "-m", "harmony.train.bench", "--worker", preset, "--device", plan.device]
+    warmup = plan.bench_warmup + (2 if compiled else 0)  # compiling happens in the first steps
+    cmd += ["--batch-size", str(batch), "--steps", str(plan.bench_steps), "--warmup", str(warmup)]
+    cmd += ["train.compile=true"] if compiled else []
+    row: dict[str, Any] = {"preset": preset, "batch_size": batch, "compiled": compiled}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(seconds, 1), check=False)
+    except subprocess.TimeoutExpired:  # the part's time ran out: not a failure of the step
+        return {**row, "error": f"skipped: out of time after {seconds:.0f} s", "skipped": True}
+    if proc.returncode != 0:
+        oom = "out of memory" in proc.stderr.lower()
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
+        return {**row, "error": "out of memory" if oom else tail[0][:300], "oom": oom}
+    return {**row, **json.loads(proc.stdout.strip().splitlines()[-1]), "compiled": compiled}
+
+
+def part_bench(plan: Plan, work: Path, seconds: float, record: Record) -> None:
+    """The performance table: CLIP and Harmony per size, batch and mode, then the largest batch that fits."""
+    deadline = time.monotonic() + seconds - 5
+    rows: list[dict[str, Any]] = []
+
+    def measure(method: str, size: str, batch: int, compiled: bool) -> dict[str, Any] | None:
+        left = deadline - time.monotonic()
+        if left < 10:
+            row = {"preset": f"{method}-{size}", "batch_size": batch, "compiled": compiled, "skipped": True}
+            rows.append({**row, "error": "skipped: out of time"})
+            return None
+        row = _bench_one(plan, f"{method}-{size}", batch, compiled, left)
+        rows.append(row)
+        record({"runs": rows})
+        return row
+
+    # what the targets need first: eager at batch 32, the largest batch, then compiled (slow to start)
+    for run in bench_runs(plan, compiled=False):
+        measure(*run)
+    for batch in plan.bench_max_batches:
+        row = measure("harmony", plan.small, batch, False)
+        if row is None or not row.get("oom"):
+            if row is not None and "error" not in row:
+                measure("clip", plan.small, batch, False)
+            break
+    for run in bench_runs(plan, compiled=True) if plan.bench_compile else []:
+        row = measure(*run)
+        if row is not None:
+            use_eager_flops(row, rows)
+    record({"runs": rows})
+    failed = [r for r in rows if "error" in r and not r.get("oom") and not r.get("skipped")]
+    errors = [f"{r['preset']} b{r['batch_size']}: {r['error']}" for r in failed]
+    if errors:
+        raise PartFailed("; ".join(errors))
+
+
+def use_eager_flops(compiled: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """A compiled step does the same arithmetic as the eager one; if the FLOPs counted through the
+    compiled module differ, the eager count is used for TFLOP/s and MFU and the other is kept aside."""
+    eager = next(
+        (
+            r
+            for r in rows
+            if "error" not in r
+            and not r["compiled"]
+            and (r["preset"], r["batch_size"]) == (compiled["preset"], compiled["batch_size"])
+        ),
+        None,
+    )
+    if eager is None or "error" in compiled or eager["flops_per_step"] == compiled["flops_per_step"]:
+        return
+    scale = eager["flops_per_step"] / compiled["flops_per_step"]
+    compiled["flops_counted_when_compiled"] = compiled["flops_per_step"]
+    compiled["flops_per_step"] = eager["flops_per_step"]
+    compiled["achieved_tflops"] *= scale
+    if "mfu" in compiled:
+        compiled["mfu"] *= scale
+
+
+def part_data(plan: Plan, work: Path, seconds: float, record: Record) -> None:
+    """`harmony bench data` at the small size's shapes with the training run's worker count."""
+    from harmony.data.throughput import measure_loader
+
+    row = measure_loader(
+        f"harmony-{plan.small}", "builtin:shapes", plan.workers, plan.data_batches, plan.data_batch, []
+    )
+    record({"loader": row, "cpu_cores": usable_cores()})
+
+
+def part_train(plan: Plan, work: Path, seconds: float, record: Record) -> None:
+    """A short real training run: every loss term finite and falling, and the data-wait share."""
+    from harmony.presets import build_config
+    from harmony.train.loop import train
+
+    preset = f"harmony-{plan.small}"
+    overrides = [
+        f"train.device={plan.device}",
+        f"train.max_steps={plan.train_steps}",
+        f"train.batch_size={plan.train_batch}",
+        f"train.log_every={plan.train_log_every}",
+        f"data.num_workers={plan.workers}",
+        "train.save_every=1000000",
+        *plan.train_overrides,
+    ]
+    out = work / "train-run"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not the continuation of an earlier check's
+    start = time.monotonic()
+    result = train(build_config(preset, overrides), out, progress=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = summarise_training(records)
+    record({"preset": preset, "overrides": overrides, "seconds": time.monotonic() - start, **summary})
+    if result.steps != plan.train_steps:
+        raise PartFailed(f"the run stopped at step {result.steps} of {plan.train_steps}")
+    bad = [t for t, v in summary["terms"].items() if not v["finite"] or v["falling"] is False]
+    if bad:
+        raise PartFailed("loss terms not finite and falling: " + ", ".join(bad))
+
+
+def _kl(record: dict[str, Any], term: str) -> float | None:
+    """A self-distillation cross-entropy minus its targets' entropy: the student's KL from the teacher.
+    The cross-entropy itself may rise while the student learns, as the targets soften (docs/tuning.md)."""
+    if term == "loss_text_distill" and "text_distill_target_entropy" in record:
+        return float(record[term]) - float(record["text_distill_target_entropy"])
+    if term == "loss_ibot" and "ibot_cls_target_entropy" in record:
+        cls = float(record["ibot_cls"]) - float(record["ibot_cls_target_entropy"])
+        if "ibot_patch_target_entropy" not in record:
+            return cls
+        return 0.5 * cls + 0.5 * (float(record["ibot_patch"]) - float(record["ibot_patch_target_entropy"]))
+    return None
+
+
+def summarise_training(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per loss term: mean of the first and last quarter of the log records, finite everywhere, falling
+    (self-distillation terms: their KL part falls); throughput and data-wait share without the first
+    record (it holds the loader's start-up). The weighted total is shown, not judged."""
+    quarter = max(1, len(records) // 4)
+
+    def trend(values: list[float]) -> tuple[float, float]:
+        return sum(values[:quarter]) / quarter, sum(values[-quarter:]) / quarter
+
+    terms: dict[str, dict[str, Any]] = {}
+    for name in sorted(k for k in records[0] if k == "loss" or k.startswith("loss_")):
+        values = [float(r[name]) for r in records]
+        first, last = trend(values)
+        finite = all(math.isfinite(v) for v in values)
+        row: dict[str, Any] = {"first": first, "last": last, "finite": finite, "judged_on": name}
+        kls = [_kl(r, name) for r in records]
+        if all(k is not None for k in kls):
+            row["kl_first"], row["kl_last"] = trend([k for k in kls if k is not None])
+            row["judged_on"] = "KL (loss - target entropy)"
+            first, last = row["kl_first"], row["kl_last"]
+        row["falling"] = None if name == "loss" else finite and last < first
+        terms[name] = row
+    steady = records[1:] or records
+    step_time = sum(r["step_time_s"] for r in steady)
+    return {
+        "steps": int(records[-1]["step"]),
+        "terms": terms,
+        "images_per_s": sum(r["images_per_s"] for r in steady) / len(steady),
+        "step_time_s": step_time / len(steady),
+        "data_wait_share": sum(r["data_time_s"] for r in steady) / step_time if step_time > 0 else None,
+        "bad_steps": int(records[-1].get("bad_steps", 0)),
+    }
+
+
+PART_FUNCTIONS: dict[str, Callable[[Plan, Path, float, Record], None]] = {
+    "env": part_env,
+    "cuda-tests": part_cuda_tests,
+    "bench": part_bench,
+    "data": part_data,
+    "train": part_train,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harmony.check.parts")
+    parser.add_argument("name", choices=sorted(PART_FUNCTIONS))
+    parser.add_argument("--plan", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--work", required=True, type=Path)
+    parser.add_argument("--seconds", required=True, type=float)
+    args = parser.parse_args(argv)
+    data: dict[str, Any] = {}
+
+    def record(update: dict[str, Any]) -> None:
+        data.update(update)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps({"data": data}, indent=2, default=str) + "\n")
+        os.replace(tmp, args.out)
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    try:
+        PART_FUNCTIONS[args.name](Plan.from_file(args.plan), args.work, args.seconds, record)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        error = message if isinstance(exc, PartFailed) else f"{type(exc).__name__}: {message}"
+        args.out.write_text(json.dumps({"data": data, "error": error[:1000]}, indent=2, default=str) + "\n")
+        raise
+    record({})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
