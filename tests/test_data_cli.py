@@ -149,7 +149,7 @@ def test_bench_data_worker_lists_progress_and_usage(tmp_path: Path, capsys: pyte
     assert lines[2].split()[:2] == ["clip-tiny-test", "0"]
     rows = json.loads(figures.read_text())["loader"]
     assert [(r["workers"], r["batches"], r["images"]) for r in rows] == [(0, 2, 16)]
-    usage = build_parser().parse_args(["bench", "data", "--preset", "x"])
+    usage = build_parser("bench").parse_args(["bench", "data", "--preset", "x"])
     assert usage.workers == "0,1,2"
     with pytest.raises(SystemExit):
         main(["bench", "data", "--help"])
@@ -157,7 +157,7 @@ def test_bench_data_worker_lists_progress_and_usage(tmp_path: Path, capsys: pyte
 
 
 def test_every_data_flag_has_help() -> None:
-    parser = build_parser()
+    parser = build_parser("data")
     data = next(a for a in parser._subparsers._group_actions[0].choices["data"]._actions if a.dest == "data_command")  # type: ignore[union-attr]
     for name, sub in data.choices.items():
         for action in sub._actions:

@@ -79,7 +79,7 @@ def one_error_line(stderr: str) -> str:
 
 
 def test_every_settings_flag_keeps_a_single_value_and_parses_a_comma_list() -> None:
-    parser = build_parser()
+    parser = build_parser("eval")
     checked = 0
     for task, protocol in PROTOCOLS.items():
         base = ["eval", task, "--checkpoint", "c.pt", "--data", "d"]
@@ -154,7 +154,7 @@ def test_eval_all_passes_string_settings_whole(tmp_path: Path, clip_checkpoint: 
 @pytest.mark.parametrize("task", [*PROTOCOLS, "all"])
 def test_every_eval_command_requires_data(task: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["eval", task, "--checkpoint", "c.pt"])
+        build_parser("eval").parse_args(["eval", task, "--checkpoint", "c.pt"])
     assert exit_info.value.code == 2 and "--data" in capsys.readouterr().err
 
 
@@ -392,6 +392,6 @@ def test_every_eval_flag_has_help() -> None:
         action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         return dict(action.choices)
 
-    for task, parser in subparsers(subparsers(build_parser())["eval"]).items():
+    for task, parser in subparsers(subparsers(build_parser("eval"))["eval"]).items():
         for action in parser._actions:
             assert action.help and not action.help.startswith("["), (task, action.option_strings)
