@@ -93,11 +93,17 @@ class PlanMaker:
         width, height = upright_size(image)
         glob, local = maker.plans(width, height, rng)
         out = self.payload(image, glob + local)
-        out["global_plan"] = torch.tensor([encode_plan(p) for p in glob], dtype=torch.float64)
-        if local:
-            out["local_plan"] = torch.tensor([encode_plan(p) for p in local], dtype=torch.float64)
+        out.update(self.tables(glob, local))
         out.update(maker.masks(rng, gen))
         out.update(maker.text(caption, gen))
+        return out
+
+    @staticmethod
+    def tables(glob: list[CropPlan], local: list[CropPlan]) -> dict[str, torch.Tensor]:
+        """The plan tables [G, PLAN_COLUMNS] and (when there are local crops) [L, PLAN_COLUMNS]."""
+        out = {"global_plan": torch.tensor([encode_plan(p) for p in glob], dtype=torch.float64)}
+        if local:
+            out["local_plan"] = torch.tensor([encode_plan(p) for p in local], dtype=torch.float64)
         return out
 
     def payload(self, image: Image.Image, plans: list[CropPlan]) -> dict[str, torch.Tensor]:
