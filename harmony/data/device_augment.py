@@ -115,7 +115,7 @@ class PlanMaker:
             source = [KIND_JPEG, height, width, 1.0, 1.0]
         else:
             pixels, (fy, fx) = decode_pixels(image, plans, self.maker.background)
-            payload = torch.from_numpy(np.ascontiguousarray(pixels).reshape(-1))
+            payload = torch.from_numpy(np.require(pixels, requirements=["C", "W"]).reshape(-1))
             source = [KIND_PIXELS, pixels.shape[0], pixels.shape[1], fy, fx]
         return {"payload": payload, "source": torch.tensor(source, dtype=torch.float64)}
 
@@ -124,7 +124,7 @@ def _cpu_decode(data: torch.Tensor, background: tuple[int, int, int]) -> torch.T
     """The worker path's full-scale decode of one JPEG the device decoder refuses; raises SampleError."""
     image = open_image(data.numpy().tobytes(), DEFAULT_MAX_PIXELS * 4)  # the worker checked the size
     pixels, _ = decode_pixels(image, [], background)
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+    return torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
 
 
 class DeviceAugment:

@@ -1,0 +1,221 @@
+"""`data.device_augment` on device=cpu: the workers ship bytes + the worker path's own crop plans, masks and
+captions; the main process's decode + crops + colour ops agree with the worker path's OpenCV rendering within
+the stated tolerances; unreadable images are skipped exactly as before; training and exact resume work."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harmony.config import AugmentConfig, ConfigError
+from harmony.data.augment import CropPlan, plan_global, plan_local, render_crop
+from harmony.data.decode import open_image
+from harmony.data.device_augment import (
+    DeviceAugment,
+    PlanMaker,
+    decode_plan,
+    device_augment_enabled,
+    encode_plan,
+    jpeg_bytes,
+)
+from harmony.data.device_color import FLIP, GRAY, JITTER, SIGMA, SOLARIZE, photometric
+from harmony.data.errors import SKIP_REASONS, SampleError
+from harmony.data.loader import build_train_data
+from harmony.data.shapes import ShapesDataset
+from harmony.data.views import collate, view_maker_for
+from harmony.train.distributed import DistInfo
+from harmony.train.loop import train
+from tests.conftest import run_cli, tiny
+from tests.test_data_sources import broken_shards
+from tests.test_train import losses
+
+CPU = torch.device("cpu")
+NO_COLOUR = ["data.augment.color_jitter=0", "data.augment.grayscale=0", "data.augment.global_blur=0,0"]
+NO_COLOUR += ["data.augment.global_solarize=0,0", "data.augment.local_blur=0"]
+
+
+def scene(seed: int, width: int = 120, height: int = 90) -> np.ndarray:
+    """A smooth, left-right asymmetric RGB picture: colour gradients plus soft-edged blobs."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([x / width * 255 * rng.random(), y / height * 255 * rng.random(), (x + y) / 2], -1)
+    for _ in range(4):
+        cx, cy, r = rng.integers(0, width), rng.integers(0, height), rng.integers(8, 30)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
+    return cv2.GaussianBlur(np.clip(img, 0, 255).astype(np.uint8), (0, 0), 1.5)
+
+
+def encode(pixels: np.ndarray, fmt: str = "JPEG", **params: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def both_paths(overrides: list[str], images: list[bytes]) -> tuple[dict, dict]:
+    """(worker-path batch, device-path batch rendered on the CPU) of the same images and seeds."""
+    maker = view_maker_for(tiny("harmony-tiny-test", *overrides))
+    worker = collate([maker(open_image(d, 1 << 30), "a red circle", 7 + i) for i, d in enumerate(images)])
+    shipped = collate([PlanMaker(maker)(open_image(d, 1 << 30), "a red circle", 7 + i) for i, d in enumerate(images)])
+    return worker, DeviceAugment(maker, CPU)(shipped)
+
+
+def seeded(seed: int) -> random.Random:
+    """The crop-plan RNG as ViewMaker leaves it after seeding the sample's torch generator."""
+    rng = random.Random(seed)
+    rng.getrandbits(62)
+    return rng
+
+
+def test_workers_ship_the_worker_paths_plans_masks_and_captions() -> None:
+    maker = view_maker_for(tiny("harmony-tiny-test"))
+    for seed in range(20):
+        data = encode(scene(seed))
+        view = maker(open_image(data, 1 << 30), "two blue squares", seed)
+        shipped = PlanMaker(maker)(open_image(data, 1 << 30), "two blue squares", seed)
+        glob, local = maker.plans(120, 90, seeded(seed))
+        assert [decode_plan(r, 32) for r in shipped["global_plan"]] == glob
+        assert [decode_plan(r, 16) for r in shipped["local_plan"]] == local
+        assert bytes(shipped["payload"].numpy()) == data  # the file as is: no pixel decoded in the worker
+        for key in view.keys() - {"global", "local"}:
+            assert torch.equal(view[key], shipped[key]), key
+
+
+def test_device_crops_are_the_worker_crops_within_interpolation_tolerance() -> None:
+    """Same boxes and flips; only the resampling differs (worker: draft-scale JPEG decode, pyrDown + bicubic;
+    device: full decode, roi_align area sampling): on smooth pictures the mean difference is under 2 levels of
+    255 and under 4 for every single crop (on 16-32 px crops), below what a one-pixel shift of the box costs
+    (5-7); a mirrored crop is off by 40+."""
+    images = [encode(scene(s), quality=95) for s in range(8)]
+    worker, device = both_paths(NO_COLOUR, images)
+    for key in ("global", "local"):
+        a, b = worker[key].float(), device[key].float()
+        assert a.shape == b.shape and device[key].dtype == torch.uint8
+        per_crop = (a - b).abs().mean((2, 3, 4))
+        assert per_crop.mean() < 2.0 and per_crop.max() < 4.0, per_crop
+        assert (a[..., 1:] - b[..., :-1]).abs().mean() > 2 * per_crop.mean()
+        assert (a - b.flip(-1)).abs().mean() > 10 * per_crop.mean()
+
+
+def fields(plan: CropPlan) -> tuple:
+    """A plan's photometric fields (flip included), for applying them to a ready crop."""
+    return plan.flip, plan.jitter, plan.grayscale, plan.blur_sigma, plan.solarize
+
+
+def test_colour_ops_on_tensors_match_opencv() -> None:
+    """Brightness, contrast, saturation, grayscale, blur, solarise, flip: within 1 level (rounding of the
+    same formula); hue within 8 levels, mean under 1 (OpenCV converts through 8-bit HSV: H in 256 steps)."""
+    crop = cv2.resize(scene(3, 200, 160), (64, 64), interpolation=cv2.INTER_AREA)
+    box = (0, 0, 64, 64)
+    cases = [
+        *(CropPlan(box, 64, jitter=((op, f),)) for op in (0, 1, 2) for f in (0.6, 0.85, 1.3)),
+        CropPlan(box, 64, flip=True),
+        CropPlan(box, 64, grayscale=True),
+        *(CropPlan(box, 64, blur_sigma=s) for s in (0.1, 0.7, 1.4, 2.0)),
+        CropPlan(box, 64, solarize=True),
+    ]
+    hue = [CropPlan(box, 64, jitter=((3, f),)) for f in (-0.1, -0.03, 0.05, 0.1)]
+    rng = random.Random(0)
+    drawn = [plan_global(64, 64, i % 2, AugmentConfig(global_size=64), rng) for i in range(12)]
+    x = torch.from_numpy(crop).permute(2, 0, 1).float()
+    for plans, worst, mean in ((cases, 1, 0.05), (hue, 8, 1.0), (drawn, 8, 1.0)):
+        ready = [CropPlan(box, 64, *fields(p)) for p in plans]
+        table = torch.tensor([encode_plan(p) for p in ready], dtype=torch.float64)
+        out = photometric(x.expand(len(ready), -1, -1, -1).clone(), table)
+        for plan, got in zip(ready, out):
+            want = torch.from_numpy(render_crop(crop, plan)).permute(2, 0, 1).float()
+            diff = (want - got).abs()
+            assert diff.max() <= worst and diff.mean() <= mean, (plan, diff.max(), diff.mean())
+
+
+def reference_boxes(scale: tuple[float, float], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area fractions and log aspect ratios of `n` torchvision RandomResizedCrop boxes on a 500x400 image."""
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    image = torch.zeros(3, 400, 500)
+    boxes = torch.tensor([RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3]) for _ in range(n)])
+    return (boxes[:, 2] * boxes[:, 3] / (400 * 500)).double(), (boxes[:, 3] / boxes[:, 2]).double().log()
+
+
+def test_ten_thousand_drawn_parameters_follow_the_recipe() -> None:
+    """DESIGN.md §4: global scale (0.32, 1) (boxes distributed as torchvision's RandomResizedCrop), flip, jitter p 0.8 (0.4, 0.4, 0.2, 0.1), grayscale p 0.2, blur p
+    1.0 / 0.1 with sigma U(0.1, 2), solarise p 0.2 on crop 2; local 96 px scale (0.05, 0.32), blur p 0.5 --
+    read back from the plan tables the device receives."""
+    cfg, rng, n = AugmentConfig(), random.Random(1), 10_000
+    tables = {
+        "g0": torch.tensor([encode_plan(plan_global(400, 500, 0, cfg, rng)) for _ in range(n)]),
+        "g1": torch.tensor([encode_plan(plan_global(400, 500, 1, cfg, rng)) for _ in range(n)]),
+        "local": torch.tensor([encode_plan(plan_local(400, 500, cfg, rng)) for _ in range(n)]),
+    }
+    tol = 4 * math.sqrt(0.25 / n)  # four standard errors of a rate
+    for name, blur, solarize, scale, size in [
+        ("g0", 1.0, 0.0, (0.32, 1.0), 224),
+        ("g1", 0.1, 0.2, (0.32, 1.0), 224),
+        ("local", 0.5, 0.0, (0.05, 0.32), 96),
+    ]:
+        t = tables[name].double()
+        area, log_ratio = t[:, 2] * t[:, 3] / (400 * 500), (t[:, 3] / t[:, 2]).log()
+        assert area.min() >= scale[0] * 0.97 and area.max() <= scale[1] * 1.03
+        assert log_ratio.abs().max() < math.log(4 / 3) + 0.05
+        ref_area, ref_ratio = reference_boxes(scale, n)  # torchvision's RandomResizedCrop on the same image
+        for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+            assert abs(area.quantile(q) - ref_area.quantile(q)) < 0.02, (name, q)
+            assert abs(log_ratio.quantile(q) - ref_ratio.quantile(q)) < 0.03, (name, q)
+        jittered = t[:, JITTER] >= 0
+        for column, p in [(FLIP, 0.5), (GRAY, 0.2), (SOLARIZE, solarize)]:
+            assert abs((t[:, column] > 0).double().mean() - p) < tol, (name, column)
+        assert abs(jittered.double().mean() - 0.8) < tol
+        assert abs((t[:, SIGMA] > 0).double().mean() - blur) < tol
+        sigma = t[t[:, SIGMA] > 0, SIGMA] * 224 / size
+        assert sigma.min() >= 0.1 and sigma.max() <= 2.0 and abs(sigma.mean() - 1.05) < 0.06
+        pairs = t[jittered][:, JITTER : JITTER + 8].reshape(-1, 4, 2)
+        for op, low, high in [(0, 0.6, 1.4), (1, 0.6, 1.4), (2, 0.8, 1.2), (3, -0.1, 0.1)]:
+            factors = pairs[..., 1][pairs[..., 0] == op]
+            assert len(factors) == jittered.sum()  # every op once per jittered crop
+            assert factors.min() >= low and factors.max() <= high and abs(factors.mean() - (low + high) / 2) < 0.01
+            assert abs((pairs[:, 0, 0] == op).double().mean() - 0.25) < tol  # a uniformly random order
+
+
+def cmyk_jpeg(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert("CMYK").save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_images_the_device_does_not_take_are_decoded_as_the_worker_path_does() -> None:
+    """Transparent PNG (composited on white), EXIF-rotated and CMYK JPEGs go to the worker's decoder and give
+    the worker path's crops; a grey JPEG goes to the device; a truncated JPEG is a SampleError as before."""
+    pixels = scene(5)
+    alpha = np.where(np.arange(120) < 60, 0, 255).astype(np.uint8)[None].repeat(90, 0)
+    hidden = pixels.copy()
+    hidden[:, :60] = 0  # black under the transparent half: dropping alpha would show it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = {
+        "png": encode(np.dstack([hidden, alpha]), "PNG"),
+        "rotated": encode(pixels, exif=exif.tobytes()),
+        "cmyk": cmyk_jpeg(pixels),
+        "grey": encode(pixels[..., 0], quality=95),
+    }
+    taken = [jpeg_bytes(open_image(d, 1 << 30)) is not None for d in cases.values()]
+    assert taken == [False, False, False, True]
+    worker, device = both_paths(NO_COLOUR, list(cases.values()))
+    for key in ("global", "local"):
+        per_image = (worker[key].float() - device[key].float()).abs().mean((0, 2, 3, 4))
+        assert per_image.max() < 2.0, per_image  # the same pixels; only the resampling differs
+    assert (device["global"][:, 0] == 255).float().mean() > 0.1  # the transparent half became white
+    truncated = encode(pixels)[:800]
+    maker = view_maker_for(tiny("harmony-tiny-test"))
+    with pytest.raises(SampleError, match="unreadable"):
+        maker(open_image(truncated, 1 << 30), "x", 0)
+    with pytest.raises(SampleError, match="unreadable"):
+        PlanMaker(maker)(open_image(truncated, 1 << 30), "x", 0)
