@@ -219,3 +219,157 @@ def test_images_the_device_does_not_take_are_decoded_as_the_worker_path_does() -
         maker(open_image(truncated, 1 << 30), "x", 0)
     with pytest.raises(SampleError, match="unreadable"):
         PlanMaker(maker)(open_image(truncated, 1 << 30), "x", 0)
+
+
+def test_loader_skips_and_counts_the_same_samples_on_both_paths(tmp_path: Path) -> None:
+    usable, skips = broken_shards(tmp_path / "shards")
+    batches = {}
+    for flag in ("false", "true"):
+        cfg = tiny(
+            "clip-tiny-test",
+            f"data_spec={tmp_path / 'shards'}",
+            "data.pin_memory=false",
+            "train.batch_size=1",
+            "data.shuffle_buffer=0",
+            f"data.device_augment={flag}",
+            f"data.epoch_size={len(usable)}",
+        )
+        data = build_train_data(cfg, view_maker_for(cfg), DistInfo(), CPU)
+        assert isinstance(data.maker, PlanMaker) == (flag == "true")
+        batches[flag] = list(data.batches(0))
+        assert data.skipped == skips, flag
+    assert len(batches["true"]) == len(usable)
+    for a, b in zip(batches["false"], batches["true"], strict=True):
+        assert torch.equal(a["text"], b["text"]) and torch.equal(a["data_errors"], b["data_errors"])
+        assert a["global"].shape == b["global"].shape and b["global"].dtype == torch.uint8
+        # flat saturated colours: OpenCV's 8-bit HSV hue is 4-6 levels off the exact rotation (which the device
+        # path matches), and a later brightness factor scales that up
+        assert (a["global"].float() - b["global"].float()).abs().mean() < 6
+
+
+def test_a_jpeg_no_decoder_reads_is_replaced_by_another_sample_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device decoder refuses sample 1: the CPU decodes it (same crops, nothing counted). When the CPU
+    decoder refuses it too, the batch keeps its size, sample 1 becomes a copy of a readable sample (crops,
+    caption, masks together), its flat indices are rebuilt, and one unreadable image is counted."""
+    import harmony.data.device_augment as dev
+
+    maker = view_maker_for(tiny("harmony-tiny-test"))
+    images = [encode(scene(s)) for s in range(3)]
+    shipped = [PlanMaker(maker)(open_image(d, 1 << 30), f"caption number {i}", i) for i, d in enumerate(images)]
+    batch = {**collate(shipped), "data_errors": torch.zeros(len(SKIP_REASONS), dtype=torch.long)}
+    normal = DeviceAugment(maker, CPU)(batch)
+    real_decode, refused = dev.decode_jpeg, len(images[1])
+
+    def device_decode(data: torch.Tensor | list[torch.Tensor], **kwargs: object) -> object:
+        if isinstance(data, list):
+            return [device_decode(d, **kwargs) for d in data]
+        if len(data) == refused:
+            raise RuntimeError("the device decoder refuses this one")
+        return real_decode(data, **kwargs)
+
+    monkeypatch.setattr(dev, "decode_jpeg", device_decode)
+    fallback = DeviceAugment(maker, CPU)(batch)
+    assert fallback["data_errors"].tolist() == [0, 0, 0]
+    for key in ("global", "local", "text"):
+        assert torch.equal(fallback[key], normal[key]), key
+
+    def cpu_decode(data: torch.Tensor, background: object) -> torch.Tensor:
+        raise SampleError("image", "image data unreadable (OSError: broken data stream)")
+
+    monkeypatch.setattr(dev, "_cpu_decode", cpu_decode)
+    out = DeviceAugment(maker, CPU)(batch)
+    assert out["data_errors"].tolist() == [1, 0, 0] and out["global"].shape[1] == 3
+    for key in ("global", "local", "ibot_mask", "mae_keep"):
+        assert torch.equal(out[key][:, 1], out[key][:, 0]) and torch.equal(out[key][:, 2], normal[key][:, 2]), key
+    assert torch.equal(out["text"][1], out["text"][0]) and not torch.equal(out["text"][1], normal["text"][1])
+    rebuilt = collate([{"text": t, "text_mask": m} for t, m in zip(out["text"], out["text_mask"])])
+    for key in ("text_real_index", "mlm_index", "mlm_in_real"):
+        assert torch.equal(out[key], rebuilt[key]), key
+
+
+def jpeg_csv(folder: Path, count: int = 64) -> Path:
+    """`builtin:shapes` pictures (64 px) as real JPEG files + a CSV of their captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = ShapesDataset("train", count, 64, 0, 0.0)
+    lines = ["filepath,caption"]
+    for i in range(count):
+        sample = shapes[i]
+        path = folder / f"{i:03d}.jpg"
+        sample.image.convert("RGB").save(path, quality=95)
+        lines.append(f"{path},{sample.caption}")
+    (folder / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.csv"
+
+
+def records(run: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def falls(curve: list[float]) -> bool:
+    return sum(curve[-4:]) < sum(curve[:4])
+
+
+@pytest.mark.parametrize("preset", ["clip-tiny-test", "harmony-tiny-test"])
+def test_training_on_the_device_path_gives_finite_falling_losses(tmp_path: Path, preset: str) -> None:
+    """16 steps on real JPEGs: finite losses; CLIP, MAE and MLM terms fall (iBOT and text distillation chase
+    moving teachers); for Harmony the total tracks the worker path's run step by step within 2 %."""
+    spec = jpeg_csv(tmp_path / "jpegs")
+    overrides = [f"data_spec={spec}", "train.max_steps=16", "train.log_every=1", "optim.lr=0.01"]
+    overrides += ["optim.warmup_epochs=0", "train.epochs=2"]
+    result = train(tiny(preset, *overrides, "data.device_augment=true"), tmp_path / "device", progress=False)
+    device = records(tmp_path / "device")
+    assert len(device) == 16 and all(math.isfinite(r["loss"]) for r in device)
+    assert "nothing skipped" in result.data_summary
+    for term in ("loss_clip", "loss_mae", "loss_mlm"):
+        if term in device[0]:
+            assert falls([r[term] for r in device]), (term, [r[term] for r in device])
+    if preset == "harmony-tiny-test":
+        train(tiny(preset, *overrides, "data.device_augment=false"), tmp_path / "worker", progress=False)
+        for a, b in zip(records(tmp_path / "worker"), device, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=0.02), a["step"]
+
+
+def test_resume_on_the_device_path_is_exact(tmp_path: Path) -> None:
+    """The parameter draw is a function of (train.seed, epoch, sample id), so the step and config in the
+    checkpoint replay it: a run resumed at step 3 continues with the same losses and ends with the same weights."""
+    from harmony.train import checkpoint as ckpt
+
+    spec = jpeg_csv(tmp_path / "jpegs", 32)
+    overrides = [f"data_spec={spec}", "data.device_augment=true", "train.max_steps=6", "train.log_every=1"]
+    overrides += ["train.save_every=3", "train.keep_last=5", "train.epochs=2"]
+    train(tiny("harmony-tiny-test", *overrides), tmp_path / "full", progress=False)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    name = "step_00000003.pt"
+    (resumed / "checkpoints" / name).write_bytes((tmp_path / "full" / "checkpoints" / name).read_bytes())
+    train(tiny("harmony-tiny-test", *overrides), resumed, resume="auto", progress=False)
+    a, b = losses(tmp_path / "full"), losses(resumed)
+    assert sorted(b) == [4, 5, 6] and all(b[s] == pytest.approx(a[s], rel=1e-6) for s in b)
+    torch.testing.assert_close(
+        ckpt.load(tmp_path / "full" / "checkpoints" / "last.pt")["model"],
+        ckpt.load(resumed / "checkpoints" / "last.pt")["model"],
+    )
+
+
+def test_device_augment_setting() -> None:
+    assert device_augment_enabled("auto", "cuda") and not device_augment_enabled("auto", "cpu")
+    assert device_augment_enabled("true", "cpu") and not device_augment_enabled("false", "cuda")
+    with pytest.raises(ConfigError, match=r"data\.device_augment"):
+        tiny("clip-tiny-test", "data.device_augment=sometimes")
+    cfg = tiny("clip-tiny-test")
+    assert not isinstance(build_train_data(cfg, view_maker_for(cfg), DistInfo(), CPU).maker, PlanMaker)
+
+
+def test_bench_data_reports_both_paths(tmp_path: Path) -> None:
+    spec = jpeg_csv(tmp_path / "jpegs", 16)
+    out = tmp_path / "bench.json"
+    args = ["--preset", "harmony-tiny-test", "--data", str(spec), "--workers", "0", "--batches", "1"]
+    proc = run_cli("bench", "data", *args, "--batch-size", "4", "--profile", "16", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "worker path" in proc.stdout and "device_augment path" in proc.stdout and "on cpu:" in proc.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["device_augment_ms_per_image"]) == {"read", "ship", "masks", "text", "collate"}
+    assert {"decode", "crops"} <= set(figures["profile_ms_per_image"])
+    assert figures["device_images_per_s"]["images_per_s"] > 0
+    bad = run_cli("bench", "data", "--preset", "clip-tiny-test", "--device", "tpu", "--profile", "4")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--device" in bad.stderr
