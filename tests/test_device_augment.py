@@ -373,3 +373,21 @@ def test_bench_data_reports_both_paths(tmp_path: Path) -> None:
     assert figures["device_images_per_s"]["images_per_s"] > 0
     bad = run_cli("bench", "data", "--preset", "clip-tiny-test", "--device", "tpu", "--profile", "4")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--device" in bad.stderr
+
+
+def test_a_real_jpeg_no_decoder_reads_costs_one_counted_skip_on_both_paths(tmp_path: Path) -> None:
+    """A JPEG whose header parses and which ends in an end marker but whose scan header is zeroed: the worker
+    path skips it and draws a random other index (which may hit it again: each failed try counts); the device
+    path ships it, both decoders refuse it, it is replaced by a copy and counted once; batches keep their size."""
+    spec = jpeg_csv(tmp_path / "jpegs", 8)
+    broken = bytearray((tmp_path / "jpegs" / "003.jpg").read_bytes())
+    broken[600:700] = bytes(100)
+    (tmp_path / "jpegs" / "003.jpg").write_bytes(bytes(broken))
+    assert jpeg_bytes(open_image(bytes(broken), 1 << 30)) is not None
+    for flag in ("false", "true"):
+        cfg = tiny("clip-tiny-test", f"data_spec={spec}", "train.batch_size=8", f"data.device_augment={flag}")
+        data = build_train_data(cfg, view_maker_for(cfg), DistInfo(), CPU)
+        (batch,) = list(data.batches(0))
+        assert data.skipped["image"] >= 1 and data.skipped["image"] == int(batch["data_errors"].sum()), flag
+        assert data.skipped["image"] == 1 or flag == "false"
+        assert batch["global"].shape[1] == 8 and batch["text"].shape[0] == 8
