@@ -214,6 +214,7 @@ class DataConfig:
     csv_separator: str = "auto"
     max_image_pixels: int = 8192 * 8192
     alpha_background: str = "white"
+    device_augment: str = "auto"  # auto (on for CUDA) | true | false: decode + crop on the device
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
@@ -355,6 +356,10 @@ def validate(cfg: Config) -> None:
     for key, value in probs.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value}")
+    if str(cfg.data.device_augment).lower() not in ("auto", "true", "false"):
+        raise ConfigError(
+            f"config key 'data.device_augment' must be auto, true or false, got {cfg.data.device_augment!r}"
+        )
     try:
         parse_background(cfg.data.alpha_background)
     except ValueError as exc:

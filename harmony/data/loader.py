@@ -8,6 +8,9 @@ K ranks x B see exactly the images 1 rank x K*B sees. `start_step` resumes mid-e
 Unusable samples are skipped, never fatal: every batch carries `data_errors`, the samples skipped
 since that worker's previous batch, per reason (`SKIP_REASONS`; `.sum()` is the total), and
 `TrainData.skipped` keeps the running totals of this rank.
+
+With `data.device_augment` the workers ship image bytes + crop plans and `TrainData` renders the crops on
+`device` (see `device_augment`); batches then arrive with their tensors on that device.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from harmony.config import Config
 from harmony.data.csv_source import CsvSource
 from harmony.data.decode import RawSample
+from harmony.data.device_augment import DeviceAugment, PlanMaker, device_augment_enabled, prefetched
 from harmony.data.errors import SKIP_REASONS, DataError, SampleError
 from harmony.data.guard import ReadGuard, SkipTally, describe_skips, worker_message
 from harmony.data.sources import BuiltinSource, PassEnd, ShardSource, decode_sample, open_source
@@ -65,7 +69,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
 class MapViews(Dataset[dict[str, Any]]):
     """Map-style source + views; an unusable sample is replaced by a seeded random other one and counted."""
 
-    def __init__(self, source: MapSource, maker: ViewMaker, max_tries: int = 100) -> None:
+    def __init__(self, source: MapSource, maker: ViewMaker | PlanMaker, max_tries: int = 100) -> None:
         self.source, self.maker, self.max_tries = source, maker, max_tries
 
     def __len__(self) -> int:
@@ -107,7 +111,13 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
     decoding pixels: exact unless a skipped sample failed only at pixel decode)."""
 
     def __init__(
-        self, source: ShardSource, maker: ViewMaker, cfg: Config, dist: DistInfo, epoch: int, start_step: int
+        self,
+        source: ShardSource,
+        maker: ViewMaker | PlanMaker,
+        cfg: Config,
+        dist: DistInfo,
+        epoch: int,
+        start_step: int,
     ) -> None:
         self.source, self.maker, self.dist, self.epoch, self.start_step = source, maker, dist, epoch, start_step
         self.batch = cfg.train.batch_size // dist.world_size
@@ -187,16 +197,20 @@ class TrainData:
     cfg: Config
     dist: DistInfo
     source: MapSource | ShardSource
-    maker: ViewMaker
+    maker: ViewMaker | PlanMaker
     steps_per_epoch: int
+    render: DeviceAugment | None = None
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     _loader: DataLoader[Any] | None = None
     _sampler: EpochSampler | None = None
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's batches of `epoch` from `start_step`; a worker's DataError arrives as one line."""
+        batches = self._batches(epoch, start_step)
+        if self.render is not None:
+            batches = prefetched(batches, self.render)
         try:
-            for batch in self._batches(epoch, start_step):
+            for batch in batches:
                 counts = batch["data_errors"].reshape(-1, len(SKIP_REASONS)).sum(0).tolist()
                 for reason, count in zip(SKIP_REASONS, counts):
                     self.skipped[reason] += int(count)
@@ -250,7 +264,8 @@ class TrainData:
         return self.cfg.data.pin_memory and torch.cuda.is_available()
 
 
-def build_train_data(cfg: Config, maker: ViewMaker, dist: DistInfo) -> TrainData:
+def build_train_data(cfg: Config, maker: ViewMaker, dist: DistInfo, device: torch.device | None = None) -> TrainData:
+    """This rank's training data; crops are rendered on `device` when `data.device_augment` is on for it."""
     if cfg.train.batch_size % dist.world_size:
         raise DataError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist.world_size} processes")
     source = open_source(cfg.data_spec, cfg)
@@ -260,4 +275,6 @@ def build_train_data(cfg: Config, maker: ViewMaker, dist: DistInfo) -> TrainData
         raise DataError(
             f"the dataset has {size} samples, fewer than one global batch of {cfg.train.batch_size}: lower --batch-size"
         )
+    if device is not None and device_augment_enabled(cfg.data.device_augment, device):
+        return TrainData(cfg, dist, source, PlanMaker(maker), steps, DeviceAugment(maker, device))
     return TrainData(cfg, dist, source, maker, steps)

@@ -1,7 +1,9 @@
 """`harmony bench data`: images/s of the full training loader (read, decode, multi-crop augmentation,
 tokenisation, masking, collation) for each worker count, and with `--profile` where one process
-spends its time per image, stage by stage. Each worker count is timed for `--seconds` (or a fixed
-number of `--batches`) after a warm-up, and its line is printed as soon as it is measured."""
+spends its time per image, stage by stage, for both the worker path and the `data.device_augment` path
+(whose workers only read, plan and ship bytes); with `--device`, also the images/s at which that device
+decodes and crops. Each worker count is timed for `--seconds` (or a fixed number of `--batches`) after a
+warm-up, and its line is printed as soon as it is measured."""
 
 from __future__ import annotations
 
@@ -42,15 +44,18 @@ def measure_loader(
     batch_size: int,
     overrides: list[str],
     seconds: float = 10.0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Steady-state images/s over `batches` batches, or (batches 0) over at least `seconds`; the first batch of
     every worker (process start-up, first decode) is not timed."""
+    import torch
+
     from harmony.data.loader import TrainData, build_train_data
     from harmony.data.views import view_maker_for
     from harmony.train.distributed import DistInfo
 
     cfg = _config(preset, data_spec, workers, batch_size, overrides)
-    data = build_train_data(cfg, view_maker_for(cfg), DistInfo())
+    data = build_train_data(cfg, view_maker_for(cfg), DistInfo(), torch.device(device))
 
     def endless(data: TrainData) -> Iterator[dict[str, torch.Tensor]]:
         for epoch in itertools.count():
@@ -79,30 +84,39 @@ def measure_loader(
     }
 
 
-def profile_stages(preset: str, data_spec: str, samples: int, overrides: list[str]) -> dict[str, float]:
-    """Milliseconds per image of each loader stage, in this process on one thread (as a loader worker runs)."""
+def profile_stages(
+    preset: str, data_spec: str, samples: int, overrides: list[str], device_augment: bool = False
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Milliseconds per image of each loader stage, in this process on one thread (as a loader worker runs),
+    and the collated batch. With `device_augment` the worker's stages are the device path's: plans and bytes
+    ("ship", which decodes only what the device will not take) instead of "decode" and "crops"."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _profile_stages(preset, data_spec, samples, overrides)
+        return _profile_stages(preset, data_spec, samples, overrides, device_augment)
     finally:
         torch.set_num_threads(threads)
 
 
-def _profile_stages(preset: str, data_spec: str, samples: int, overrides: list[str]) -> dict[str, float]:
+def _profile_stages(
+    preset: str, data_spec: str, samples: int, overrides: list[str], device_augment: bool
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     import torch
 
     from harmony.data.augment import render_crops
     from harmony.data.decode import decode_pixels, upright_size
+    from harmony.data.device_augment import PlanMaker
     from harmony.data.inspect import in_order
     from harmony.data.sources import open_source
     from harmony.data.views import collate, view_maker_for
 
     cfg = _config(preset, data_spec, 0, samples, overrides)
     maker = view_maker_for(cfg)
-    totals = dict.fromkeys(["read", "decode", "crops", "masks", "text", "collate"], 0.0)
+    stages = ["read", "ship"] if device_augment else ["read", "decode", "crops"]
+    totals = dict.fromkeys([*stages, "masks", "text", "collate"], 0.0)
+    shipper = PlanMaker(maker)
     source = open_source(data_spec, cfg)  # counting shards at start-up is not per-image work
     start = time.perf_counter()
     raws = list(itertools.islice(in_order(source, cfg.data.max_image_pixels), samples))
@@ -113,23 +127,48 @@ def _profile_stages(preset: str, data_spec: str, samples: int, overrides: list[s
         gen = torch.Generator().manual_seed(rng.getrandbits(62))
         t0 = time.perf_counter()
         glob, local = maker.plans(*upright_size(raw.image), rng)
-        pixels, factor = decode_pixels(raw.image, glob + local, maker.background)
-        t1 = time.perf_counter()
-        view = {"global": render_crops(pixels, glob, factor)}
-        if local:
-            view["local"] = render_crops(pixels, local, factor)
+        if device_augment:
+            view = shipper.payload(raw.image, glob + local)
+            view.update(shipper.tables(glob, local))
+            t1 = time.perf_counter()
+        else:
+            pixels, factor = decode_pixels(raw.image, glob + local, maker.background)
+            t1 = time.perf_counter()
+            view = {"global": render_crops(pixels, glob, factor)}
+            if local:
+                view["local"] = render_crops(pixels, local, factor)
         t2 = time.perf_counter()
         view.update(maker.masks(rng, gen))
         t3 = time.perf_counter()
         view.update(maker.text(raw.caption, gen))
         t4 = time.perf_counter()
         views.append(view)
-        for stage, seconds in zip(["decode", "crops", "masks", "text"], [t1 - t0, t2 - t1, t3 - t2, t4 - t3]):
+        timed = ["ship", "ship"] if device_augment else ["decode", "crops"]
+        for stage, seconds in zip([*timed, "masks", "text"], [t1 - t0, t2 - t1, t3 - t2, t4 - t3]):
             totals[stage] += seconds
     start = time.perf_counter()
-    collate(views)
+    batch = collate(views)
     totals["collate"] = time.perf_counter() - start
-    return {stage: 1000 * seconds / max(len(views), 1) for stage, seconds in totals.items()}
+    return {stage: 1000 * seconds / max(len(views), 1) for stage, seconds in totals.items()}, batch
+
+
+def device_rate(preset: str, batch: dict[str, torch.Tensor], overrides: list[str], device: str) -> float:
+    """Images/s at which `device` decodes and crops the device path's collated `batch` (after a warm-up)."""
+    import torch
+
+    from harmony.data.device_augment import DeviceAugment
+    from harmony.data.views import view_maker_for
+
+    render = DeviceAugment(view_maker_for(build_config(preset, overrides)), torch.device(device))
+    sync = torch.cuda.synchronize if render.device.type == "cuda" else (lambda: None)
+    render(batch)
+    sync()
+    start, rounds = time.perf_counter(), 0
+    while rounds < 3 or time.perf_counter() - start < 1.0:
+        render(batch)
+        rounds += 1
+    sync()
+    return rounds * len(batch["source"]) / (time.perf_counter() - start)
 
 
 def worker_counts(text: str) -> list[int]:
@@ -146,6 +185,12 @@ def check_args(args: argparse.Namespace) -> list[int]:
     for flag, value in [("--batches", args.batches), ("--profile", args.profile)]:
         if value < 0:
             raise ConfigError(f"{flag} must be >= 0, got {value}")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise ConfigError(f"--device takes cpu, cuda or cuda:N, got {args.device!r}")
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     if not args.batches and not args.seconds > 0:
@@ -166,17 +211,27 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     print(f"{'preset':<24}{'workers':>8}{'images/s':>12}{'skipped':>9}", flush=True)
     rows = []
     for w in counts:
-        r = measure_loader(args.preset, args.data, w, args.batches, args.batch_size, overrides, args.seconds)
+        r = measure_loader(
+            args.preset, args.data, w, args.batches, args.batch_size, overrides, args.seconds, args.device
+        )
         print(f"{r['preset']:<24}{r['workers']:>8}{r['images_per_s']:>12.1f}{r['skipped']:>9}", flush=True)
         rows.append(r)
     result: dict[str, Any] = {"loader": rows, "overrides": overrides}
     if args.profile:
-        stages = profile_stages(args.preset, args.data, args.profile, overrides)
-        total = sum(stages.values())
-        print(f"one process, ms per image ({args.profile} images): total {total:.2f} = {1000 / total:.0f} images/s")
-        for stage, ms in stages.items():
-            print(f"  {stage:<10}{ms:8.3f} ms {100 * ms / total:5.1f}%")
-        result["profile_ms_per_image"] = stages
+        for path, on_device in (("device_augment", True), ("worker", False)):  # the worker path gets warm caches
+            stages, batch = profile_stages(args.preset, args.data, args.profile, overrides, on_device)
+            total = sum(stages.values())
+            print(
+                f"{path} path, one worker process, CPU ms per image ({args.profile} images): "
+                f"total {total:.2f} = {1000 / total:.0f} images/s per core"
+            )
+            for stage, ms in stages.items():
+                print(f"  {stage:<10}{ms:8.3f} ms {100 * ms / total:5.1f}%")
+            result["profile_ms_per_image" if path == "worker" else "device_augment_ms_per_image"] = stages
+            if on_device:
+                rate = device_rate(args.preset, batch, overrides, args.device)
+                print(f"device_augment path, decode + crops on {args.device}: {rate:.0f} images/s", flush=True)
+                result["device_images_per_s"] = {"device": args.device, "images_per_s": rate}
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -191,5 +246,6 @@ def add_bench_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=0, help="timed batches per worker count instead of --seconds")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also time each stage over N images")
+    p.add_argument("--device", default="cpu", help="where data.device_augment decodes and crops (cpu, cuda)")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.shuffle_buffer=0")

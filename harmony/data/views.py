@@ -9,6 +9,7 @@ the training step indexes tensors without host-device synchronisation.
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -30,7 +31,8 @@ from harmony.data.rgb import parse_background
 from harmony.models.tokenizer import CaptionTokenizer, mask_caption
 from harmony.objectives.base import Needs
 
-CROP_MAJOR = ("global", "local", "ibot_mask", "mae_keep", "mae_remove")
+CROP_MAJOR = ("global", "local", "ibot_mask", "mae_keep", "mae_remove", "global_plan", "local_plan")
+DERIVED = ("ibot_index", "ibot_weight", "text_real_index", "mlm_index", "mlm_in_real")
 
 
 class ViewMaker:
@@ -106,11 +108,22 @@ class ViewMaker:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack per-sample dicts (one contiguous copy); crop tensors become crop-major [G, B, ...]; add flat indices."""
+    """Stack per-sample dicts (one contiguous copy); crop tensors become crop-major [G, B, ...]; add flat indices.
+    The device path's variable-length `payload` (image bytes) is concatenated, with `payload_offsets` [B + 1]."""
     batch: dict[str, torch.Tensor] = {}
     for key in samples[0]:
+        if key == "payload":
+            parts = [s[key] for s in samples]
+            batch[key] = torch.cat(parts)
+            batch["payload_offsets"] = torch.tensor([0, *itertools.accumulate(len(p) for p in parts)])
+            continue
         dim = 1 if key in CROP_MAJOR else 0
         batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples], dim=dim)
+    return add_indices(batch)
+
+
+def add_indices(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The flat token indices and weights (`DERIVED`) of a batch's masks and captions."""
     if "ibot_mask" in batch:
         masks = batch["ibot_mask"]
         batch["ibot_index"], batch["ibot_weight"] = patch_loss_weights(masks.flatten(2))

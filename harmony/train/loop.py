@@ -89,7 +89,7 @@ class Trainer:
         self.stepper = Stepper(cfg, self.device, self.dist)
         task = self.stepper.task
         maker = ViewMaker(cfg, task.needs, self.stepper.tokenizer, task.student.visual.patch_size)
-        self.data = build_train_data(cfg, maker, self.dist)
+        self.data = build_train_data(cfg, maker, self.dist, self.device)
         self.steps_per_epoch = self.data.steps_per_epoch
         self.total_steps = total_steps_of(cfg, self.steps_per_epoch)
         self.stepper.set_span(self.steps_per_epoch, self.total_steps)
