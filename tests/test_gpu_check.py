@@ -60,6 +60,10 @@ def test_cpu_rehearsal_runs_every_part_and_writes_the_report(tmp_path: Path) -> 
     ]
     assert all(r["flops_per_step"] > 0 and r["step_time_s"] > 0 for r in runs)
     assert parts["data"]["data"]["loader"]["images_per_s"] > 0
+    paths = parts["data"]["data"]["paths"]
+    assert [p["preset"] for p in paths] == ["clip-tiny-test", "harmony-tiny-test"]
+    assert all(p["worker_path_ms_per_image"] > 0 and p["device_augment_ms_per_image"] > 0 for p in paths)
+    assert all(p["device_images_per_s"] > 0 and p["images"] == 8 for p in paths)
 
     train = parts["train"]["data"]
     assert train["steps"] == 16 and 0 <= train["data_wait_share"] < 1
@@ -69,7 +73,14 @@ def test_cpu_rehearsal_runs_every_part_and_writes_the_report(tmp_path: Path) -> 
     verdicts = {t["name"].split(" ")[1] + t["name"][:8]: t["verdict"] for t in report["targets"]}
     assert verdicts["clipViT-B/16"] == "not measured"  # no MFU without a known peak
     text = (out / "report.md").read_text()
-    for heading in ("## Parts", "## Acceptance targets", "## cuda tests", "## Training step", "## Loader"):
+    for heading in (
+        "## Parts",
+        "## Acceptance targets",
+        "## cuda tests",
+        "## Training step",
+        "## Loader",
+        "device_augment",
+    ):
         assert heading in text
     assert "CPU rehearsal" in text and proc.stdout.startswith("# harmony check gpu")
 

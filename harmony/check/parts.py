@@ -223,14 +223,63 @@ def use_eager_flops(compiled: dict[str, Any], rows: list[dict[str, Any]]) -> Non
         compiled["mfu"] *= scale
 
 
+def write_photo_jpegs(folder: Path, count: int) -> Path:
+    """`count` photo-like JPEGs (gradient, shapes, noise; 450-550 x 350-450 px, every fifth portrait) and
+    a CSV naming them: the device path decodes JPEGs only, so the built-in PNG-like data cannot time it."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = ["filepath,caption"]
+    for i in range(count):
+        w, h = int(rng.integers(450, 551)), int(rng.integers(350, 451))
+        if i % 5 == 4:
+            w, h = h, w
+        ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(0, 255, 3) + rng.uniform(0, 128, 3)
+        pixels = np.broadcast_to(ramp, (h, w, 3)) + rng.normal(0, 6, (h, w, 3))
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(3, 11))):
+            x, y = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+            box = (x, y, x + int(rng.integers(10, w // 2)), y + int(rng.integers(10, h // 2)))
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if i % 2 else draw.rectangle)(box, fill=colour)
+        image.save(folder / f"{i:05d}.jpg", quality=90)
+        rows.append(f"{i:05d}.jpg,a photo number {i}")
+    csv = folder / "data.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
 def part_data(plan: Plan, work: Path, seconds: float, record: Record) -> None:
-    """`harmony bench data` at the small size's shapes with the training run's worker count."""
-    from harmony.data.throughput import measure_loader
+    """`harmony bench data` at the small size's shapes with the training run's worker count, then the CPU
+    ms/image of one loader worker on both paths (pixels vs `data.device_augment`) and the device's
+    decode + crop rate, on photo-like JPEGs, for CLIP and Harmony."""
+    from harmony.data.throughput import device_rate, measure_loader, profile_stages
 
     row = measure_loader(
         f"harmony-{plan.small}", "builtin:shapes", plan.workers, plan.data_batches, plan.data_batch, []
     )
-    record({"loader": row, "cpu_cores": usable_cores()})
+    data: dict[str, Any] = {"loader": row, "cpu_cores": usable_cores(), "paths": []}
+    record(data)
+    csv = write_photo_jpegs(work / "jpegs", plan.data_jpegs)
+    for method in ("clip", "harmony"):
+        preset = f"{method}-{plan.small}"
+        device_ms, batch = profile_stages(preset, str(csv), plan.data_jpegs, [], device_augment=True)
+        worker_ms, _ = profile_stages(preset, str(csv), plan.data_jpegs, [], device_augment=False)
+        rate = device_rate(preset, batch, [], plan.device)
+        data["paths"].append(
+            {
+                "preset": preset,
+                "images": plan.data_jpegs,
+                "worker_path_ms_per_image": sum(worker_ms.values()),
+                "device_augment_ms_per_image": sum(device_ms.values()),
+                "device_images_per_s": rate,
+                "stages": {"worker": worker_ms, "device_augment": device_ms},
+            }
+        )
+        record(data)
 
 
 def part_train(plan: Plan, work: Path, seconds: float, record: Record) -> None:

@@ -36,6 +36,7 @@ class Plan:
     workers: int  # loader workers of the data part and the training run
     data_batches: int
     data_batch: int
+    data_jpegs: int  # photo-like JPEGs (~500x400 px) written for the per-path loader profile (issue 18)
     train_steps: int
     train_batch: int
     train_log_every: int
@@ -55,7 +56,7 @@ class Plan:
 
 # Seconds per part on the GPU: 8 minutes in all. A part may also use what earlier parts left unused,
 # as long as the parts after it keep their own budgets (see runner.run_parts).
-GPU_BUDGETS = {"env": 30.0, "cuda-tests": 150.0, "bench": 180.0, "data": 40.0, "train": 80.0}
+GPU_BUDGETS = {"env": 30.0, "cuda-tests": 145.0, "bench": 180.0, "data": 55.0, "train": 70.0}
 
 
 def gpu_plan() -> Plan:
@@ -75,6 +76,7 @@ def gpu_plan() -> Plan:
         workers=max(1, cores - 2),  # the training process and the main loader thread keep a core each
         data_batches=20,
         data_batch=64,
+        data_jpegs=256,
         train_steps=300,
         train_batch=64,
         train_log_every=10,
@@ -101,6 +103,7 @@ def cpu_plan() -> Plan:
         workers=0,
         data_batches=2,
         data_batch=8,
+        data_jpegs=8,
         train_steps=16,
         train_batch=8,
         train_log_every=2,

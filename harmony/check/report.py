@@ -70,6 +70,12 @@ def targets(plan: Plan, results: dict[str, PartResult]) -> list[Target]:
     ]
     name = f"harmony-{plan.small} peak memory <= 3 x clip's (batch {plan.bench_batch}, eager)"
     found.append(Target(name, f"{memory[0][0]:.2f}x" if memory else "", memory[0][0] <= 3.0 if memory else None))
+    data = results.get("data")
+    for entry in data.data.get("paths", []) if data else []:
+        bound = 1.0 if entry["preset"].startswith("clip") else 1.5
+        ms = entry["device_augment_ms_per_image"]
+        name = f"{entry['preset']} loader worker CPU <= {bound} ms/image with data.device_augment"
+        found.append(Target(name, f"{ms:.2f} ms", ms <= bound))
     train = results.get("train")
     share = train.data.get("data_wait_share") if train else None
     name = f"data wait <= 3 % of step time (harmony-{plan.small}, {plan.workers} loader workers)"
@@ -153,6 +159,21 @@ def markdown(plan: Plan, results: list[PartResult], command: str) -> str:
             f"{loader['images_per_s']:.0f}",
         ]
         lines += _table(["preset", "data", "workers", "batch", "images/s"], [row])
+    paths = by_name["data"].data.get("paths") if "data" in by_name else None
+    if paths:
+        lines += ["## Loader worker CPU per image: pixels vs `data.device_augment` (photo-like JPEGs)", ""]
+        rows = [
+            [
+                p["preset"],
+                str(p["images"]),
+                f"{p['worker_path_ms_per_image']:.2f}",
+                f"{p['device_augment_ms_per_image']:.2f}",
+                f"{p['device_images_per_s']:.0f}",
+            ]
+            for p in paths
+        ]
+        head = ["preset", "images", "worker path ms/img", "device path ms/img", "device decode+crop img/s"]
+        lines += _table(head, rows)
     train = by_name["train"].data if "train" in by_name else {}
     if train.get("terms"):
         lines += [f"## Training run ({train['preset']}, {train['steps']} steps)", ""]
