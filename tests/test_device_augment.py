@@ -282,8 +282,13 @@ def test_a_jpeg_no_decoder_reads_is_replaced_by_another_sample_and_counted(monke
     for key in ("global", "local", "ibot_mask", "mae_keep"):
         assert torch.equal(out[key][:, 1], out[key][:, 0]) and torch.equal(out[key][:, 2], normal[key][:, 2]), key
     assert torch.equal(out["text"][1], out["text"][0]) and not torch.equal(out["text"][1], normal["text"][1])
-    rebuilt = collate([{"text": t, "text_mask": m} for t, m in zip(out["text"], out["text_mask"])])
-    for key in ("text_real_index", "mlm_index", "mlm_in_real"):
+    rebuilt = collate(
+        [
+            {"text": t, "text_real": r, "text_mask": m}
+            for t, r, m in zip(out["text"], out["text_real"], out["text_mask"])
+        ]
+    )
+    for key in ("text_real_index", "mlm_index", "mlm_in_real", "text_distill_weight"):
         assert torch.equal(out[key], rebuilt[key]), key
 
 

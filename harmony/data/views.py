@@ -32,7 +32,7 @@ from harmony.models.tokenizer import CaptionTokenizer, mask_caption
 from harmony.objectives.base import Needs
 
 CROP_MAJOR = ("global", "local", "ibot_mask", "mae_keep", "mae_remove", "global_plan", "local_plan")
-DERIVED = ("ibot_index", "ibot_weight", "text_real_index", "mlm_index", "mlm_in_real")
+DERIVED = ("ibot_index", "ibot_weight", "text_real_index", "mlm_index", "mlm_in_real", "text_distill_weight")
 
 
 class ViewMaker:
