@@ -121,7 +121,10 @@ def encode(pending: Pending, options: EncodeOptions) -> dict[str, bytes] | Sampl
     """Shard members for one pair, or the reason it is skipped."""
     caption = pending.caption.strip()
     if not caption:
-        return SampleError("caption", f"{pending.name}: no caption")
+        return SampleError(
+            "caption",
+            f"{pending.name}: no caption (no .txt beside it; --caption-template 'a photo of a {{label}}.' captions every image)",
+        )
     try:
         data = pending.path.read_bytes()
         image = open_image(data, options.max_pixels)
