@@ -176,3 +176,12 @@ def test_view_maker_decodes_lazily_and_deterministically() -> None:
     assert views[0]["global"].shape == (2, 3, 32, 32) and views[0]["local"].shape == (2, 3, 16, 16)
     other = maker(open_image(data, MAX_PIXELS), "a red square", seed=4)
     assert not torch.equal(views[0]["global"], other["global"])
+
+
+def test_from_folder_without_captions_names_both_ways_to_give_them(tmp_path: Path) -> None:
+    for name in ("red_circle", "blue-square"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        (tmp_path / "imgs" / name / "a.png").write_bytes(image_bytes(1))
+    proc = run_cli("data", "from-folder", str(tmp_path / "imgs"), "--out", str(tmp_path / "s"), "--no-progress")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "no caption (no .txt beside it; --caption-template 'a photo of a {label}.'" in proc.stderr
