@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from harmony.config import HeadConfig, IBOTConfig
 from harmony.models.heads import DINOHead
-from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
+from harmony.objectives.base import BlockMasks, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
 from harmony.train.schedules import linear_ramp
 
@@ -43,23 +43,43 @@ def ibot_patch_loss(
     return (soft_cross_entropy(teacher_probs, student_logits, student_temp) * token_weight).sum()
 
 
+@register
 class IBOTObjective(Objective):
-    name = "ibot"
+    """iBOT (DINO with `patch_loss` off): the student's masked global crops and local crops are matched to
+    the EMA teacher's centred, sharpened distributions on the clean global crops, CLS and masked patches."""
 
-    def __init__(self, cfg: IBOTConfig, head: HeadConfig, embed_dim: int, num_global: int = 2) -> None:
+    key = "ibot"
+    config_type = IBOTConfig
+
+    def __init__(self, cfg: IBOTConfig, head: HeadConfig, embed_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.num_global = num_global
         self.student_head = DINOHead(embed_dim, head.out_dim, head.hidden_dim, head.bottleneck_dim, head.num_layers)
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
         self.cls_center = Center(head.out_dim, cfg.center_momentum)
         self.patch_center = Center(head.out_dim, cfg.center_momentum) if cfg.patch_loss else None
 
-    def needs(self) -> Needs:
-        crops = set(range(self.num_global))
+    @classmethod
+    def needs_for(cls, section: IBOTConfig) -> Needs:
+        masks = None
+        if section.patch_loss:
+            masks = BlockMasks(
+                section.mask_probability,
+                section.mask_ratio_min,
+                section.mask_ratio_max,
+                section.mask_min_patches,
+                section.mask_aspect_min,
+            )
         return Needs(
-            num_global=self.num_global, masked_crops=True, local_crops=self.cfg.local_crops, teacher_crops=crops
+            num_global=2, masked_crops=True, local_crops=section.local_crops, teacher_crops={0, 1}, block_masks=masks
         )
+
+    @classmethod
+    def build(cls, section: IBOTConfig, dims: ModelDims) -> IBOTObjective:
+        return cls(section, dims.head, dims.vision_width)
+
+    def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
+        return {"heads": [self.student_head, self.teacher_head]}
 
     def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         return [(self.teacher_head, self.student_head)]

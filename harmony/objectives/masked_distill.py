@@ -15,7 +15,7 @@ import torch
 from harmony.config import HeadConfig, MaskedDistillConfig
 from harmony.models.decoders import MaskedFeatureDecoder
 from harmony.models.heads import DINOHead
-from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
+from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 from harmony.objectives.centering import Center, sharpen, soft_cross_entropy
 
 
@@ -24,8 +24,13 @@ def masked_distill_loss(student_logits: torch.Tensor, teacher_probs: torch.Tenso
     return soft_cross_entropy(teacher_probs, student_logits, student_temp).mean()
 
 
+@register
 class MaskedDistillObjective(Objective):
-    name = "masked_distill"
+    """MaskCLIP's masked self-distillation: a small decoder over the student's kept patches predicts, at
+    the removed ones, the EMA teacher head's distribution on the full image."""
+
+    key = "masked_distill"
+    config_type = MaskedDistillConfig
 
     def __init__(self, cfg: MaskedDistillConfig, head: HeadConfig, dim: int) -> None:
         super().__init__()
@@ -39,8 +44,16 @@ class MaskedDistillObjective(Objective):
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
         self.center = Center(head.out_dim, cfg.center_momentum)
 
-    def needs(self) -> Needs:
-        return Needs(dropped_crops={0}, keep_ratio=self.cfg.keep_ratio, teacher_crops={0})
+    @classmethod
+    def needs_for(cls, section: MaskedDistillConfig) -> Needs:
+        return Needs(dropped_crops={0}, keep_ratio=section.keep_ratio, teacher_crops={0})
+
+    @classmethod
+    def build(cls, section: MaskedDistillConfig, dims: ModelDims) -> MaskedDistillObjective:
+        return cls(section, dims.head, dims.vision_width)
+
+    def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
+        return {"MaskCLIP decoder": [self.decoder], "heads": [self.student_head, self.teacher_head]}
 
     def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         return [(self.teacher_head, self.student_head)]

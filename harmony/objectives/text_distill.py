@@ -16,7 +16,7 @@ import torch
 
 from harmony.config import TextDistillConfig
 from harmony.models.heads import DINOHead
-from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
+from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
 from harmony.train.schedules import linear_ramp
 
@@ -29,8 +29,13 @@ def text_distill_loss(
     return (soft_cross_entropy(teacher_probs, student_logits, student_temp) * token_weight).sum()
 
 
+@register
 class TextDistillObjective(Objective):
-    name = "text_distill"
+    """Per-token self-distillation of captions: the student head on the masked caption matches the EMA
+    teacher head's centred, sharpened distribution on the clean one, at the masked tokens."""
+
+    key = "text_distill"
+    config_type = TextDistillConfig
 
     def __init__(self, cfg: TextDistillConfig, text_width: int) -> None:
         super().__init__()
@@ -40,8 +45,16 @@ class TextDistillObjective(Objective):
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
         self.center = Center(h.out_dim, cfg.center_momentum)
 
-    def needs(self) -> Needs:
-        return Needs(text_masked=True, teacher_text=True, text_mask_prob=self.cfg.mask_prob)
+    @classmethod
+    def needs_for(cls, section: TextDistillConfig) -> Needs:
+        return Needs(text_masked=True, teacher_text=True, text_mask_prob=section.mask_prob)
+
+    @classmethod
+    def build(cls, section: TextDistillConfig, dims: ModelDims) -> TextDistillObjective:
+        return cls(section, dims.text_width)
+
+    def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
+        return {"heads": [self.student_head, self.teacher_head]}
 
     def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         return [(self.teacher_head, self.student_head)]

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from harmony.config import Config
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.objectives.base import StepInfo
+from harmony.objectives.registry import needs_for_config
 from harmony.train.distributed import DistInfo
 from harmony.train.optim import build_optimizer, clip_gradients, set_schedule
 from harmony.train.schedules import Schedules
@@ -40,7 +41,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def make_tokenizer(cfg: Config) -> CaptionTokenizer | None:
-    return CaptionTokenizer(cfg.model.context_length) if cfg.objectives.clip is not None else None
+    """The caption tokenizer when an enabled objective reads captions, else None."""
+    return CaptionTokenizer(cfg.model.context_length) if needs_for_config(cfg).needs_text else None
 
 
 class Stepper:
