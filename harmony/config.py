@@ -352,7 +352,7 @@ def set_override(cfg: Config, assignment: str) -> Config:
 
 def validate(cfg: Config) -> None:
     """Semantic checks beyond types, each naming its key."""
-    from harmony.data.rgb import parse_background
+    from harmony.core.colors import parse_background
     from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
 
     if cfg.model.vision not in VISION_SIZES:

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from harmony.core.distributed import DistInfo
 from harmony.presets import build_config
-from harmony.train.distributed import DistInfo
 from harmony.train.step import Stepper, resolve_device
 
 # Fused attention kernels; the math fallback decomposes into bmm/softmax and shows none of them.

@@ -45,9 +45,9 @@ def measure_loader(
 ) -> dict[str, Any]:
     """Steady-state images/s over `batches` batches, or (batches 0) over at least `seconds`; the first batch of
     every worker (process start-up, first decode) is not timed."""
+    from harmony.core.distributed import DistInfo
     from harmony.data.loader import TrainData, build_train_data
     from harmony.data.views import view_maker_for
-    from harmony.train.distributed import DistInfo
 
     cfg = _config(preset, data_spec, workers, batch_size, overrides)
     data = build_train_data(cfg, view_maker_for(cfg), DistInfo())

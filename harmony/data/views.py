@@ -131,7 +131,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 def view_maker_for(cfg: Config) -> ViewMaker:
     """The views a training run of `cfg` makes (its objectives' needs), without building the model."""
     from harmony.models.sizes import VISION_SIZES
-    from harmony.objectives.registry import needs_for_config
-    from harmony.train.step import make_tokenizer
+    from harmony.objectives.registry import make_tokenizer, needs_for_config
 
     return ViewMaker(cfg, needs_for_config(cfg), make_tokenizer(cfg), VISION_SIZES[cfg.model.vision].patch_size)

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from harmony.config import ClipConfig
+from harmony.core.distributed import gather_no_grad, gather_with_grad, rank
+from harmony.core.ramps import cosine_ramp
 from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 from harmony.objectives.centering import soft_cross_entropy
-from harmony.train.distributed import gather_no_grad, gather_with_grad, rank
-from harmony.train.schedules import cosine_ramp
 
 
 def contrastive_logits(

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from harmony.config import HeadConfig, IBOTConfig
+from harmony.core.ramps import linear_ramp
 from harmony.models.heads import DINOHead
 from harmony.objectives.base import BlockMasks, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
-from harmony.train.schedules import linear_ramp
 
 
 def ibot_cls_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from harmony.config import MLMConfig
+from harmony.core.distributed import global_count
 from harmony.models.decoders import MLMDecoder
 from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
-from harmony.train.distributed import global_count
 
 
 def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:

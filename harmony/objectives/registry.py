@@ -11,6 +11,7 @@ from typing import Any
 
 import harmony.objectives as package
 from harmony.config import Config
+from harmony.models.tokenizer import CaptionTokenizer
 from harmony.objectives.base import REGISTRY, ModelDims, Needs, Objective
 
 
@@ -44,3 +45,8 @@ def needs_for_config(cfg: Config) -> Needs:
     for cls, section in enabled_sections(cfg):
         needs = needs.union(cls.needs_for(section))
     return needs
+
+
+def make_tokenizer(cfg: Config) -> CaptionTokenizer | None:
+    """The caption tokenizer when an enabled objective reads captions, else None."""
+    return CaptionTokenizer(cfg.model.context_length) if needs_for_config(cfg).needs_text else None

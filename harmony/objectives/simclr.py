@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from harmony.config import SimCLRConfig
+from harmony.core.distributed import gather_with_grad, rank
 from harmony.models.heads import SimCLRProjector
 from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
-from harmony.train.distributed import gather_with_grad, rank
 
 
 def simclr_loss(

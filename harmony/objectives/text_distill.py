@@ -15,10 +15,10 @@ import copy
 import torch
 
 from harmony.config import TextDistillConfig
+from harmony.core.ramps import linear_ramp
 from harmony.models.heads import DINOHead
 from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
-from harmony.train.schedules import linear_ramp
 
 
 def text_distill_loss(

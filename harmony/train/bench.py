@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from harmony.config import Config
+from harmony.core.distributed import DistInfo
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.presets import build_config, split_preset
-from harmony.train.distributed import DistInfo
 from harmony.train.flops import ComponentFlops
 from harmony.train.step import Stepper, resolve_device
 from harmony.train.task import PretrainTask

@@ -11,10 +11,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from harmony.config import Config
-from harmony.models.tokenizer import CaptionTokenizer
+from harmony.core.distributed import DistInfo
 from harmony.objectives.base import StepInfo
-from harmony.objectives.registry import needs_for_config
-from harmony.train.distributed import DistInfo
+from harmony.objectives.registry import make_tokenizer
 from harmony.train.optim import build_optimizer, clip_gradients, set_schedule
 from harmony.train.schedules import Schedules
 from harmony.train.task import PretrainTask
@@ -38,11 +37,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def make_tokenizer(cfg: Config) -> CaptionTokenizer | None:
-    """The caption tokenizer when an enabled objective reads captions, else None."""
-    return CaptionTokenizer(cfg.model.context_length) if needs_for_config(cfg).needs_text else None
 
 
 class Stepper:

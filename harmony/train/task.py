@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from harmony.config import Config
+from harmony.core.distributed import local
 from harmony.data.augment import normalize
-from harmony.models.pair import ImageTextModel, build_pair
+from harmony.factory import build_pair
+from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.objectives.base import Encoded, Needs, Objective, StepInfo
 from harmony.objectives.registry import build_objectives
-from harmony.train.distributed import local
 
 
 def union_needs(objectives: dict[str, Objective]) -> Needs:
