@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from harmony.config import ConfigError
-from harmony.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from harmony.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from harmony.models.pair import ImageTextModel
 from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
 from harmony.models.vision import VisionTower

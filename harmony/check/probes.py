@@ -166,7 +166,7 @@ def attention_kernels(preset: str, device: str, precision: str) -> dict[str, lis
     """The fused SDPA kernels each tower's forward runs (vision and text); ProbeFailed if a tower
     falls back to the unfused math path."""
     stepper, batch = stepper_and_batch(preset, device, f"train.precision={precision}")
-    from harmony.data.augment import normalize
+    from harmony.models.normalize import normalize
 
     task, amp = stepper.task, stepper.amp_dtype
     images = normalize(batch["global"][0])

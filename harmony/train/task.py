@@ -21,8 +21,8 @@ from torch import nn
 
 from harmony.config import Config
 from harmony.core.distributed import local
-from harmony.data.augment import normalize
 from harmony.factory import build_pair
+from harmony.models.normalize import normalize
 from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.objectives.base import Encoded, Needs, Objective, StepInfo
