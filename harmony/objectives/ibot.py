@@ -12,16 +12,13 @@ One head is shared by CLS and patch tokens and is run only on tokens a loss uses
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
 from harmony.config import HeadConfig, IBOTConfig
-from harmony.core.ramps import linear_ramp
-from harmony.models.heads import DINOHead
-from harmony.objectives.base import BlockMasks, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import BlockMasks, Encoded, LossOutput, ModelDims, Needs, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
+from harmony.objectives.distill import SelfDistillation, warmup_temperature
 
 
 def ibot_cls_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -44,7 +41,7 @@ def ibot_patch_loss(
 
 
 @register
-class IBOTObjective(Objective):
+class IBOTObjective(SelfDistillation):
     """iBOT (DINO with `patch_loss` off): the student's masked global crops and local crops are matched to
     the EMA teacher's centred, sharpened distributions on the clean global crops, CLS and masked patches."""
 
@@ -54,8 +51,7 @@ class IBOTObjective(Objective):
     def __init__(self, cfg: IBOTConfig, head: HeadConfig, embed_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.student_head = DINOHead(embed_dim, head.out_dim, head.hidden_dim, head.bottleneck_dim, head.num_layers)
-        self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
+        self.make_heads(embed_dim, head)
         self.cls_center = Center(head.out_dim, cfg.center_momentum)
         self.patch_center = Center(head.out_dim, cfg.center_momentum) if cfg.patch_loss else None
 
@@ -78,17 +74,6 @@ class IBOTObjective(Objective):
     def build(cls, section: IBOTConfig, dims: ModelDims) -> IBOTObjective:
         return cls(section, dims.head, dims.vision_width)
 
-    def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
-        return {"heads": [self.student_head, self.teacher_head]}
-
-    def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-        return [(self.teacher_head, self.student_head)]
-
-    def after_step(self) -> None:
-        self.cls_center.update()
-        if self.patch_center is not None:
-            self.patch_center.update()
-
     def frozen_parameters(self, step: StepInfo) -> list[torch.nn.Parameter]:
         if step.epoch < self.cfg.freeze_last_layer_epochs:
             return list(self.student_head.last_layer.parameters())
@@ -96,8 +81,9 @@ class IBOTObjective(Objective):
 
     def patch_temperature(self, step: StepInfo) -> float:
         cfg = self.cfg
-        progress = step.epoch / cfg.teacher_temp_warmup_epochs if cfg.teacher_temp_warmup_epochs > 0 else 1.0
-        return linear_ramp(cfg.teacher_temp_patch_start, cfg.teacher_temp_patch_end, progress)
+        return warmup_temperature(
+            cfg.teacher_temp_patch_start, cfg.teacher_temp_patch_end, cfg.teacher_temp_warmup_epochs, step
+        )
 
     def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
         assert enc.masked is not None and enc.teacher is not None

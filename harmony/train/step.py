@@ -108,6 +108,10 @@ class Stepper:
         }
 
     def load_state_dict(self, state: dict[str, Any], what: str) -> None:
+        """Restore a checkpoint's training state (`what` names it in errors): weights of the whole task
+        (student, teacher, objective heads and centres) strictly by key, the optimiser, the grad scaler,
+        the RNG state and the step, so a resumed run continues as if uninterrupted. Refuses, with a
+        `CheckpointError`, state saved under the other `train.strategy` (FSDP vs plain)."""
         from harmony.train.checkpoint import CheckpointError, check_state_keys, load_state_strict
 
         strategy = "fsdp" if self.fsdp else "plain"
