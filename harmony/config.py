@@ -199,6 +199,15 @@ class MaskedDistillConfig(ObjectiveSection):
 
 
 @dataclass
+class BYOLConfig(ObjectiveSection):
+    """BYOL between the two global crops: online projector + predictor (MLPs), EMA target, 2 - 2 cos."""
+
+    weight: float = 1.0
+    hidden_dim: int = 4096
+    out_dim: int = 256
+
+
+@dataclass
 class ObjectivesConfig:
     clip: ClipConfig | None = None
     ibot: IBOTConfig | None = None
@@ -207,6 +216,7 @@ class ObjectivesConfig:
     text_distill: TextDistillConfig | None = None
     simclr: SimCLRConfig | None = None
     masked_distill: MaskedDistillConfig | None = None
+    byol: BYOLConfig | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
