@@ -112,7 +112,7 @@ class Stepper:
         (student, teacher, objective heads and centres) strictly by key, the optimiser, the grad scaler,
         the RNG state and the step, so a resumed run continues as if uninterrupted. Refuses, with a
         `CheckpointError`, state saved under the other `train.strategy` (FSDP vs plain)."""
-        from harmony.train.checkpoint import CheckpointError, check_state_keys, load_state_strict
+        from harmony.core.checkpoint import CheckpointError, check_state_keys, load_state_strict
 
         strategy = "fsdp" if self.fsdp else "plain"
         if state.get("strategy", "plain") != strategy:
