@@ -61,13 +61,17 @@ class ModelConfig:
 class ObjectiveSection:
     """What every objective section declares for `validate`, which knows no objective by name.
 
-    `requires`: {other section: why} that must be enabled with this one; `probabilities`: sub-keys whose
-    values must lie in [0, 1]; `shared`: {what: (sub-key, value)} that every section naming the same
+    `requires`: {other section: why} that must be enabled with this one; `probabilities` / `positives`:
+    sub-keys whose values must lie in [0, 1] / be > 0; `shared`: {what: (sub-key, value)} that every section naming the same
     `what` must agree on (e.g. two objectives reading one masked caption); `check`: anything else."""
 
     requires: ClassVar[dict[str, str]] = {}
 
     def probabilities(self) -> dict[str, float]:
+        return {}
+
+    def positives(self) -> dict[str, float]:
+        """Sub-keys whose values must be > 0 (sizes of heads and projectors)."""
         return {}
 
     def shared(self) -> dict[str, tuple[str, object]]:
@@ -180,6 +184,9 @@ class SimCLRConfig(ObjectiveSection):
     hidden_dim: int = 4096
     out_dim: int = 256
 
+    def positives(self) -> dict[str, float]:
+        return {"hidden_dim": self.hidden_dim, "out_dim": self.out_dim, "temperature": self.temperature}
+
 
 @dataclass
 class MaskedDistillConfig(ObjectiveSection):
@@ -205,6 +212,9 @@ class BYOLConfig(ObjectiveSection):
     weight: float = 1.0
     hidden_dim: int = 4096
     out_dim: int = 256
+
+    def positives(self) -> dict[str, float]:
+        return {"hidden_dim": self.hidden_dim, "out_dim": self.out_dim}
 
 
 @dataclass
@@ -402,6 +412,9 @@ def validate(cfg: Config) -> None:
     for name, section in sections.items():
         section.check(f"objectives.{name}")
         probs |= {f"objectives.{name}.{sub}": value for sub, value in section.probabilities().items()}
+        for sub, value in section.positives().items():
+            if value <= 0:
+                raise ConfigError(f"config key 'objectives.{name}.{sub}' must be positive, got {value}")
         for what, (sub, setting) in section.shared().items():
             first_key, first = shared.setdefault(what, (f"objectives.{name}.{sub}", setting))
             if setting != first:

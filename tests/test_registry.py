@@ -77,3 +77,11 @@ def test_section_checks_are_run_by_validate() -> None:
     for override, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             build_config("harmony-tiny-test", [override])
+
+
+def test_section_sizes_must_be_positive() -> None:
+    """A zero-width projector or a zero temperature used to fail mid-step (a traceback or non-finite loss)."""
+    with pytest.raises(ConfigError, match=r"'objectives.byol.hidden_dim' must be positive, got 0"):
+        build_config("byol-tiny-test", ["objectives.byol.hidden_dim=0"])
+    with pytest.raises(ConfigError, match=r"'objectives.simclr.temperature' must be positive"):
+        build_config("slip-tiny-test", ["objectives.simclr.temperature=0"])
