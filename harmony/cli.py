@@ -97,10 +97,10 @@ def _fail(message: str, code: int) -> int:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Failures the user can act on, reported in one line (imported on demand: they pull in torch)."""
+    from harmony.core.checkpoint import CheckpointError
     from harmony.data.errors import DataError
     from harmony.outputs import OutputError
     from harmony.repro.runner import ReproError
-    from harmony.train.checkpoint import CheckpointError
     from harmony.train.step import TrainingError
 
     return (DataError, CheckpointError, TrainingError, ReproError, OutputError)

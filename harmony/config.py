@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -53,12 +53,36 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Objectives (an objective is switched off by leaving it out: `objectives.mae=null`)
+# Objectives (an objective is switched off by leaving it out: `objectives.mae=null`). Each section
+# is the `config_type` of one registered objective (`harmony.objectives`) and carries its own checks.
 # ----------------------------------------------------------------------------------------------
 
 
+class ObjectiveSection:
+    """What every objective section declares for `validate`, which knows no objective by name.
+
+    `requires`: {other section: why} that must be enabled with this one; `probabilities` / `positives`:
+    sub-keys whose values must lie in [0, 1] / be > 0; `shared`: {what: (sub-key, value)} that every section naming the same
+    `what` must agree on (e.g. two objectives reading one masked caption); `check`: anything else."""
+
+    requires: ClassVar[dict[str, str]] = {}
+
+    def probabilities(self) -> dict[str, float]:
+        return {}
+
+    def positives(self) -> dict[str, float]:
+        """Sub-keys whose values must be > 0 (sizes of heads and projectors)."""
+        return {}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {}
+
+    def check(self, key: str) -> None:
+        """Raise `ConfigError` naming `key` (the section's dotted key) when the section is inconsistent."""
+
+
 @dataclass
-class ClipConfig:
+class ClipConfig(ObjectiveSection):
     """Image-text contrast. `alpha` weighs hard targets: L = a*L_hard + (1-a)*L_soft."""
 
     weight: float = 1.0
@@ -72,7 +96,7 @@ class ClipConfig:
 
 
 @dataclass
-class IBOTConfig:
+class IBOTConfig(ObjectiveSection):
     """iBOT self-distillation (CLS over all cross-view pairs + masked patch tokens); DINO without patches."""
 
     weight: float = 1.0
@@ -91,9 +115,16 @@ class IBOTConfig:
     mask_aspect_min: float = 0.3
     freeze_last_layer_epochs: float = 1.0
 
+    def probabilities(self) -> dict[str, float]:
+        return {"mask_probability": self.mask_probability}
+
+    def check(self, key: str) -> None:
+        if not 0 <= self.mask_ratio_min <= self.mask_ratio_max < 1:
+            raise ConfigError(f"config keys '{key}.mask_ratio_min/max' need 0 <= min <= max < 1")
+
 
 @dataclass
-class MAEConfig:
+class MAEConfig(ObjectiveSection):
     """MAE pixel reconstruction on every global crop; loss over removed patches, normalised targets."""
 
     weight: float = 1.0
@@ -101,18 +132,29 @@ class MAEConfig:
     norm_pix_loss: bool = True
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(depth=8, width=512, heads=16))
 
+    def probabilities(self) -> dict[str, float]:
+        return {"mask_ratio": self.mask_ratio}
+
 
 @dataclass
-class MLMConfig:
+class MLMConfig(ObjectiveSection):
     """Masked language modelling: words -> [MASK] with probability `mask_prob`, decoded to the vocabulary."""
 
     weight: float = 1.0
     mask_prob: float = 0.2
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(depth=4, width=512, heads=8))
 
+    requires: ClassVar[dict[str, str]] = {"clip": "which trains the text tower"}
+
+    def probabilities(self) -> dict[str, float]:
+        return {"mask_prob": self.mask_prob}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {"the same masked caption": ("mask_prob", self.mask_prob)}
+
 
 @dataclass
-class TextDistillConfig:
+class TextDistillConfig(ObjectiveSection):
     """Per-token self-distillation: text teacher on the clean caption, student on the masked one."""
 
     weight: float = 1.0
@@ -124,9 +166,17 @@ class TextDistillConfig:
     center_momentum: float = 0.9
     head: HeadConfig = field(default_factory=HeadConfig)
 
+    requires: ClassVar[dict[str, str]] = {"clip": "which trains the text tower"}
+
+    def probabilities(self) -> dict[str, float]:
+        return {"mask_prob": self.mask_prob}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {"the same masked caption": ("mask_prob", self.mask_prob)}
+
 
 @dataclass
-class SimCLRConfig:
+class SimCLRConfig(ObjectiveSection):
     """SLIP's image-image contrast between the two global crops (MLP projection, NT-Xent)."""
 
     weight: float = 1.0
@@ -134,9 +184,12 @@ class SimCLRConfig:
     hidden_dim: int = 4096
     out_dim: int = 256
 
+    def positives(self) -> dict[str, float]:
+        return {"hidden_dim": self.hidden_dim, "out_dim": self.out_dim, "temperature": self.temperature}
+
 
 @dataclass
-class MaskedDistillConfig:
+class MaskedDistillConfig(ObjectiveSection):
     """MaskCLIP's masked self-distillation: student sees `keep_ratio` of the patches, a small decoder
     predicts the teacher's head output for the removed ones."""
 
@@ -148,6 +201,21 @@ class MaskedDistillConfig:
     teacher_temp: float = 0.04
     center_momentum: float = 0.9
 
+    def probabilities(self) -> dict[str, float]:
+        return {"keep_ratio": self.keep_ratio}
+
+
+@dataclass
+class BYOLConfig(ObjectiveSection):
+    """BYOL between the two global crops: online projector + predictor (MLPs), EMA target, 2 - 2 cos."""
+
+    weight: float = 1.0
+    hidden_dim: int = 4096
+    out_dim: int = 256
+
+    def positives(self) -> dict[str, float]:
+        return {"hidden_dim": self.hidden_dim, "out_dim": self.out_dim}
+
 
 @dataclass
 class ObjectivesConfig:
@@ -158,9 +226,14 @@ class ObjectivesConfig:
     text_distill: TextDistillConfig | None = None
     simclr: SimCLRConfig | None = None
     masked_distill: MaskedDistillConfig | None = None
+    byol: BYOLConfig | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def sections(self) -> dict[str, ObjectiveSection]:
+        """{name: section} of the enabled objectives, in field order."""
+        return {name: getattr(self, name) for name in self.enabled()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +373,7 @@ def set_override(cfg: Config, assignment: str) -> Config:
 
 def validate(cfg: Config) -> None:
     """Semantic checks beyond types, each naming its key."""
-    from harmony.data.rgb import parse_background
+    from harmony.core.colors import parse_background
     from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
 
     if cfg.model.vision not in VISION_SIZES:
@@ -335,24 +408,20 @@ def validate(cfg: Config) -> None:
         "data.augment.local_blur": cfg.data.augment.local_blur,
         "data.builtin.mismatch_rate": cfg.data.builtin.mismatch_rate,
     }
-    obj = cfg.objectives
-    if obj.ibot:
-        probs["objectives.ibot.mask_probability"] = obj.ibot.mask_probability
-        if not 0 <= obj.ibot.mask_ratio_min <= obj.ibot.mask_ratio_max < 1:
-            raise ConfigError("config keys 'objectives.ibot.mask_ratio_min/max' need 0 <= min <= max < 1")
-    if obj.mae:
-        probs["objectives.mae.mask_ratio"] = obj.mae.mask_ratio
-    if obj.mlm:
-        probs["objectives.mlm.mask_prob"] = obj.mlm.mask_prob
-    if obj.text_distill:
-        probs["objectives.text_distill.mask_prob"] = obj.text_distill.mask_prob
-    if obj.masked_distill:
-        probs["objectives.masked_distill.keep_ratio"] = obj.masked_distill.keep_ratio
-    if obj.mlm and obj.text_distill and obj.mlm.mask_prob != obj.text_distill.mask_prob:
-        raise ConfigError(
-            "config keys 'objectives.mlm.mask_prob' and 'objectives.text_distill.mask_prob' must match: "
-            "both objectives read the same masked caption"
-        )
+    sections = cfg.objectives.sections()
+    shared: dict[str, tuple[str, object]] = {}
+    for name, section in sections.items():
+        section.check(f"objectives.{name}")
+        probs |= {f"objectives.{name}.{sub}": value for sub, value in section.probabilities().items()}
+        for sub, value in section.positives().items():
+            if value <= 0:
+                raise ConfigError(f"config key 'objectives.{name}.{sub}' must be positive, got {value}")
+        for what, (sub, setting) in section.shared().items():
+            first_key, first = shared.setdefault(what, (f"objectives.{name}.{sub}", setting))
+            if setting != first:
+                raise ConfigError(
+                    f"config keys '{first_key}' and 'objectives.{name}.{sub}' must match: both objectives read {what}"
+                )
     for key, value in probs.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value}")
@@ -364,11 +433,12 @@ def validate(cfg: Config) -> None:
         parse_background(cfg.data.alpha_background)
     except ValueError as exc:
         raise ConfigError(f"config key 'data.alpha_background': {exc}") from None
-    if not obj.enabled():
+    if not sections:
         raise ConfigError("config key 'objectives' enables no objective; a method needs at least one")
-    for name in ("mlm", "text_distill"):
-        if getattr(obj, name) is not None and obj.clip is None:
-            raise ConfigError(f"config key 'objectives.{name}' needs 'objectives.clip', which trains the text tower")
+    for name, section in sections.items():
+        for other, why in section.requires.items():
+            if other not in sections:
+                raise ConfigError(f"config key 'objectives.{name}' needs 'objectives.{other}', {why}")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -31,11 +31,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from harmony.config import ConfigError
-from harmony.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from harmony.core.checkpoint import CheckpointError
+from harmony.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from harmony.models.pair import ImageTextModel
 from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
 from harmony.models.vision import VisionTower
-from harmony.train.checkpoint import CheckpointError
 
 TIMM_NUM_CLASSES = 1000  # the head of timm's ViT names and of their default pretrained cfgs
 TIMM_DEFAULT_IMG_SIZE = 224  # timm's VisionTransformer default, kept by every `*_224` name

@@ -10,9 +10,10 @@ from typing import Literal
 import torch
 
 from harmony.config import Config, ConfigError, from_dict, validate
-from harmony.models.pair import ImageTextModel, build_pair
+from harmony.core import checkpoint as ckpt
+from harmony.factory import build_pair
+from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
-from harmony.train import checkpoint as ckpt
 from harmony.typed import known_only
 
 Weights = Literal["auto", "student", "teacher"]

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from harmony.core.distributed import DistInfo
 from harmony.data.loader import EpochSampler
 from harmony.data.shapes import CLASS_NAMES, COLORS, ShapesDataset
 from harmony.data.shards import write_shapes
 from harmony.data.sources import ShardSource, decode_sample
-from harmony.train.distributed import DistInfo
 from harmony.train.loop import train
 from tests.conftest import run_cli, tiny
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from harmony.config import Config
+from harmony.core.distributed import DistInfo
 from harmony.data.csv_source import CsvSource
 from harmony.data.decode import RawSample
 from harmony.data.errors import SKIP_REASONS, DataError
@@ -20,7 +21,6 @@ from harmony.data.loader import TrainData, build_train_data
 from harmony.data.sources import OPEN_SHARDS, ShardSource, interleave, mixing_rng
 from harmony.data.views import view_maker_for
 from harmony.models.tokenizer import CaptionTokenizer
-from harmony.train.distributed import DistInfo
 from tests.conftest import tiny
 from tests.test_data_sources import broken_shards, good, image_bytes, write_csv, write_tar
 

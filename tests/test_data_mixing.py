@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from harmony.cli import main
+from harmony.core.distributed import DistInfo
 from harmony.data.errors import SampleError
 from harmony.data.loader import build_train_data
 from harmony.data.sources import OPEN_SHARDS, PassEnd, mixing_rng, pass_samples
 from harmony.data.views import view_maker_for
-from harmony.train.distributed import DistInfo
 from tests.test_data_loader import captions, config
 from tests.test_data_sources import image_bytes, write_tar
 

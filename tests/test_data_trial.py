@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from harmony.config import ConfigError, DataConfig
+from harmony.core.distributed import DistInfo
 from harmony.data.convert import EncodeOptions, Pending, encode, folder_pairs
 from harmony.data.csv_source import CsvSource
 from harmony.data.decode import decode_pixels, open_image, upright_size
@@ -20,7 +21,6 @@ from harmony.data.errors import DataError, SampleError
 from harmony.data.loader import build_train_data
 from harmony.data.views import view_maker_for
 from harmony.presets import build_config
-from harmony.train.distributed import DistInfo
 from tests.test_data_loader import config
 from tests.test_data_sources import MAX_PIXELS, write_tar
 

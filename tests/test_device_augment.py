@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from harmony.config import AugmentConfig, ConfigError
+from harmony.core.distributed import DistInfo
 from harmony.data.augment import CropPlan, plan_global, plan_local, render_crop
 from harmony.data.decode import open_image
 from harmony.data.device_augment import (
@@ -32,7 +33,6 @@ from harmony.data.errors import SKIP_REASONS, SampleError
 from harmony.data.loader import build_train_data
 from harmony.data.shapes import ShapesDataset
 from harmony.data.views import collate, view_maker_for
-from harmony.train.distributed import DistInfo
 from harmony.train.loop import train
 from tests.conftest import run_cli, tiny
 from tests.test_data_sources import broken_shards
@@ -337,7 +337,7 @@ def test_training_on_the_device_path_gives_finite_falling_losses(tmp_path: Path,
 def test_resume_on_the_device_path_is_exact(tmp_path: Path) -> None:
     """The parameter draw is a function of (train.seed, epoch, sample id), so the step and config in the
     checkpoint replay it: a run resumed at step 3 continues with the same losses and ends with the same weights."""
-    from harmony.train import checkpoint as ckpt
+    from harmony.core import checkpoint as ckpt
 
     spec = jpeg_csv(tmp_path / "jpegs", 32)
     overrides = [f"data_spec={spec}", "data.device_augment=true", "train.max_steps=6", "train.log_every=1"]

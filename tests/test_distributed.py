@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harmony.train import checkpoint as ckpt
+from harmony.core import checkpoint as ckpt
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow

@@ -65,7 +65,7 @@ def test_linear_heads_fit_separable_features() -> None:
 
 
 def test_classifier_and_pyramid_from_a_tower() -> None:
-    from harmony.models.pair import build_pair
+    from harmony.factory import build_pair
     from harmony.models.tokenizer import CaptionTokenizer
 
     cfg = tiny("clip-tiny-test")

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from harmony.core.distributed import DistInfo
 from harmony.data.views import ViewMaker, collate
 from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
@@ -19,7 +20,6 @@ from harmony.objectives.base import Encoded, StepInfo
 from harmony.objectives.mae import mae_loss
 from harmony.objectives.mlm import MLMObjective
 from harmony.objectives.text_distill import TextDistillObjective
-from harmony.train.distributed import DistInfo
 from harmony.train.optim import clip_gradients
 from harmony.train.step import Stepper
 from harmony.typed import ConfigError

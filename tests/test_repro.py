@@ -168,7 +168,7 @@ def test_ctrl_c_during_repro_lets_the_training_save(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from harmony.train import checkpoint as ckpt
+    from harmony.core import checkpoint as ckpt
     from tests.conftest import REPO
 
     suite_file = tmp_path / "long.yaml"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from harmony.cli import main
-from harmony.train import checkpoint as ckpt
+from harmony.core import checkpoint as ckpt
 from harmony.train.preemption import StopRequest
 from harmony.train.runfolder import LOCK_FILE
 from tests.conftest import REPO, run_cli

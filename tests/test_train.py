@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from harmony.train import checkpoint as ckpt
+from harmony.core import checkpoint as ckpt
 from harmony.train.loop import train
 from tests.conftest import run_cli, tiny
 

@@ -37,8 +37,8 @@ def part_env(plan: Plan, work: Path, seconds: float, record: Record) -> None:
     """Versions, device, the peak TFLOP/s used for MFU, CPU cores."""
     import torch
 
+    from harmony.core.checkpoint import git_revision
     from harmony.train.bench import peak_tflops
-    from harmony.train.checkpoint import git_revision
 
     info: dict[str, Any] = {
         "python": platform.python_version(),

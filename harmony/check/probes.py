@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from harmony.core.distributed import DistInfo
 from harmony.presets import build_config
-from harmony.train.distributed import DistInfo
 from harmony.train.step import Stepper, resolve_device
 
 # Fused attention kernels; the math fallback decomposes into bmm/softmax and shows none of them.
@@ -166,7 +166,7 @@ def attention_kernels(preset: str, device: str, precision: str) -> dict[str, lis
     """The fused SDPA kernels each tower's forward runs (vision and text); ProbeFailed if a tower
     falls back to the unfused math path."""
     stepper, batch = stepper_and_batch(preset, device, f"train.precision={precision}")
-    from harmony.data.augment import normalize
+    from harmony.models.normalize import normalize
 
     task, amp = stepper.task, stepper.amp_dtype
     images = normalize(batch["global"][0])

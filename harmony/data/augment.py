@@ -5,7 +5,7 @@
 depend on worker count or order, resumed runs replay them, and the decoder can pick a reduced JPEG
 scale that still serves every planned crop. `render_crop` then applies the plan to uint8 HWC
 pixels with OpenCV (crop as a view, anti-aliased bicubic resize, LUT-based colour ops, Gaussian blur):
-images stay uint8 until the model normalises them on the device.
+images stay uint8 until the model normalises them on the device (`harmony.models.normalize`).
 """
 
 from __future__ import annotations
@@ -17,31 +17,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image
 
 from harmony.config import AugmentConfig
-from harmony.data.rgb import WHITE, to_rgb
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 _IDENTITY = np.arange(256, dtype=np.float64)
 _SOLARIZE = np.where(_IDENTITY >= 128, 255 - _IDENTITY, _IDENTITY).astype(np.uint8)
 cv2.setNumThreads(0)  # sequential: loader workers give the parallelism, and OpenCV's pool is not fork-safe
-
-
-def to_uint8_tensor(image: Image.Image, background: tuple[int, int, int] = WHITE) -> torch.Tensor:
-    """PIL image (any mode) -> uint8 [3, H, W]; transparency composited on `background`."""
-    image = to_rgb(image, background)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float, ImageNet mean/std (done on the device, after transfer)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(3, 1, 1)
-    return (images.to(dtype) / 255.0 - mean) / std
 
 
 def crop_box(
@@ -184,11 +166,3 @@ def render_crops(pixels: np.ndarray, plans: list[CropPlan], factor: tuple[float,
     for i, plan in enumerate(plans):
         cv2.split(render_crop(pixels, plan, factor), [out[i, 0], out[i, 1], out[i, 2]])
     return torch.from_numpy(out)
-
-
-def eval_transform(image: Image.Image, size: int, resize_ratio: float = 1.0) -> torch.Tensor:
-    """Deterministic evaluation view: resize the short side to size / ratio, centre-crop `size`."""
-    img = to_uint8_tensor(image)
-    short = round(size / resize_ratio)
-    img = TF.resize(img, [short], antialias=True)
-    return TF.center_crop(img, [size, size])

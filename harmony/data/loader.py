@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from harmony.config import Config
+from harmony.core.distributed import DistInfo
 from harmony.data.csv_source import CsvSource
 from harmony.data.decode import RawSample
 from harmony.data.device_augment import DeviceAugment, PlanMaker, device_augment_enabled, prefetched
@@ -32,7 +33,6 @@ from harmony.data.errors import SKIP_REASONS, DataError, SampleError
 from harmony.data.guard import ReadGuard, SkipTally, describe_skips, worker_message
 from harmony.data.sources import BuiltinSource, PassEnd, ShardSource, decode_sample, open_source
 from harmony.data.views import ViewMaker, collate
-from harmony.train.distributed import DistInfo
 
 MapSource = BuiltinSource | CsvSource
 

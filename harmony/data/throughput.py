@@ -50,9 +50,9 @@ def measure_loader(
     every worker (process start-up, first decode) is not timed."""
     import torch
 
+    from harmony.core.distributed import DistInfo
     from harmony.data.loader import TrainData, build_train_data
     from harmony.data.views import view_maker_for
-    from harmony.train.distributed import DistInfo
 
     cfg = _config(preset, data_spec, workers, batch_size, overrides)
     data = build_train_data(cfg, view_maker_for(cfg), DistInfo(), torch.device(device))

@@ -36,13 +36,15 @@ DERIVED = ("ibot_index", "ibot_weight", "text_real_index", "mlm_index", "mlm_in_
 
 
 class ViewMaker:
+    """One sample's views, as the union of the objectives' `Needs` asks: global/local crops, iBOT block
+    masks (`needs.block_masks`), MAE keep/remove indices, the tokenised and the masked caption."""
+
     def __init__(self, cfg: Config, needs: Needs, tokenizer: CaptionTokenizer | None, patch_size: int) -> None:
         self.aug = cfg.data.augment
         self.background = parse_background(cfg.data.alpha_background)
         self.needs = needs
         self.tokenizer = tokenizer
         self.grid = (self.aug.global_size // patch_size, self.aug.global_size // patch_size)
-        self.ibot = cfg.objectives.ibot if cfg.objectives.ibot and cfg.objectives.ibot.patch_loss else None
         self.dropped = sorted(needs.dropped_crops)
         self.keep = num_kept(self.grid[0] * self.grid[1], needs.keep_ratio) if self.dropped else 0
 
@@ -72,16 +74,16 @@ class ViewMaker:
 
     def masks(self, rng: random.Random, gen: torch.Generator) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        if self.ibot is not None:
-            ib = self.ibot
+        recipe = self.needs.block_masks
+        if recipe is not None:
             out["ibot_mask"] = torch.stack(
                 [
                     block_mask(
                         self.grid,
-                        ibot_ratio(rng, ib.mask_probability, ib.mask_ratio_min, ib.mask_ratio_max),
+                        ibot_ratio(rng, recipe.probability, recipe.ratio_min, recipe.ratio_max),
                         rng,
-                        ib.mask_min_patches,
-                        ib.mask_aspect_min,
+                        recipe.min_patches,
+                        recipe.aspect_min,
                     )
                     for _ in range(self.needs.num_global)
                 ]
@@ -142,9 +144,6 @@ def add_indices(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def view_maker_for(cfg: Config) -> ViewMaker:
     """The views a training run of `cfg` makes (its objectives' needs), without building the model."""
     from harmony.models.sizes import VISION_SIZES
-    from harmony.train.step import make_tokenizer
-    from harmony.train.task import build_objectives, union_needs
+    from harmony.objectives.registry import make_tokenizer, needs_for_config
 
-    tokenizer = make_tokenizer(cfg)
-    needs = union_needs(build_objectives(cfg, tokenizer.vocab_size if tokenizer else 0))
-    return ViewMaker(cfg, needs, tokenizer, VISION_SIZES[cfg.model.vision].patch_size)
+    return ViewMaker(cfg, needs_for_config(cfg), make_tokenizer(cfg), VISION_SIZES[cfg.model.vision].patch_size)

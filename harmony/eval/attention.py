@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
-from harmony.data.augment import eval_transform, normalize
 from harmony.data.errors import SampleError
 from harmony.data.rgb import WHITE
 from harmony.eval.datasets import open_labelled, pick, shapes_dataset
@@ -30,8 +29,10 @@ from harmony.eval.images import Colour, Skips, require_some
 from harmony.eval.metrics import mass_jaccard, topk_precision
 from harmony.eval.report import make_result
 from harmony.eval.settings import resolve
+from harmony.eval.transforms import eval_transform
 from harmony.eval.zeroshot import prompt_name
 from harmony.loading import Pretrained
+from harmony.models.normalize import normalize
 from harmony.models.pair import ImageTextModel
 
 

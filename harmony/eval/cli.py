@@ -55,9 +55,9 @@ def _errors_as_messages(command: Callable[[argparse.Namespace], int]) -> Callabl
     """A protocol's ValueError (no text tower, class mismatch, bad setting) ends the command with a
     one-line message and exit status 2 instead of a traceback; harmony's own data, checkpoint and
     config errors go on to `harmony.cli.main`, which reports them with their own exit codes."""
+    from harmony.core.checkpoint import CheckpointError
     from harmony.data.sources import DataError
     from harmony.outputs import OutputError
-    from harmony.train.checkpoint import CheckpointError
     from harmony.typed import ConfigError
 
     @functools.wraps(command)

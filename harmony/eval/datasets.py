@@ -15,12 +15,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from harmony.config import Config
-from harmony.data.augment import eval_transform, normalize
 from harmony.data.decode import DEFAULT_MAX_PIXELS
 from harmony.data.rgb import WHITE
 from harmony.data.shapes import CLASS_NAMES, COLOR_NAMES, ShapesDataset
 from harmony.data.sources import DataError, SampleError
 from harmony.eval.images import Colour, SkippingLoader, Skips, background_name, either, read_image, require_some
+from harmony.eval.transforms import eval_transform
+from harmony.models.normalize import normalize
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 

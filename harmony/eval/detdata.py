@@ -24,13 +24,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from harmony.config import Config
-from harmony.data.augment import to_uint8_tensor
 from harmony.data.errors import SampleError
 from harmony.data.rgb import WHITE
 from harmony.data.shapes import CLASS_NAMES
 from harmony.data.sources import DataError
 from harmony.eval.datasets import pick, shapes_dataset
 from harmony.eval.images import Colour, either, read_image
+from harmony.eval.transforms import to_uint8_tensor
 
 Target = dict[str, torch.Tensor]
 

@@ -21,7 +21,6 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from harmony.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from harmony.data.errors import DataError, SampleError
 from harmony.data.rgb import WHITE
 from harmony.eval.datasets import default_train_spec
@@ -33,6 +32,7 @@ from harmony.eval.pyramid import SimpleFeaturePyramid
 from harmony.eval.report import make_result
 from harmony.eval.settings import resolve
 from harmony.loading import Pretrained
+from harmony.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from harmony.models.vision import VisionTower
 
 

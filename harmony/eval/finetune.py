@@ -22,7 +22,6 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from harmony.data.augment import normalize
 from harmony.data.rgb import WHITE
 from harmony.eval.datasets import (
     EvalViews,
@@ -39,6 +38,7 @@ from harmony.eval.optim import autocast, warmup_schedule
 from harmony.eval.report import make_result
 from harmony.eval.settings import resolve
 from harmony.loading import Pretrained
+from harmony.models.normalize import normalize
 from harmony.models.sizes import VISION_SIZES
 from harmony.models.vision import VisionTower
 

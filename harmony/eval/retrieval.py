@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from harmony.data.augment import eval_transform, normalize
 from harmony.data.errors import SampleError
 from harmony.data.rgb import WHITE
 from harmony.eval.captions import CaptionedImages, TableColumns, open_captioned
@@ -20,7 +19,9 @@ from harmony.eval.images import Colour, SkippingLoader, Skips, either, require_s
 from harmony.eval.metrics import retrieval_recall
 from harmony.eval.report import make_result
 from harmony.eval.settings import resolve
+from harmony.eval.transforms import eval_transform
 from harmony.loading import Pretrained
+from harmony.models.normalize import normalize
 
 
 @dataclass(frozen=True)

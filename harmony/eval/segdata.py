@@ -21,7 +21,6 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from harmony.config import Config
-from harmony.data.augment import to_uint8_tensor
 from harmony.data.decode import open_image
 from harmony.data.errors import SampleError
 from harmony.data.rgb import WHITE
@@ -29,6 +28,7 @@ from harmony.data.shapes import CLASS_NAMES
 from harmony.data.sources import DataError
 from harmony.eval.datasets import IMAGE_SUFFIXES, pick, shapes_dataset
 from harmony.eval.images import Colour, either, read_image
+from harmony.eval.transforms import to_uint8_tensor
 
 IGNORE = 255
 

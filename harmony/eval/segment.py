@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmony.data.augment import normalize
 from harmony.data.errors import DataError
 from harmony.data.rgb import WHITE
 from harmony.eval.datasets import default_train_spec, pick
@@ -33,6 +32,7 @@ from harmony.eval.segdata import IGNORE, MaskedImages, SegViews, open_segmentati
 from harmony.eval.settings import resolve
 from harmony.eval.zeroshot import read_lines
 from harmony.loading import Pretrained
+from harmony.models.normalize import normalize
 from harmony.models.vision import VisionTower
 
 PROTOCOLS = ("linear", "fpn")

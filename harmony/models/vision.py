@@ -23,6 +23,14 @@ from harmony.models.sizes import VISION_SIZES
 
 
 class VisionTower(nn.Module):
+    """A timm ViT that returns all tokens and serves every pass the objectives ask for in one forward.
+
+    `forward(images, mask=..., keep_index=...)`: with `mask` ([B, gh, gw] bool) the masked patches are
+    replaced by a learned mask token before the position embedding (iBOT); with `keep_index` ([B, K])
+    only those patches (plus CLS) enter the blocks (MAE / MaskCLIP). Inputs are normalised float images
+    (`harmony.models.normalize`); any size that divides by the patch size works (positions are resampled).
+    """
+
     def __init__(
         self,
         size: str,

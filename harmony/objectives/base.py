@@ -9,13 +9,34 @@ unweighted loss plus metrics.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
+from harmony.config import Config, HeadConfig
+from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
+
+
+@dataclass(frozen=True)
+class BlockMasks:
+    """iBOT's block-mask recipe for the global crops (see `harmony.data.masking.block_mask`)."""
+
+    probability: float
+    ratio_min: float
+    ratio_max: float
+    min_patches: int
+    aspect_min: float
+
 
 @dataclass
 class Needs:
+    """The views and forward passes one objective reads; the task and the data layer serve their union.
+
+    `num_global` global crops are made; `block_masks` asks the data layer for iBOT masks on each of them
+    (and the student for a mask token); `keep_ratio` / `text_mask_prob` are the MAE-style patch dropping
+    and caption masking recipes; `embeddings` asks for the CLIP embeddings of crop 0 and the caption."""
+
     num_global: int = 1
     clean_crops: set[int] = field(default_factory=set)
     masked_crops: bool = False
@@ -27,12 +48,16 @@ class Needs:
     text_masked: bool = False
     teacher_text: bool = False
     text_mask_prob: float = 0.0
+    block_masks: BlockMasks | None = None
+    embeddings: bool = False
 
     def union(self, other: Needs) -> Needs:
         if self.dropped_crops and other.dropped_crops and self.keep_ratio != other.keep_ratio:
             raise ValueError("two objectives drop patches with different keep ratios; they must share one")
         if self.text_masked and other.text_masked and self.text_mask_prob != other.text_mask_prob:
             raise ValueError("two objectives mask captions with different probabilities; they must share one")
+        if self.block_masks and other.block_masks and self.block_masks != other.block_masks:
+            raise ValueError("two objectives ask for different iBOT block masks; they must share one recipe")
         return Needs(
             num_global=max(self.num_global, other.num_global),
             clean_crops=self.clean_crops | other.clean_crops,
@@ -45,6 +70,8 @@ class Needs:
             text_masked=self.text_masked or other.text_masked,
             teacher_text=self.teacher_text or other.teacher_text,
             text_mask_prob=self.text_mask_prob or other.text_mask_prob,
+            block_masks=self.block_masks or other.block_masks,
+            embeddings=self.embeddings or other.embeddings,
         )
 
     @property
@@ -96,13 +123,54 @@ class LossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class Objective(nn.Module):
-    """Base class: `needs`, `forward(encoded, batch, step) -> LossOutput`, optional EMA'd heads."""
+@dataclass(frozen=True)
+class ModelDims:
+    """What an objective's heads and decoders are sized from: the model widths and the vocabulary."""
 
-    name: str = ""
+    vision_width: int
+    patch_size: int
+    text_width: int
+    vocab_size: int
+    head: HeadConfig
+
+    @classmethod
+    def of(cls, cfg: Config, vocab_size: int) -> ModelDims:
+        vision = VISION_SIZES[cfg.model.vision]
+        return cls(vision.embed_dim, vision.patch_size, TEXT_SIZES[cfg.model.text].width, vocab_size, cfg.model.head)
+
+
+class Objective(nn.Module):
+    """Base class of every pre-training objective: a plug-in found through the registry.
+
+    A subclass declares `key` (its section under `objectives.` in the config), `config_type` (that
+    section's dataclass in `harmony.config`, which carries the section's own checks), `needs_for`
+    (the views and passes it reads, from its section alone, so the data layer needs no modules),
+    `build` (the objective with its heads/decoders, sized from `ModelDims`) and `forward(encoded,
+    batch, step) -> LossOutput` (unweighted loss + metrics). It may own EMA'd heads (`ema_pairs`),
+    per-step state (`after_step`), frozen parameters, and names its parts for the FLOP breakdown
+    (`flop_parts`). Decorate it with `@register` to plug it in.
+    """
+
+    key: ClassVar[str] = ""
+    config_type: ClassVar[type] = object
+    cfg: Any
+
+    @classmethod
+    def needs_for(cls, section: Any) -> Needs:
+        """What this objective reads, given its config section."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, section: Any, dims: ModelDims) -> Objective:
+        """The objective and its modules for `section`."""
+        raise NotImplementedError
 
     def needs(self) -> Needs:
-        raise NotImplementedError
+        return self.needs_for(self.cfg)
+
+    def flop_parts(self) -> dict[str, list[nn.Module]]:
+        """{component label: modules} for `harmony bench`'s FLOP breakdown; "heads" collects every head."""
+        return {}
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(teacher module, student module) pairs this objective owns, for the EMA update."""
@@ -114,3 +182,16 @@ class Objective(nn.Module):
     def frozen_parameters(self, step: StepInfo) -> list[nn.Parameter]:
         """Parameters whose gradients are zeroed at this step (DINO's last-layer freeze)."""
         return []
+
+
+ObjectiveType = TypeVar("ObjectiveType", bound=type[Objective])
+
+REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(cls: ObjectiveType) -> ObjectiveType:
+    """Class decorator: plug an objective in under its config key."""
+    if not cls.key or cls.key in REGISTRY:
+        raise ValueError(f"objective {cls.__name__} needs a unique config key, got {cls.key!r}")
+    REGISTRY[cls.key] = cls
+    return cls

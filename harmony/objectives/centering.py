@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmony.train.distributed import all_reduce_sum
+from harmony.core.distributed import all_reduce_sum
 
 
 def sharpen(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:

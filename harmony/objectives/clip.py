@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from harmony.config import ClipConfig
-from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
+from harmony.core.distributed import gather_no_grad, gather_with_grad, rank
+from harmony.core.ramps import cosine_ramp
+from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 from harmony.objectives.centering import soft_cross_entropy
-from harmony.train.distributed import gather_no_grad, gather_with_grad, rank
-from harmony.train.schedules import cosine_ramp
 
 
 def contrastive_logits(
@@ -57,16 +57,28 @@ def clip_soft_loss(
     )
 
 
+@register
 class ClipObjective(Objective):
-    name = "clip"
+    """Image-text contrast of the student's CLIP embeddings (crop 0 vs its caption), optionally mixed
+    with soft targets from the EMA teachers' embeddings (`alpha` ramps hard -> soft)."""
+
+    key = "clip"
+    config_type = ClipConfig
 
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
         self.cfg = cfg
 
-    def needs(self) -> Needs:
-        soft = self.cfg.soft_targets
-        return Needs(clean_crops={0}, text_clean=True, teacher_crops={0} if soft else set(), teacher_text=soft)
+    @classmethod
+    def needs_for(cls, section: ClipConfig) -> Needs:
+        soft = section.soft_targets
+        return Needs(
+            clean_crops={0}, text_clean=True, teacher_crops={0} if soft else set(), teacher_text=soft, embeddings=True
+        )
+
+    @classmethod
+    def build(cls, section: ClipConfig, dims: ModelDims) -> ClipObjective:
+        return cls(section)
 
     def alpha(self, step: StepInfo) -> float:
         if not self.cfg.soft_targets:

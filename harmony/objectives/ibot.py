@@ -12,16 +12,13 @@ One head is shared by CLS and patch tokens and is run only on tokens a loss uses
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
 from harmony.config import HeadConfig, IBOTConfig
-from harmony.models.heads import DINOHead
-from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
+from harmony.objectives.base import BlockMasks, Encoded, LossOutput, ModelDims, Needs, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
-from harmony.train.schedules import linear_ramp
+from harmony.objectives.distill import SelfDistillation, warmup_temperature
 
 
 def ibot_cls_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -43,31 +40,39 @@ def ibot_patch_loss(
     return (soft_cross_entropy(teacher_probs, student_logits, student_temp) * token_weight).sum()
 
 
-class IBOTObjective(Objective):
-    name = "ibot"
+@register
+class IBOTObjective(SelfDistillation):
+    """iBOT (DINO with `patch_loss` off): the student's masked global crops and local crops are matched to
+    the EMA teacher's centred, sharpened distributions on the clean global crops, CLS and masked patches."""
 
-    def __init__(self, cfg: IBOTConfig, head: HeadConfig, embed_dim: int, num_global: int = 2) -> None:
+    key = "ibot"
+    config_type = IBOTConfig
+
+    def __init__(self, cfg: IBOTConfig, head: HeadConfig, embed_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.num_global = num_global
-        self.student_head = DINOHead(embed_dim, head.out_dim, head.hidden_dim, head.bottleneck_dim, head.num_layers)
-        self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
+        self.make_heads(embed_dim, head)
         self.cls_center = Center(head.out_dim, cfg.center_momentum)
         self.patch_center = Center(head.out_dim, cfg.center_momentum) if cfg.patch_loss else None
 
-    def needs(self) -> Needs:
-        crops = set(range(self.num_global))
+    @classmethod
+    def needs_for(cls, section: IBOTConfig) -> Needs:
+        masks = None
+        if section.patch_loss:
+            masks = BlockMasks(
+                section.mask_probability,
+                section.mask_ratio_min,
+                section.mask_ratio_max,
+                section.mask_min_patches,
+                section.mask_aspect_min,
+            )
         return Needs(
-            num_global=self.num_global, masked_crops=True, local_crops=self.cfg.local_crops, teacher_crops=crops
+            num_global=2, masked_crops=True, local_crops=section.local_crops, teacher_crops={0, 1}, block_masks=masks
         )
 
-    def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-        return [(self.teacher_head, self.student_head)]
-
-    def after_step(self) -> None:
-        self.cls_center.update()
-        if self.patch_center is not None:
-            self.patch_center.update()
+    @classmethod
+    def build(cls, section: IBOTConfig, dims: ModelDims) -> IBOTObjective:
+        return cls(section, dims.head, dims.vision_width)
 
     def frozen_parameters(self, step: StepInfo) -> list[torch.nn.Parameter]:
         if step.epoch < self.cfg.freeze_last_layer_epochs:
@@ -76,8 +81,9 @@ class IBOTObjective(Objective):
 
     def patch_temperature(self, step: StepInfo) -> float:
         cfg = self.cfg
-        progress = step.epoch / cfg.teacher_temp_warmup_epochs if cfg.teacher_temp_warmup_epochs > 0 else 1.0
-        return linear_ramp(cfg.teacher_temp_patch_start, cfg.teacher_temp_patch_end, progress)
+        return warmup_temperature(
+            cfg.teacher_temp_patch_start, cfg.teacher_temp_patch_end, cfg.teacher_temp_warmup_epochs, step
+        )
 
     def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
         assert enc.masked is not None and enc.teacher is not None

@@ -13,7 +13,7 @@ import torch
 
 from harmony.config import MAEConfig
 from harmony.models.decoders import MAEDecoder
-from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
+from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -38,20 +38,31 @@ def mae_loss(predicted: torch.Tensor, target: torch.Tensor, num_crops: int = 1) 
     return per_patch.view(num_crops, -1).mean(dim=1).sum()
 
 
+@register
 class MAEObjective(Objective):
-    name = "mae"
+    """MAE on both global crops: the student encodes the kept patches, a decoder predicts the pixels of
+    the removed ones."""
 
-    def __init__(self, cfg: MAEConfig, encoder_dim: int, patch_size: int, num_global: int = 2) -> None:
+    key = "mae"
+    config_type = MAEConfig
+
+    def __init__(self, cfg: MAEConfig, encoder_dim: int, patch_size: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.patch_size = patch_size
-        self.num_global = num_global
         d = cfg.decoder
         self.decoder = MAEDecoder(encoder_dim, patch_size, width=d.width, depth=d.depth, heads=d.heads)
 
-    def needs(self) -> Needs:
-        crops = set(range(self.num_global))
-        return Needs(num_global=self.num_global, dropped_crops=crops, keep_ratio=1.0 - self.cfg.mask_ratio)
+    @classmethod
+    def needs_for(cls, section: MAEConfig) -> Needs:
+        return Needs(num_global=2, dropped_crops={0, 1}, keep_ratio=1.0 - section.mask_ratio)
+
+    @classmethod
+    def build(cls, section: MAEConfig, dims: ModelDims) -> MAEObjective:
+        return cls(section, dims.vision_width, dims.patch_size)
+
+    def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
+        return {"MAE decoder": [self.decoder]}
 
     def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
         assert enc.images is not None

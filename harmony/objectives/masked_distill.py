@@ -8,15 +8,13 @@ the removed patches, with the teacher reading the full image.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from harmony.config import HeadConfig, MaskedDistillConfig
 from harmony.models.decoders import MaskedFeatureDecoder
-from harmony.models.heads import DINOHead
-from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
+from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, StepInfo, register
 from harmony.objectives.centering import Center, sharpen, soft_cross_entropy
+from harmony.objectives.distill import SelfDistillation
 
 
 def masked_distill_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -24,8 +22,13 @@ def masked_distill_loss(student_logits: torch.Tensor, teacher_probs: torch.Tenso
     return soft_cross_entropy(teacher_probs, student_logits, student_temp).mean()
 
 
-class MaskedDistillObjective(Objective):
-    name = "masked_distill"
+@register
+class MaskedDistillObjective(SelfDistillation):
+    """MaskCLIP's masked self-distillation: a small decoder over the student's kept patches predicts, at
+    the removed ones, the EMA teacher head's distribution on the full image."""
+
+    key = "masked_distill"
+    config_type = MaskedDistillConfig
 
     def __init__(self, cfg: MaskedDistillConfig, head: HeadConfig, dim: int) -> None:
         super().__init__()
@@ -35,18 +38,20 @@ class MaskedDistillObjective(Objective):
                 f"objectives.masked_distill.decoder_heads={cfg.decoder_heads} does not divide the width {dim}"
             )
         self.decoder = MaskedFeatureDecoder(dim, cfg.decoder_depth, cfg.decoder_heads)
-        self.student_head = DINOHead(dim, head.out_dim, head.hidden_dim, head.bottleneck_dim, head.num_layers)
-        self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
+        self.make_heads(dim, head)
         self.center = Center(head.out_dim, cfg.center_momentum)
 
-    def needs(self) -> Needs:
-        return Needs(dropped_crops={0}, keep_ratio=self.cfg.keep_ratio, teacher_crops={0})
+    @classmethod
+    def needs_for(cls, section: MaskedDistillConfig) -> Needs:
+        return Needs(dropped_crops={0}, keep_ratio=section.keep_ratio, teacher_crops={0})
 
-    def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-        return [(self.teacher_head, self.student_head)]
+    @classmethod
+    def build(cls, section: MaskedDistillConfig, dims: ModelDims) -> MaskedDistillObjective:
+        return cls(section, dims.head, dims.vision_width)
 
-    def after_step(self) -> None:
-        self.center.update()
+    def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
+        decoder: list[torch.nn.Module] = [self.decoder]
+        return {"MaskCLIP decoder": decoder} | super().flop_parts()
 
     def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
         assert enc.teacher is not None and enc.pos_embed is not None

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from harmony.config import MLMConfig
+from harmony.core.distributed import global_count
 from harmony.models.decoders import MLMDecoder
-from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
-from harmony.train.distributed import global_count
+from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
 def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
@@ -21,8 +21,12 @@ def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, normaliser: torch.Tens
     return F.cross_entropy(logits.float(), targets, reduction="sum") / normaliser
 
 
+@register
 class MLMObjective(Objective):
-    name = "mlm"
+    """Masked language modelling on the student text tower's reading of the masked caption."""
+
+    key = "mlm"
+    config_type = MLMConfig
 
     def __init__(self, cfg: MLMConfig, text_width: int, vocab_size: int) -> None:
         super().__init__()
@@ -30,8 +34,16 @@ class MLMObjective(Objective):
         d = cfg.decoder
         self.decoder = MLMDecoder(text_width, vocab_size, width=d.width, depth=d.depth, heads=d.heads)
 
-    def needs(self) -> Needs:
-        return Needs(text_masked=True, text_mask_prob=self.cfg.mask_prob)
+    @classmethod
+    def needs_for(cls, section: MLMConfig) -> Needs:
+        return Needs(text_masked=True, text_mask_prob=section.mask_prob)
+
+    @classmethod
+    def build(cls, section: MLMConfig, dims: ModelDims) -> MLMObjective:
+        return cls(section, dims.text_width, dims.vocab_size)
+
+    def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
+        return {"MLM decoder": [self.decoder]}
 
     def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
         assert enc.text_masked is not None

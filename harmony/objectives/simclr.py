@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from harmony.config import SimCLRConfig
+from harmony.core.distributed import gather_with_grad, rank
 from harmony.models.heads import SimCLRProjector
-from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
-from harmony.train.distributed import gather_with_grad, rank
+from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
 def simclr_loss(
@@ -30,16 +30,28 @@ def simclr_loss(
     return 0.5 * (loss_a + loss_b)
 
 
+@register
 class SimCLRObjective(Objective):
-    name = "simclr"
+    """SLIP's SimCLR: NT-Xent between the projected CLS tokens of the two clean global crops."""
+
+    key = "simclr"
+    config_type = SimCLRConfig
 
     def __init__(self, cfg: SimCLRConfig, embed_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.projector = SimCLRProjector(embed_dim, cfg.hidden_dim, cfg.out_dim)
 
-    def needs(self) -> Needs:
+    @classmethod
+    def needs_for(cls, section: SimCLRConfig) -> Needs:
         return Needs(num_global=2, clean_crops={0, 1})
+
+    @classmethod
+    def build(cls, section: SimCLRConfig, dims: ModelDims) -> SimCLRObjective:
+        return cls(section, dims.vision_width)
+
+    def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
+        return {"heads": [self.projector]}
 
     def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
         q_a = F.normalize(self.projector(enc.clean[0][:, 0]), dim=-1)

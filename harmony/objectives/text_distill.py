@@ -10,15 +10,12 @@ logits of real (non-padding) tokens only (the authors' code centred probabilitie
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from harmony.config import TextDistillConfig
-from harmony.models.heads import DINOHead
-from harmony.objectives.base import Encoded, LossOutput, Needs, Objective, StepInfo
+from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
-from harmony.train.schedules import linear_ramp
+from harmony.objectives.distill import SelfDistillation, warmup_temperature
 
 
 def text_distill_loss(
@@ -29,30 +26,31 @@ def text_distill_loss(
     return (soft_cross_entropy(teacher_probs, student_logits, student_temp) * token_weight).sum()
 
 
-class TextDistillObjective(Objective):
-    name = "text_distill"
+@register
+class TextDistillObjective(SelfDistillation):
+    """Per-token self-distillation of captions: the student head on the masked caption matches the EMA
+    teacher head's centred, sharpened distribution on the clean one, at the masked tokens."""
+
+    key = "text_distill"
+    config_type = TextDistillConfig
 
     def __init__(self, cfg: TextDistillConfig, text_width: int) -> None:
         super().__init__()
         self.cfg = cfg
-        h = cfg.head
-        self.student_head = DINOHead(text_width, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.num_layers)
-        self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
-        self.center = Center(h.out_dim, cfg.center_momentum)
+        self.make_heads(text_width, cfg.head)
+        self.center = Center(cfg.head.out_dim, cfg.center_momentum)
 
-    def needs(self) -> Needs:
-        return Needs(text_masked=True, teacher_text=True, text_mask_prob=self.cfg.mask_prob)
+    @classmethod
+    def needs_for(cls, section: TextDistillConfig) -> Needs:
+        return Needs(text_masked=True, teacher_text=True, text_mask_prob=section.mask_prob)
 
-    def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-        return [(self.teacher_head, self.student_head)]
-
-    def after_step(self) -> None:
-        self.center.update()
+    @classmethod
+    def build(cls, section: TextDistillConfig, dims: ModelDims) -> TextDistillObjective:
+        return cls(section, dims.text_width)
 
     def teacher_temperature(self, step: StepInfo) -> float:
         cfg = self.cfg
-        progress = step.epoch / cfg.teacher_temp_warmup_epochs if cfg.teacher_temp_warmup_epochs > 0 else 1.0
-        return linear_ramp(cfg.teacher_temp_start, cfg.teacher_temp_end, progress)
+        return warmup_temperature(cfg.teacher_temp_start, cfg.teacher_temp_end, cfg.teacher_temp_warmup_epochs, step)
 
     def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
         assert enc.text_masked is not None and enc.teacher_text is not None

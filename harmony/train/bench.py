@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from harmony.config import Config
+from harmony.core.distributed import DistInfo
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.presets import build_config, split_preset
-from harmony.train.distributed import DistInfo
 from harmony.train.flops import ComponentFlops
 from harmony.train.step import Stepper, resolve_device
 from harmony.train.task import PretrainTask
@@ -47,15 +47,13 @@ def components(task: PretrainTask) -> dict[str, list[torch.nn.Module]]:
         out["text student"] = [task.student.text]
     if task.teacher is not None and task.teacher.text is not None:
         out["text teacher"] = [task.teacher.text]
-    for label, name in (("MAE decoder", "mae"), ("MLM decoder", "mlm"), ("MaskCLIP decoder", "masked_distill")):
-        if name in task.objectives:
-            out[label] = [task.objectives[name].get_submodule("decoder")]
-    heads = [
-        m
-        for o in task.objectives.values()
-        for n, m in o.named_children()
-        if n in ("student_head", "teacher_head", "projector")
-    ]
+    heads: list[torch.nn.Module] = []
+    for objective in task.objectives.values():
+        for label, modules in objective.flop_parts().items():  # type: ignore[operator]
+            if label == "heads":
+                heads.extend(modules)
+            else:
+                out.setdefault(label, []).extend(modules)
     if heads:
         out["heads"] = heads
     return out

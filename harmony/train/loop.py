@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from harmony.config import Config, dump_yaml, to_dict
+from harmony.core import checkpoint as ckpt
+from harmony.core.distributed import DistInfo, all_reduce_mean, all_reduce_sum, full, init_distributed, shutdown
 from harmony.data.guard import describe_skips
 from harmony.data.loader import build_train_data
 from harmony.data.views import ViewMaker
-from harmony.train import checkpoint as ckpt
-from harmony.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, full, init_distributed, shutdown
 from harmony.train.logger import MetricsLogger
 from harmony.train.preemption import StopRequest
 from harmony.train.runfolder import claim

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from harmony.config import OptimConfig
-from harmony.train.distributed import all_reduce_sum, local
+from harmony.core.distributed import all_reduce_sum, local
 
 
 def no_decay_names(module: nn.Module) -> set[str]:

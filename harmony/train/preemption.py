@@ -16,7 +16,7 @@ from types import FrameType
 
 import torch
 
-from harmony.train.distributed import all_reduce_sum, world_size
+from harmony.core.distributed import all_reduce_sum, world_size
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

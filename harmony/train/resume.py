@@ -49,7 +49,7 @@ class ResumePoint:
 
 def resume_point(out: Path, resume: str) -> ResumePoint:
     """The checkpoint `--resume` names ('auto': the newest complete one in `out`) and its config."""
-    from harmony.train import checkpoint as ckpt
+    from harmony.core import checkpoint as ckpt
 
     path = ckpt.latest(out / "checkpoints") if resume == "auto" else Path(resume)
     unusable = sorted((out / "checkpoints").glob("*.pt")) if path is None else []

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from harmony.config import Config
-
-
-def cosine_ramp(start: float, end: float, progress: float) -> float:
-    """start -> end along a half cosine as progress goes 0 -> 1; clamped outside."""
-    progress = min(max(progress, 0.0), 1.0)
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def linear_ramp(start: float, end: float, progress: float) -> float:
-    progress = min(max(progress, 0.0), 1.0)
-    return start + (end - start) * progress
+from harmony.core.ramps import cosine_ramp, linear_ramp
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from harmony.config import Config
-from harmony.models.tokenizer import CaptionTokenizer
+from harmony.core.distributed import DistInfo
 from harmony.objectives.base import StepInfo
-from harmony.train.distributed import DistInfo
+from harmony.objectives.registry import make_tokenizer
 from harmony.train.optim import build_optimizer, clip_gradients, set_schedule
 from harmony.train.schedules import Schedules
 from harmony.train.task import PretrainTask
@@ -37,10 +37,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def make_tokenizer(cfg: Config) -> CaptionTokenizer | None:
-    return CaptionTokenizer(cfg.model.context_length) if cfg.objectives.clip is not None else None
 
 
 class Stepper:
@@ -112,7 +108,11 @@ class Stepper:
         }
 
     def load_state_dict(self, state: dict[str, Any], what: str) -> None:
-        from harmony.train.checkpoint import CheckpointError, check_state_keys, load_state_strict
+        """Restore a checkpoint's training state (`what` names it in errors): weights of the whole task
+        (student, teacher, objective heads and centres) strictly by key, the optimiser, the grad scaler,
+        the RNG state and the step, so a resumed run continues as if uninterrupted. Refuses, with a
+        `CheckpointError`, state saved under the other `train.strategy` (FSDP vs plain)."""
+        from harmony.core.checkpoint import CheckpointError, check_state_keys, load_state_strict
 
         strategy = "fsdp" if self.fsdp else "plain"
         if state.get("strategy", "plain") != strategy:

@@ -20,44 +20,13 @@ import torch
 from torch import nn
 
 from harmony.config import Config
-from harmony.data.augment import normalize
-from harmony.models.pair import ImageTextModel, build_pair
-from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
+from harmony.core.distributed import local
+from harmony.factory import build_pair
+from harmony.models.normalize import normalize
+from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.objectives.base import Encoded, Needs, Objective, StepInfo
-from harmony.objectives.clip import ClipObjective
-from harmony.objectives.ibot import IBOTObjective
-from harmony.objectives.mae import MAEObjective
-from harmony.objectives.masked_distill import MaskedDistillObjective
-from harmony.objectives.mlm import MLMObjective
-from harmony.objectives.simclr import SimCLRObjective
-from harmony.objectives.text_distill import TextDistillObjective
-from harmony.train.distributed import local
-
-
-def build_objectives(cfg: Config, vocab_size: int) -> dict[str, Objective]:
-    """The enabled objectives (with their heads/decoders), sized from the config alone."""
-    o = cfg.objectives
-    vision = VISION_SIZES[cfg.model.vision]
-    dim, patch = vision.embed_dim, vision.patch_size
-    text_width = TEXT_SIZES[cfg.model.text].width
-    num_global = 2 if (o.ibot or o.mae or o.simclr) else 1
-    objectives: dict[str, Objective] = {}
-    if o.clip:
-        objectives["clip"] = ClipObjective(o.clip)
-    if o.ibot:
-        objectives["ibot"] = IBOTObjective(o.ibot, cfg.model.head, dim, num_global)
-    if o.mae:
-        objectives["mae"] = MAEObjective(o.mae, dim, patch, num_global)
-    if o.mlm:
-        objectives["mlm"] = MLMObjective(o.mlm, text_width, vocab_size)
-    if o.text_distill:
-        objectives["text_distill"] = TextDistillObjective(o.text_distill, text_width)
-    if o.simclr:
-        objectives["simclr"] = SimCLRObjective(o.simclr, dim)
-    if o.masked_distill:
-        objectives["masked_distill"] = MaskedDistillObjective(o.masked_distill, cfg.model.head, dim)
-    return objectives
+from harmony.objectives.registry import build_objectives
 
 
 def union_needs(objectives: dict[str, Objective]) -> Needs:
@@ -68,6 +37,11 @@ def union_needs(objectives: dict[str, Objective]) -> Needs:
 
 
 class PretrainTask(nn.Module):
+    """Student (and EMA teacher) towers plus the enabled objectives, found through the registry.
+
+    `needs` is the union of what the objectives read; `encode` runs each distinct forward pass once;
+    `forward` hands the shared outputs to every objective and sums their weighted losses."""
+
     def __init__(self, cfg: Config, tokenizer: CaptionTokenizer | None) -> None:
         super().__init__()
         self.cfg = cfg
@@ -76,7 +50,7 @@ class PretrainTask(nn.Module):
         self.needs = needs = union_needs(objectives)
         if needs.needs_text and tokenizer is None:
             raise ValueError("a text objective is enabled but no tokenizer was given")
-        self.uses_masks = bool(cfg.objectives.ibot and cfg.objectives.ibot.patch_loss)
+        self.uses_masks = needs.block_masks is not None
         self.student = build_pair(cfg, tokenizer, with_text=needs.needs_text, use_mask_token=self.uses_masks)
         self.teacher: ImageTextModel | None = None
         if needs.needs_teacher:
@@ -131,6 +105,7 @@ class PretrainTask(nn.Module):
     # -- the step ----------------------------------------------------------------------------
 
     def encode(self, batch: dict[str, torch.Tensor]) -> Encoded:
+        """Every forward pass the objectives' union of needs asks for, each run once (see the module doc)."""
         needs, student = self.needs, self.student
         images = normalize(batch["global"])  # [G, B, 3, H, W]
         num_global, bsz = images.shape[:2]
@@ -183,7 +158,7 @@ class PretrainTask(nn.Module):
         if self.teacher is not None:
             self._encode_teacher(batch, images, enc)
 
-        if "clip" in self.objectives:
+        if needs.embeddings:
             assert enc.text is not None
             enc.image_embed = student.image_embedding(enc.clean[0])
             enc.text_embed = student.text_embedding(enc.text, batch["text"])

@@ -1,0 +1,72 @@
+"""BYOL: an online projector + predictor regress the EMA target network's projection of the other view.
+
+For global crops a, b: z = projector(CLS_student(x)), p = predictor(z), z' = target_projector(CLS_teacher(x)),
+    L = mean_b [2 - 2 cos(p_a, sg(z'_b))] + mean_b [2 - 2 cos(p_b, sg(z'_a))]
+(the paper's symmetrised loss). The target tower is the task's EMA teacher (momentum from `teacher.*`),
+the target projector the EMA copy of the online one; the predictor has no target copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harmony.config import BYOLConfig
+from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+
+
+def byol_loss(p_a: torch.Tensor, p_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+    """p_*: online predictions [B, E]; z_*: target projections [B, E] (no gradient); symmetric 2 - 2 cos."""
+
+    def term(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return (2.0 - 2.0 * F.cosine_similarity(p.float(), z.float(), dim=-1)).mean()
+
+    return term(p_a, z_b) + term(p_b, z_a)
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """BYOL's projector/predictor: Linear - BatchNorm - ReLU - Linear."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+    )
+
+
+@register
+class BYOLObjective(Objective):
+    """BYOL between the two clean global crops: online projector + predictor against the EMA target."""
+
+    key = "byol"
+    config_type = BYOLConfig
+
+    def __init__(self, cfg: BYOLConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.projector = mlp(embed_dim, cfg.hidden_dim, cfg.out_dim)
+        self.predictor = mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim)
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    @classmethod
+    def needs_for(cls, section: BYOLConfig) -> Needs:
+        return Needs(num_global=2, clean_crops={0, 1}, teacher_crops={0, 1})
+
+    @classmethod
+    def build(cls, section: BYOLConfig, dims: ModelDims) -> BYOLObjective:
+        return cls(section, dims.vision_width)
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.target_projector, self.projector)]
+
+    def flop_parts(self) -> dict[str, list[nn.Module]]:
+        return {"heads": [self.projector, self.predictor, self.target_projector]}
+
+    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
+        assert enc.teacher is not None
+        p_a = self.predictor(self.projector(enc.clean[0][:, 0]))
+        p_b = self.predictor(self.projector(enc.clean[1][:, 0]))
+        with torch.no_grad():
+            z_a = self.target_projector(enc.teacher[0, :, 0])
+            z_b = self.target_projector(enc.teacher[1, :, 0])
+        return LossOutput(byol_loss(p_a, p_b, z_a, z_b))
