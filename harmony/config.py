@@ -1,7 +1,5 @@
-"""Typed configuration: dataclasses are the source of truth, `key=value` overrides and the YAML
-presets of `harmony.presets` layer on top, and every mistake becomes a one-line `ConfigError` naming
-the offending key. `validate` holds the checks beyond types.
-"""
+"""Typed configuration: dataclasses are the source of truth, `key=value` overrides and the YAML presets of
+`harmony.presets` layer on top; every mistake is a one-line `ConfigError` naming the key (`validate`: checks beyond types)."""
 
 from __future__ import annotations
 
@@ -134,6 +132,12 @@ class MAEConfig(ObjectiveSection):
 
     def probabilities(self) -> dict[str, float]:
         return {"mask_ratio": self.mask_ratio}
+
+    def check(self, key: str) -> None:  # 0 removes nothing (a loss over no patch is NaN), 1 leaves no input
+        if self.mask_ratio in (0.0, 1.0):  # outside [0, 1] is the probability check's
+            raise ConfigError(
+                f"config key '{key}.mask_ratio' must be between 0 and 1 (exclusive), got {self.mask_ratio}"
+            )
 
 
 @dataclass

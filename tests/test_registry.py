@@ -85,3 +85,10 @@ def test_section_sizes_must_be_positive() -> None:
         build_config("byol-tiny-test", ["objectives.byol.hidden_dim=0"])
     with pytest.raises(ConfigError, match=r"'objectives.simclr.temperature' must be positive"):
         build_config("slip-tiny-test", ["objectives.simclr.temperature=0"])
+
+
+@pytest.mark.parametrize("ratio", ["0", "1"])
+def test_mae_mask_ratio_must_leave_patches_to_see_and_to_predict(ratio: str) -> None:
+    """Ratio 0 trained to a NaN loss (nothing removed), 1 leaves the encoder no input."""
+    with pytest.raises(ConfigError, match=r"'objectives.mae.mask_ratio' must be between 0 and 1"):
+        build_config("mae-tiny-test", [f"objectives.mae.mask_ratio={ratio}"])
