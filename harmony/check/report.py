@@ -9,6 +9,7 @@ from typing import Any
 
 from harmony.check.plan import Plan
 from harmony.check.runner import PartResult
+from harmony.core.markdown import markdown_table
 
 
 @dataclass
@@ -84,8 +85,7 @@ def targets(plan: Plan, results: dict[str, PartResult]) -> list[Target]:
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    return [*markdown_table(head, [list(row) for row in rows]).splitlines(), ""]
 
 
 def _bench_rows(runs: list[dict[str, Any]]) -> list[list[str]]:

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from harmony.core.markdown import markdown_table
+
 Runs = dict[str, dict[str, dict[str, Any]]]  # checkpoint label -> task -> result
 
 HEADLINE = [
@@ -38,18 +40,6 @@ def headline_rows(runs: Runs) -> list[tuple[str, list[float | None]]]:
         if any(v is not None for v in values):
             rows.append((f"{task}/{name}", values))
     return rows
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _pyplot() -> Any:
