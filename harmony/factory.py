@@ -14,7 +14,8 @@ def build_pair(
     """The student/teacher pair for a config (the text tower only when a text objective is on)."""
     if with_text and tokenizer is None:
         raise ValueError("a text tower needs a tokenizer")
-    clip = cfg.objectives.clip
+    # the contrastive section that owns the learnable temperature (CLIP, FLIP, SigLIP), if any
+    scale_owner = next((s for s in cfg.objectives.sections().values() if hasattr(s, "logit_scale_init")), None)
     model = ImageTextModel(
         vision_size=cfg.model.vision,
         text_size=cfg.model.text if with_text else None,
@@ -26,8 +27,8 @@ def build_pair(
         drop_path_rate=cfg.model.drop_path_rate,
         use_mask_token=use_mask_token,
         vision_init=cfg.model.vision_init,
-        logit_scale_init=clip.logit_scale_init if clip else 1 / 0.07,
-        logit_scale_max=clip.logit_scale_max if clip else 100.0,
+        logit_scale_init=getattr(scale_owner, "logit_scale_init", 1 / 0.07),
+        logit_scale_max=getattr(scale_owner, "logit_scale_max", 100.0),
     )
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "harmony"
 LAYERS: list[set[str]] = [
     {"core", "typed", "outputs"},  # shared helpers: collectives, ramps, colours, config typing, output checks
     {"models"},  # towers and heads, plain arguments
+    {"objective_config"},  # the objectives' config sections (torch-free)
     {"config"},
     {"presets"},
     {"objectives"},  # the objective registry and plug-ins

@@ -14,8 +14,9 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from harmony.config import Config, HeadConfig
+from harmony.config import Config
 from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
+from harmony.objective_config import HeadConfig
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class Needs:
 
     `num_global` global crops are made; `block_masks` asks the data layer for iBOT masks on each of them
     (and the student for a mask token); `keep_ratio` / `text_mask_prob` are the MAE-style patch dropping
-    and caption masking recipes; `embeddings` asks for the CLIP embeddings of crop 0 and the caption."""
+    and caption masking recipes; `embeddings` asks for the CLIP embeddings of crop 0 and the caption, taken
+    from crop 0's patch-dropped pass when `embeddings_dropped` (FLIP) and from its clean pass otherwise."""
 
     num_global: int = 1
     clean_crops: set[int] = field(default_factory=set)
@@ -50,6 +52,7 @@ class Needs:
     text_mask_prob: float = 0.0
     block_masks: BlockMasks | None = None
     embeddings: bool = False
+    embeddings_dropped: bool = False
 
     def union(self, other: Needs) -> Needs:
         if self.dropped_crops and other.dropped_crops and self.keep_ratio != other.keep_ratio:
@@ -58,6 +61,10 @@ class Needs:
             raise ValueError("two objectives mask captions with different probabilities; they must share one")
         if self.block_masks and other.block_masks and self.block_masks != other.block_masks:
             raise ValueError("two objectives ask for different iBOT block masks; they must share one recipe")
+        if self.embeddings and other.embeddings and self.embeddings_dropped != other.embeddings_dropped:
+            raise ValueError(
+                "two objectives read the image embedding, one of the full image and one of the patch-dropped image"
+            )
         return Needs(
             num_global=max(self.num_global, other.num_global),
             clean_crops=self.clean_crops | other.clean_crops,
@@ -72,6 +79,7 @@ class Needs:
             text_mask_prob=self.text_mask_prob or other.text_mask_prob,
             block_masks=self.block_masks or other.block_masks,
             embeddings=self.embeddings or other.embeddings,
+            embeddings_dropped=self.embeddings_dropped or other.embeddings_dropped,
         )
 
     @property
@@ -153,6 +161,10 @@ class Objective(nn.Module):
 
     key: ClassVar[str] = ""
     config_type: ClassVar[type] = object
+    # True when the loss couples the samples of a batch (a contrast over the batch, BatchNorm in a head): with
+    # gradient accumulation it is computed once on the whole batch's cached tower outputs (GradCache), while a
+    # per-sample loss runs inside each micro-batch
+    batch_coupled: ClassVar[bool] = False
     cfg: Any
 
     @classmethod

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmony.config import BYOLConfig
+from harmony.objective_config import BYOLConfig
 from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
@@ -40,6 +40,7 @@ class BYOLObjective(Objective):
 
     key = "byol"
     config_type = BYOLConfig
+    batch_coupled = True
 
     def __init__(self, cfg: BYOLConfig, embed_dim: int) -> None:
         super().__init__()

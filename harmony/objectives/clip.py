@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harmony.config import ClipConfig
 from harmony.core.distributed import gather_no_grad, gather_with_grad, rank
 from harmony.core.ramps import cosine_ramp
+from harmony.objective_config import ClipConfig
 from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 from harmony.objectives.centering import soft_cross_entropy
 
@@ -64,6 +64,7 @@ class ClipObjective(Objective):
 
     key = "clip"
     config_type = ClipConfig
+    batch_coupled = True
 
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()

@@ -12,9 +12,9 @@ import copy
 
 from torch import nn
 
-from harmony.config import HeadConfig
 from harmony.core.ramps import linear_ramp
 from harmony.models.heads import DINOHead
+from harmony.objective_config import HeadConfig
 from harmony.objectives.base import Objective, StepInfo
 from harmony.objectives.centering import Center
 

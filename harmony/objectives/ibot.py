@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harmony.config import HeadConfig, IBOTConfig
+from harmony.objective_config import HeadConfig, IBOTConfig
 from harmony.objectives.base import BlockMasks, Encoded, LossOutput, ModelDims, Needs, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
 from harmony.objectives.distill import SelfDistillation, warmup_temperature

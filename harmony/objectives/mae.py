@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from harmony.config import MAEConfig
 from harmony.models.decoders import MAEDecoder
+from harmony.objective_config import MAEConfig
 from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from harmony.config import HeadConfig, MaskedDistillConfig
 from harmony.models.decoders import MaskedFeatureDecoder
+from harmony.objective_config import HeadConfig, MaskedDistillConfig
 from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, StepInfo, register
 from harmony.objectives.centering import Center, sharpen, soft_cross_entropy
 from harmony.objectives.distill import SelfDistillation

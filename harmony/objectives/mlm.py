@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harmony.config import MLMConfig
 from harmony.core.distributed import global_count
 from harmony.models.decoders import MLMDecoder
+from harmony.objective_config import MLMConfig
 from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harmony.config import SimCLRConfig
 from harmony.core.distributed import gather_with_grad, rank
 from harmony.models.heads import SimCLRProjector
+from harmony.objective_config import SimCLRConfig
 from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
@@ -36,6 +36,7 @@ class SimCLRObjective(Objective):
 
     key = "simclr"
     config_type = SimCLRConfig
+    batch_coupled = True
 
     def __init__(self, cfg: SimCLRConfig, embed_dim: int) -> None:
         super().__init__()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from harmony.config import TextDistillConfig
+from harmony.objective_config import TextDistillConfig
 from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
 from harmony.objectives.distill import SelfDistillation, warmup_temperature

@@ -160,7 +160,7 @@ class PretrainTask(nn.Module):
 
         if needs.embeddings:
             assert enc.text is not None
-            enc.image_embed = student.image_embedding(enc.clean[0])
+            enc.image_embed = student.image_embedding(enc.dropped[0] if needs.embeddings_dropped else enc.clean[0])
             enc.text_embed = student.text_embedding(enc.text, batch["text"])
             enc.logit_scale = student.scale()
         return enc

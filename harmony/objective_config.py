@@ -1,0 +1,216 @@
+"""The config sections of the objectives: one dataclass per registered objective (its `config_type`), the
+`objectives:` block that holds them, and the head/decoder shapes they share. Torch-free, below `harmony.config`,
+so configs load without the models. Adding an objective: its section here, a field in `ObjectivesConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from harmony.typed import ConfigError
+
+
+@dataclass
+class HeadConfig:
+    """DINO/iBOT projection head: MLP (hidden) -> bottleneck -> L2 norm -> weight-normed linear."""
+
+    out_dim: int = 8192
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+
+
+@dataclass
+class DecoderConfig:
+    depth: int = 8
+    width: int = 512
+    heads: int = 16
+
+
+# An objective is switched off by leaving it out (`objectives.mae=null`). Each section is the `config_type`
+# of one registered objective (`harmony.objectives`) and carries its own checks.
+
+
+class ObjectiveSection:
+    """What every objective section declares for `validate`, which knows no objective by name.
+
+    `requires`: {other section: why} that must be enabled with this one; `probabilities` / `positives`:
+    sub-keys whose values must lie in [0, 1] / be > 0; `shared`: {what: (sub-key, value)} that every section naming the same
+    `what` must agree on (e.g. two objectives reading one masked caption); `check`: anything else."""
+
+    requires: ClassVar[dict[str, str]] = {}
+
+    def probabilities(self) -> dict[str, float]:
+        return {}
+
+    def positives(self) -> dict[str, float]:
+        """Sub-keys whose values must be > 0 (sizes of heads and projectors)."""
+        return {}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {}
+
+    def check(self, key: str) -> None:
+        """Raise `ConfigError` naming `key` (the section's dotted key) when the section is inconsistent."""
+
+
+@dataclass
+class ClipConfig(ObjectiveSection):
+    """Image-text contrast. `alpha` weighs hard targets: L = a*L_hard + (1-a)*L_soft."""
+
+    weight: float = 1.0
+    soft_targets: bool = False
+    alpha_start: float = 1.0
+    alpha_end: float = 0.2
+    alpha_epochs: float = 10.0
+    soft_temperature: float = 0.1
+    logit_scale_init: float = 1 / 0.07
+    logit_scale_max: float = 100.0
+
+
+@dataclass
+class IBOTConfig(ObjectiveSection):
+    """iBOT self-distillation (CLS over all cross-view pairs + masked patch tokens); DINO without patches."""
+
+    weight: float = 1.0
+    patch_loss: bool = True
+    local_crops: int = 8
+    student_temp: float = 0.1
+    teacher_temp_cls: float = 0.04
+    teacher_temp_patch_start: float = 0.04
+    teacher_temp_patch_end: float = 0.07
+    teacher_temp_warmup_epochs: float = 10.0
+    center_momentum: float = 0.9
+    mask_probability: float = 0.5
+    mask_ratio_min: float = 0.1
+    mask_ratio_max: float = 0.5
+    mask_min_patches: int = 16
+    mask_aspect_min: float = 0.3
+    freeze_last_layer_epochs: float = 1.0
+
+    def probabilities(self) -> dict[str, float]:
+        return {"mask_probability": self.mask_probability}
+
+    def check(self, key: str) -> None:
+        if not 0 <= self.mask_ratio_min <= self.mask_ratio_max < 1:
+            raise ConfigError(f"config keys '{key}.mask_ratio_min/max' need 0 <= min <= max < 1")
+
+
+@dataclass
+class MAEConfig(ObjectiveSection):
+    """MAE pixel reconstruction on every global crop; loss over removed patches, normalised targets."""
+
+    weight: float = 1.0
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(depth=8, width=512, heads=16))
+
+    def probabilities(self) -> dict[str, float]:
+        return {"mask_ratio": self.mask_ratio}
+
+    def check(self, key: str) -> None:  # 0 removes nothing (a loss over no patch is NaN), 1 leaves no input
+        if self.mask_ratio in (0.0, 1.0):  # outside [0, 1] is the probability check's
+            raise ConfigError(
+                f"config key '{key}.mask_ratio' must be between 0 and 1 (exclusive), got {self.mask_ratio}"
+            )
+
+
+@dataclass
+class MLMConfig(ObjectiveSection):
+    """Masked language modelling: words -> [MASK] with probability `mask_prob`, decoded to the vocabulary."""
+
+    weight: float = 1.0
+    mask_prob: float = 0.2
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(depth=4, width=512, heads=8))
+
+    requires: ClassVar[dict[str, str]] = {"clip": "which trains the text tower"}
+
+    def probabilities(self) -> dict[str, float]:
+        return {"mask_prob": self.mask_prob}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {"the same masked caption": ("mask_prob", self.mask_prob)}
+
+
+@dataclass
+class TextDistillConfig(ObjectiveSection):
+    """Per-token self-distillation: text teacher on the clean caption, student on the masked one."""
+
+    weight: float = 1.0
+    mask_prob: float = 0.2
+    student_temp: float = 0.1
+    teacher_temp_start: float = 0.04
+    teacher_temp_end: float = 0.07
+    teacher_temp_warmup_epochs: float = 10.0
+    center_momentum: float = 0.9
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    requires: ClassVar[dict[str, str]] = {"clip": "which trains the text tower"}
+
+    def probabilities(self) -> dict[str, float]:
+        return {"mask_prob": self.mask_prob}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {"the same masked caption": ("mask_prob", self.mask_prob)}
+
+
+@dataclass
+class SimCLRConfig(ObjectiveSection):
+    """SLIP's image-image contrast between the two global crops (MLP projection, NT-Xent)."""
+
+    weight: float = 1.0
+    temperature: float = 0.1
+    hidden_dim: int = 4096
+    out_dim: int = 256
+
+    def positives(self) -> dict[str, float]:
+        return {"hidden_dim": self.hidden_dim, "out_dim": self.out_dim, "temperature": self.temperature}
+
+
+@dataclass
+class MaskedDistillConfig(ObjectiveSection):
+    """MaskCLIP's masked self-distillation: student sees `keep_ratio` of the patches, a small decoder
+    predicts the teacher's head output for the removed ones."""
+
+    weight: float = 0.05
+    keep_ratio: float = 0.25
+    decoder_depth: int = 1
+    decoder_heads: int = 16
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9
+
+    def probabilities(self) -> dict[str, float]:
+        return {"keep_ratio": self.keep_ratio}
+
+
+@dataclass
+class BYOLConfig(ObjectiveSection):
+    """BYOL between the two global crops: online projector + predictor (MLPs), EMA target, 2 - 2 cos."""
+
+    weight: float = 1.0
+    hidden_dim: int = 4096
+    out_dim: int = 256
+
+    def positives(self) -> dict[str, float]:
+        return {"hidden_dim": self.hidden_dim, "out_dim": self.out_dim}
+
+
+@dataclass
+class ObjectivesConfig:
+    clip: ClipConfig | None = None
+    ibot: IBOTConfig | None = None
+    mae: MAEConfig | None = None
+    mlm: MLMConfig | None = None
+    text_distill: TextDistillConfig | None = None
+    simclr: SimCLRConfig | None = None
+    masked_distill: MaskedDistillConfig | None = None
+    byol: BYOLConfig | None = None
+
+    def enabled(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def sections(self) -> dict[str, ObjectiveSection]:
+        """{name: section} of the enabled objectives, in field order."""
+        return {name: getattr(self, name) for name in self.enabled()}
