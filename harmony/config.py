@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ import yaml
 from harmony.objective_config import HeadConfig, ObjectivesConfig
 from harmony.typed import NONE_WORDS, ConfigError, from_dict, merge, to_dict
 
-__all__ = ["Config", "ConfigError", "dump_yaml", "from_dict", "set_override", "to_dict", "validate"]
+__all__ = ["Config", "ConfigError", "dump_yaml", "from_dict", "set_override", "to_dict", "upgrade_keys", "validate"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +145,34 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# Keys renamed since runs were written: {old dotted key: new keys}. Stored configs (checkpoints, config.yaml),
+# YAML files and overrides that use an old key get its value under the new ones, so old runs resume unchanged.
+RENAMED_KEYS: dict[str, tuple[str, ...]] = {
+    "objectives.ibot.teacher_temp_patch_start": ("objectives.ibot.teacher_temp_start",),
+    "objectives.ibot.teacher_temp_patch_end": ("objectives.ibot.teacher_temp_end",),
+    "objectives.masked_distill.teacher_temp": (
+        "objectives.masked_distill.teacher_temp_start",
+        "objectives.masked_distill.teacher_temp_end",
+    ),
+}
+
+
+def upgrade_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (a nested config mapping) with every renamed key moved to its new name(s); an old key's value
+    wins over the new key's, since it is the one the user or the stored run gave."""
+    out = copy.deepcopy(data)
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            value = node.pop(leaf)
+            for key in new:
+                node[key.rsplit(".", 1)[1]] = value
+    return out
+
+
 def set_override(cfg: Config, assignment: str) -> Config:
     """Apply one `dotted.key=value` override and re-validate the whole config."""
     if "=" not in assignment:
@@ -165,7 +194,7 @@ def set_override(cfg: Config, assignment: str) -> Config:
     nested: Any = value
     for part in reversed(key.split(".")):
         nested = {part: nested}
-    return from_dict(Config, merge(to_dict(cfg), nested))
+    return from_dict(Config, upgrade_keys(merge(to_dict(cfg), nested)))
 
 
 def validate(cfg: Config) -> None:

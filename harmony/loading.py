@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from harmony.config import Config, ConfigError, from_dict, validate
+from harmony.config import Config, ConfigError, from_dict, upgrade_keys, validate
 from harmony.core import checkpoint as ckpt
 from harmony.factory import build_pair
 from harmony.models.pair import ImageTextModel
@@ -56,7 +56,7 @@ def load(path: str | Path, weights: Weights = "auto", device: str | torch.device
     path = ckpt.resolve(path)  # a run folder -> its checkpoints/last.pt (file_identity must be the file's)
     state = ckpt.load(path)
     try:
-        known, dropped = known_only(Config, state["config"])
+        known, dropped = known_only(Config, upgrade_keys(state["config"]))
         if dropped:
             warnings.warn(
                 f"checkpoint '{path}': ignoring settings this version does not know: {', '.join(dropped)}", stacklevel=2

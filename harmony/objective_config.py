@@ -69,8 +69,25 @@ class ClipConfig(ObjectiveSection):
     logit_scale_max: float = 100.0
 
 
+class SelfDistillationSection(ObjectiveSection):
+    """The temperature keys every self-distillation section spells alike: `student_temp`, and the teacher
+    temperature warmed up linearly `teacher_temp_start` -> `teacher_temp_end` over `teacher_temp_warmup_epochs`."""
+
+    student_temp: float
+    teacher_temp_start: float
+    teacher_temp_end: float
+    teacher_temp_warmup_epochs: float
+
+    def positives(self) -> dict[str, float]:
+        return {
+            "student_temp": self.student_temp,
+            "teacher_temp_start": self.teacher_temp_start,
+            "teacher_temp_end": self.teacher_temp_end,
+        }
+
+
 @dataclass
-class IBOTConfig(ObjectiveSection):
+class IBOTConfig(SelfDistillationSection):
     """iBOT self-distillation (CLS over all cross-view pairs + masked patch tokens); DINO without patches."""
 
     weight: float = 1.0
@@ -78,8 +95,9 @@ class IBOTConfig(ObjectiveSection):
     local_crops: int = 8
     student_temp: float = 0.1
     teacher_temp_cls: float = 0.04
-    teacher_temp_patch_start: float = 0.04
-    teacher_temp_patch_end: float = 0.07
+    # the patch tokens' teacher temperature, warmed up start -> end (the spelling of every self-distillation)
+    teacher_temp_start: float = 0.04
+    teacher_temp_end: float = 0.07
     teacher_temp_warmup_epochs: float = 10.0
     center_momentum: float = 0.9
     mask_probability: float = 0.5
@@ -134,7 +152,7 @@ class MLMConfig(ObjectiveSection):
 
 
 @dataclass
-class TextDistillConfig(ObjectiveSection):
+class TextDistillConfig(SelfDistillationSection):
     """Per-token self-distillation: text teacher on the clean caption, student on the masked one."""
 
     weight: float = 1.0
@@ -169,7 +187,7 @@ class SimCLRConfig(ObjectiveSection):
 
 
 @dataclass
-class MaskedDistillConfig(ObjectiveSection):
+class MaskedDistillConfig(SelfDistillationSection):
     """MaskCLIP's masked self-distillation: student sees `keep_ratio` of the patches, a small decoder
     predicts the teacher's head output for the removed ones."""
 
@@ -178,7 +196,9 @@ class MaskedDistillConfig(ObjectiveSection):
     decoder_depth: int = 1
     decoder_heads: int = 16
     student_temp: float = 0.1
-    teacher_temp: float = 0.04
+    teacher_temp_start: float = 0.04  # constant by default (no warm-up), as DESIGN.md specifies
+    teacher_temp_end: float = 0.04
+    teacher_temp_warmup_epochs: float = 0.0
     center_momentum: float = 0.9
 
     def probabilities(self) -> dict[str, float]:

@@ -9,7 +9,7 @@ unweighted loss plus metrics.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 import torch
 from torch import nn
@@ -103,26 +103,108 @@ class StepInfo:
         return self.step / max(self.steps_per_epoch, 1)
 
 
-@dataclass
-class Encoded:
-    """Outputs of the shared forward passes of one step (token tensors are [B, 1 + N, D], CLS first)."""
+Batch = TypedDict(
+    "Batch",
+    {
+        "global": torch.Tensor,  # global crops [G, B, 3, H, W] (uint8 or float, not yet normalised)
+        "local": torch.Tensor,  # local crops [L, B, 3, h, w]
+        "ibot_mask": torch.Tensor,  # iBOT block masks [G, B, gh, gw] bool
+        "ibot_index": torch.Tensor,  # flat indices of the masked patches in [G, B, gh * gw]
+        "ibot_weight": torch.Tensor,  # per masked patch 1 / (masked patches in its image x B x G)
+        "mae_keep": torch.Tensor,  # kept patch indices of the dropped crops [D, B, K]
+        "mae_remove": torch.Tensor,  # removed patch indices [D, B, N - K]
+        "text": torch.Tensor,  # caption token ids [B, T]
+        "text_real": torch.Tensor,  # real (non-padding) positions [B, T] bool
+        "text_real_index": torch.Tensor,  # flat indices of the real positions
+        "text_masked": torch.Tensor,  # caption ids with [MASK]s [B, T]
+        "text_mask": torch.Tensor,  # masked positions [B, T] bool
+        "mlm_index": torch.Tensor,  # flat indices of the masked positions in [B, T]
+        "mlm_in_real": torch.Tensor,  # where each masked position sits among the real ones
+        "text_distill_weight": torch.Tensor,  # per masked token 1 / (masked tokens in its caption x B)
+    },
+    total=False,
+)
+"""The typed contract between the data layer and the objectives: what `collate` produces (flat indices and
+weights included, so the step never synchronises with the host). Keys are present when a `Needs` asks."""
 
-    images: torch.Tensor | None = None  # normalised global crops [G, B, 3, H, W]
-    grid: tuple[int, int] = (0, 0)
-    pos_embed: torch.Tensor | None = None  # the student's position table for the global grid [1, 1 + N, D]
-    clean: dict[int, torch.Tensor] = field(default_factory=dict)
-    masked: torch.Tensor | None = None  # [G, B, 1 + N, D]
-    local: torch.Tensor | None = None  # [L, B, 1 + n, D]
-    dropped: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, 1 + K, D]
-    teacher: torch.Tensor | None = None  # [G, B, 1 + N, D], no grad
-    text: torch.Tensor | None = None  # [B, T, W] clean caption, student
-    text_masked: torch.Tensor | None = None  # [B, T, W] masked caption, student
-    teacher_text: torch.Tensor | None = None  # [B, T, W] clean caption, teacher
-    image_embed: torch.Tensor | None = None  # student CLIP embedding of crop 0
-    text_embed: torch.Tensor | None = None
-    teacher_image_embed: torch.Tensor | None = None
-    teacher_text_embed: torch.Tensor | None = None
-    logit_scale: torch.Tensor | None = None
+
+class MissingPassError(RuntimeError):
+    """An objective read an output of a forward pass that no enabled objective's `Needs` asked for."""
+
+
+class Encoded:
+    """Outputs of the shared forward passes of one step (token tensors are [B, 1 + N, D], CLS first).
+
+    Every attribute is typed as present, so objectives read them without checks; one that the union of
+    `Needs` did not ask for raises `MissingPassError` naming the `Needs` field that produces it. `has(name)`
+    says whether an output was computed. `BATCH_DIM` gives each batched output's sample dimension."""
+
+    images: torch.Tensor  # normalised global crops [G, B, 3, H, W]
+    grid: tuple[int, int]
+    pos_embed: torch.Tensor  # the student's position table for the global grid [1, 1 + N, D]
+    clean: dict[int, torch.Tensor]  # crop -> [B, 1 + N, D]
+    masked: torch.Tensor  # [G, B, 1 + N, D]
+    local: torch.Tensor  # [L, B, 1 + n, D]
+    dropped: dict[int, torch.Tensor]  # crop -> [B, 1 + K, D]
+    teacher: torch.Tensor  # [G', B, 1 + N, D], no grad
+    text: torch.Tensor  # [B, T, W] clean caption, student
+    text_masked: torch.Tensor  # [B, T, W] masked caption, student
+    teacher_text: torch.Tensor  # [B, T, W] clean caption, teacher
+    image_embed: torch.Tensor  # student joint-space embedding of crop 0 [B, E]
+    text_embed: torch.Tensor  # [B, E]
+    teacher_image_embed: torch.Tensor
+    teacher_text_embed: torch.Tensor
+    logit_scale: torch.Tensor  # exp(logit_scale), 0-d
+
+    PRODUCED_BY: ClassVar[dict[str, str]] = {
+        "images": "num_global",
+        "pos_embed": "dropped_crops",
+        "masked": "masked_crops",
+        "local": "local_crops",
+        "teacher": "teacher_crops",
+        "text": "text_clean",
+        "text_masked": "text_masked",
+        "teacher_text": "teacher_text",
+        "image_embed": "embeddings",
+        "text_embed": "embeddings",
+        "teacher_image_embed": "teacher_text and teacher_crops with embeddings",
+        "teacher_text_embed": "teacher_text and teacher_crops with embeddings",
+        "logit_scale": "embeddings",
+    }
+    BATCH_DIM: ClassVar[dict[str, int]] = {
+        "images": 1,
+        "masked": 1,
+        "local": 1,
+        "teacher": 1,
+        "text": 0,
+        "text_masked": 0,
+        "teacher_text": 0,
+        "image_embed": 0,
+        "text_embed": 0,
+        "teacher_image_embed": 0,
+        "teacher_text_embed": 0,
+    }
+
+    def __init__(self, **outputs: Any) -> None:
+        self.grid = (0, 0)
+        self.clean = {}
+        self.dropped = {}
+        for name, value in outputs.items():
+            if name not in self.PRODUCED_BY and name not in ("grid", "clean", "dropped"):
+                raise TypeError(f"Encoded has no output {name!r}")
+            setattr(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:  # only reached for outputs that were never set
+        if name in self.PRODUCED_BY:
+            raise MissingPassError(
+                f"Encoded.{name} was not computed: the objective reading it must ask for it in its Needs "
+                f"({self.PRODUCED_BY[name]})"
+            )
+        raise AttributeError(name)
+
+    def has(self, name: str) -> bool:
+        """Whether the output `name` was computed this step."""
+        return name in self.__dict__
 
 
 @dataclass

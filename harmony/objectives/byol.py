@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harmony.objective_config import BYOLConfig
-from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
 def byol_loss(p_a: torch.Tensor, p_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
@@ -63,8 +63,7 @@ class BYOLObjective(Objective):
     def flop_parts(self) -> dict[str, list[nn.Module]]:
         return {"heads": [self.projector, self.predictor, self.target_projector]}
 
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
-        assert enc.teacher is not None
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         p_a = self.predictor(self.projector(enc.clean[0][:, 0]))
         p_b = self.predictor(self.projector(enc.clean[1][:, 0]))
         with torch.no_grad():

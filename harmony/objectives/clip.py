@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from harmony.core.distributed import gather_no_grad, gather_with_grad, rank
 from harmony.core.ramps import cosine_ramp
 from harmony.objective_config import ClipConfig
-from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 from harmony.objectives.centering import soft_cross_entropy
 
 
@@ -86,8 +86,7 @@ class ClipObjective(Objective):
             return 1.0
         return cosine_ramp(self.cfg.alpha_start, self.cfg.alpha_end, step.epoch / max(self.cfg.alpha_epochs, 1e-12))
 
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
-        assert enc.image_embed is not None and enc.text_embed is not None and enc.logit_scale is not None
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         image, text = enc.image_embed, enc.text_embed
         lpi, lpt = contrastive_logits(image, text, gather_with_grad(image), gather_with_grad(text), enc.logit_scale)
         hard = clip_hard_loss(lpi, lpt, offset=rank() * image.shape[0])
@@ -95,7 +94,6 @@ class ClipObjective(Objective):
         alpha = self.alpha(step)
         if not self.cfg.soft_targets:
             return LossOutput(hard, metrics)
-        assert enc.teacher_image_embed is not None and enc.teacher_text_embed is not None
         t_img, t_txt = enc.teacher_image_embed, enc.teacher_text_embed
         p_i2t, p_t2i = soft_targets(
             t_img, t_txt, gather_no_grad(t_img), gather_no_grad(t_txt), self.cfg.soft_temperature

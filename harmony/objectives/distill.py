@@ -36,6 +36,11 @@ class SelfDistillation(Objective):
         self.student_head = DINOHead(in_dim, head.out_dim, head.hidden_dim, head.bottleneck_dim, head.num_layers)
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
 
+    def teacher_temperature(self, step: StepInfo) -> float:
+        """The teacher temperature at `step`, from the section's `teacher_temp_start/end/warmup_epochs`."""
+        cfg = self.cfg
+        return warmup_temperature(cfg.teacher_temp_start, cfg.teacher_temp_end, cfg.teacher_temp_warmup_epochs, step)
+
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.teacher_head, self.student_head)]
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from harmony.objective_config import HeadConfig, IBOTConfig
-from harmony.objectives.base import BlockMasks, Encoded, LossOutput, ModelDims, Needs, StepInfo, register
+from harmony.objectives.base import Batch, BlockMasks, Encoded, LossOutput, ModelDims, Needs, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
-from harmony.objectives.distill import SelfDistillation, warmup_temperature
+from harmony.objectives.distill import SelfDistillation
 
 
 def ibot_cls_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -79,17 +79,10 @@ class IBOTObjective(SelfDistillation):
             return list(self.student_head.last_layer.parameters())
         return []
 
-    def patch_temperature(self, step: StepInfo) -> float:
-        cfg = self.cfg
-        return warmup_temperature(
-            cfg.teacher_temp_patch_start, cfg.teacher_temp_patch_end, cfg.teacher_temp_warmup_epochs, step
-        )
-
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
-        assert enc.masked is not None and enc.teacher is not None
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         bsz = enc.masked.shape[1]
         student_cls = [enc.masked[:, :, 0]]
-        if enc.local is not None:
+        if enc.has("local"):
             student_cls.append(enc.local[:, :, 0])
         cls_tokens = torch.cat(student_cls, dim=0)  # [V, B, D]
         num_views = cls_tokens.shape[0]
@@ -115,7 +108,7 @@ class IBOTObjective(SelfDistillation):
         assert self.patch_center is not None
         with torch.no_grad():
             t_patch = t_out[:, :, 1:]
-            temp = self.patch_temperature(step)
+            temp = self.teacher_temperature(step)
             teacher_patch = sharpen(t_patch.flatten(0, 2)[index], self.patch_center.value, temp)
             self.patch_center.observe(t_patch.flatten(0, 2))
         loss_patch = ibot_patch_loss(out[num_views * bsz :], teacher_patch, batch["ibot_weight"], self.cfg.student_temp)

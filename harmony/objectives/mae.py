@@ -13,7 +13,7 @@ import torch
 
 from harmony.models.decoders import MAEDecoder
 from harmony.objective_config import MAEConfig
-from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -64,8 +64,7 @@ class MAEObjective(Objective):
     def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
         return {"MAE decoder": [self.decoder]}
 
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
-        assert enc.images is not None
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         crops = sorted(enc.dropped)
         tokens = torch.cat([enc.dropped[g] for g in crops])
         keep = batch["mae_keep"][: len(crops)].flatten(0, 1)

@@ -12,7 +12,7 @@ import torch
 
 from harmony.models.decoders import MaskedFeatureDecoder
 from harmony.objective_config import HeadConfig, MaskedDistillConfig
-from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, StepInfo, register
 from harmony.objectives.centering import Center, sharpen, soft_cross_entropy
 from harmony.objectives.distill import SelfDistillation
 
@@ -53,8 +53,7 @@ class MaskedDistillObjective(SelfDistillation):
         decoder: list[torch.nn.Module] = [self.decoder]
         return {"MaskCLIP decoder": decoder} | super().flop_parts()
 
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
-        assert enc.teacher is not None and enc.pos_embed is not None
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         gh, gw = enc.grid
         keep, remove = batch["mae_keep"][0], batch["mae_remove"][0]
         features = self.decoder(enc.dropped[0], keep, gh * gw, enc.pos_embed)
@@ -63,6 +62,6 @@ class MaskedDistillObjective(SelfDistillation):
         with torch.no_grad():
             t_tokens = enc.teacher[0, :, 1:].gather(1, remove.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
             t_logits = self.teacher_head(t_tokens.flatten(0, 1))
-            probs = sharpen(t_logits, self.center.value, self.cfg.teacher_temp)
+            probs = sharpen(t_logits, self.center.value, self.teacher_temperature(step))
             self.center.observe(t_logits)
         return LossOutput(masked_distill_loss(student, probs, self.cfg.student_temp))

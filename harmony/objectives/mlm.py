@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from harmony.core.distributed import global_count
 from harmony.models.decoders import MLMDecoder
 from harmony.objective_config import MLMConfig
-from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
 def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
@@ -45,8 +45,7 @@ class MLMObjective(Objective):
     def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
         return {"MLM decoder": [self.decoder]}
 
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
-        assert enc.text_masked is not None
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         index = batch["mlm_index"]
         logits = self.decoder(enc.text_masked, ~batch["text_real"], index)
         targets = batch["text"].flatten()[index]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from harmony.core.distributed import gather_with_grad, rank
 from harmony.models.heads import SimCLRProjector
 from harmony.objective_config import SimCLRConfig
-from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
 def simclr_loss(
@@ -54,7 +54,7 @@ class SimCLRObjective(Objective):
     def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
         return {"heads": [self.projector]}
 
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         q_a = F.normalize(self.projector(enc.clean[0][:, 0]), dim=-1)
         q_b = F.normalize(self.projector(enc.clean[1][:, 0]), dim=-1)
         k_a, k_b = gather_with_grad(q_a), gather_with_grad(q_b)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from harmony.objective_config import TextDistillConfig
-from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
-from harmony.objectives.distill import SelfDistillation, warmup_temperature
+from harmony.objectives.distill import SelfDistillation
 
 
 def text_distill_loss(
@@ -48,12 +48,7 @@ class TextDistillObjective(SelfDistillation):
     def build(cls, section: TextDistillConfig, dims: ModelDims) -> TextDistillObjective:
         return cls(section, dims.text_width)
 
-    def teacher_temperature(self, step: StepInfo) -> float:
-        cfg = self.cfg
-        return warmup_temperature(cfg.teacher_temp_start, cfg.teacher_temp_end, cfg.teacher_temp_warmup_epochs, step)
-
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
-        assert enc.text_masked is not None and enc.teacher_text is not None
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         index = batch["mlm_index"]
         student = self.student_head(enc.text_masked.flatten(0, 1)[index])
         with torch.no_grad():

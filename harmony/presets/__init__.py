@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from harmony.config import Config, ConfigError, set_override, validate
+from harmony.config import Config, ConfigError, set_override, upgrade_keys, validate
 from harmony.typed import from_dict, merge
 
 _PRESETS = resources.files("harmony") / "presets"
@@ -91,7 +91,7 @@ def load_preset(name: str) -> Config:
             data = _yaml(path)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{name}' is not valid YAML: {str(exc).splitlines()[0]}") from None
-        return from_dict(Config, _strip(data))
+        return from_dict(Config, upgrade_keys(_strip(data)))
     method, size = split_preset(name)
     data = compose(_yaml(_PRESETS / "sizes" / f"{size}.yaml"), _yaml(_PRESETS / "methods" / f"{method}.yaml"))
     data["name"] = name

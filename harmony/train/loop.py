@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from harmony.config import Config, dump_yaml, to_dict
+from harmony.config import Config, dump_yaml, to_dict, upgrade_keys
 from harmony.core import checkpoint as ckpt
 from harmony.core.distributed import DistInfo, all_reduce_mean, all_reduce_sum, full, init_distributed, shutdown
 from harmony.data.guard import describe_skips
@@ -123,7 +123,7 @@ class Trainer:
             path = Path(resume)
         state = ckpt.load(path, map_location=self.device)
         self.stepper.load_state_dict(state, f"checkpoint '{path}'")
-        changes = changed_keys(state.get("config", {}), to_dict(self.cfg))
+        changes = changed_keys(upgrade_keys(state.get("config", {})), to_dict(self.cfg))
         if self.dist.is_main:
             changed = " with changed settings: " + "; ".join(changes) if changes else ""
             print(f"resuming {path} (step {self.step}){changed}", flush=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from harmony.config import Config, ConfigError, set_override, to_dict, validate
+from harmony.config import Config, ConfigError, set_override, to_dict, upgrade_keys, validate
 from harmony.presets import load_preset
 from harmony.typed import flatten, from_dict, known_only
 
@@ -62,8 +62,10 @@ def resume_point(out: Path, resume: str) -> ResumePoint:
                 "restore one, or start the run over with --overwrite"
             ) from None
     saved = _read_yaml(out / "config.yaml")
+    saved = upgrade_keys(saved) if saved is not None else None
     if path is not None:
         config = ckpt.load(path, lazy=True).get("config")
+        config = upgrade_keys(config) if isinstance(config, dict) else config
         if resume == "auto" and saved is not None and saved != config:
             print(
                 f"resume: {out / 'config.yaml'} differs from the config stored in {path}; the stored one is "

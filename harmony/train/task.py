@@ -25,7 +25,7 @@ from harmony.factory import build_pair
 from harmony.models.normalize import normalize
 from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
-from harmony.objectives.base import Encoded, Needs, Objective, StepInfo
+from harmony.objectives.base import Batch, Encoded, Needs, Objective, StepInfo
 from harmony.objectives.registry import build_objectives
 
 
@@ -104,7 +104,7 @@ class PretrainTask(nn.Module):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> Encoded:
+    def encode(self, batch: Batch) -> Encoded:
         """Every forward pass the objectives' union of needs asks for, each run once (see the module doc)."""
         needs, student = self.needs, self.student
         images = normalize(batch["global"])  # [G, B, 3, H, W]
@@ -130,7 +130,7 @@ class PretrainTask(nn.Module):
                 tokens = tokens[num_global * bsz :]
             for i, g in enumerate(separate_clean):
                 enc.clean[g] = tokens[i * bsz : (i + 1) * bsz]
-            if not separate_clean and enc.masked is not None:
+            if not separate_clean and enc.has("masked"):
                 enc.clean = {g: enc.masked[g] for g in clean}
 
         if needs.local_crops:
@@ -159,14 +159,13 @@ class PretrainTask(nn.Module):
             self._encode_teacher(batch, images, enc)
 
         if needs.embeddings:
-            assert enc.text is not None
             enc.image_embed = student.image_embedding(enc.dropped[0] if needs.embeddings_dropped else enc.clean[0])
             enc.text_embed = student.text_embedding(enc.text, batch["text"])
             enc.logit_scale = student.scale()
         return enc
 
     @torch.no_grad()
-    def _encode_teacher(self, batch: dict[str, torch.Tensor], images: torch.Tensor, enc: Encoded) -> None:
+    def _encode_teacher(self, batch: Batch, images: torch.Tensor, enc: Encoded) -> None:
         teacher, needs = self.teacher, self.needs
         assert teacher is not None
         if needs.teacher_crops:
@@ -175,11 +174,11 @@ class PretrainTask(nn.Module):
         if needs.teacher_text:
             assert teacher.text is not None
             enc.teacher_text = teacher.text(batch["text"])
-            if enc.teacher is not None:
+            if enc.has("teacher"):
                 enc.teacher_image_embed = teacher.image_embedding(enc.teacher[0])
                 enc.teacher_text_embed = teacher.text_embedding(enc.teacher_text, batch["text"])
 
-    def forward(self, batch: dict[str, torch.Tensor], step: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(weighted total loss, metrics incl. each unweighted loss term as `loss_<name>`)."""
         enc = self.encode(batch)
         weights = self.weights()

@@ -1,0 +1,87 @@
+"""Renamed config keys: old runs, old YAML files and old overrides keep their values under the new names.
+
+The self-distillation sections now spell their temperatures alike (`teacher_temp_start/end/warmup_epochs`);
+a stored config that still says `teacher_temp_patch_end` must not fall back to the default silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+import harmony
+from harmony.config import RENAMED_KEYS, upgrade_keys
+from harmony.core import checkpoint as ckpt
+from harmony.objectives.base import StepInfo
+from harmony.presets import build_config
+from harmony.typed import flatten, to_dict
+from tests.conftest import run_cli
+
+
+def test_old_keys_in_overrides_and_yaml_files_reach_the_new_ones(tmp_path: Path) -> None:
+    cfg = build_config("ibot-tiny-test", ["objectives.ibot.teacher_temp_patch_end=0.05"])
+    assert cfg.objectives.ibot is not None and cfg.objectives.ibot.teacher_temp_end == 0.05
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"objectives": {"clip": {}, "masked_distill": {"teacher_temp": 0.03}}}))
+    section = build_config(str(old)).objectives.masked_distill
+    assert section is not None and (section.teacher_temp_start, section.teacher_temp_end) == (0.03, 0.03)
+
+
+def test_upgrade_moves_every_renamed_key_and_leaves_the_rest() -> None:
+    data = {"objectives": {"ibot": {"teacher_temp_patch_start": 0.02, "teacher_temp_start": 0.04, "weight": 2.0}}}
+    up = upgrade_keys(data)
+    assert up["objectives"]["ibot"] == {"teacher_temp_start": 0.02, "weight": 2.0}
+    assert data["objectives"]["ibot"]["teacher_temp_patch_start"] == 0.02  # the input is not modified
+    assert upgrade_keys({"objectives": {"ibot": None}}) == {"objectives": {"ibot": None}}
+    keys = set(flatten(to_dict(build_config("harmony-tiny-test")))) | set(
+        flatten(to_dict(build_config("maskclip-tiny-test")))
+    )
+    assert not set(RENAMED_KEYS) & keys  # an old key is no field any more, and each new one is
+    assert all(new in keys for names in RENAMED_KEYS.values() for new in names)
+
+
+def test_the_warm_up_reads_the_new_keys_for_every_self_distillation() -> None:
+    from harmony.objectives.registry import build_objectives
+
+    cfg = build_config(
+        "harmony-tiny-test",
+        ["objectives.ibot.teacher_temp_end=0.09", "objectives.ibot.teacher_temp_warmup_epochs=2"],
+    )
+    ibot = build_objectives(cfg, vocab_size=64)["ibot"]
+    assert ibot.teacher_temperature(StepInfo(0, 10)) == 0.04  # type: ignore[operator]
+    assert abs(ibot.teacher_temperature(StepInfo(10, 10)) - 0.065) < 1e-9  # type: ignore[operator]
+    assert ibot.teacher_temperature(StepInfo(30, 10)) == 0.09  # type: ignore[operator]
+    mask = build_objectives(build_config("maskclip-tiny-test"), vocab_size=64)["masked_distill"]
+    assert mask.teacher_temperature(StepInfo(0, 10)) == 0.04  # type: ignore[operator]
+
+
+def _rename_back(config: dict) -> dict:
+    """A config as the version before the rename wrote it."""
+    ibot = config["objectives"]["ibot"]
+    ibot["teacher_temp_patch_start"] = ibot.pop("teacher_temp_start")
+    ibot["teacher_temp_patch_end"] = ibot.pop("teacher_temp_end")
+    return config
+
+
+def test_a_run_written_with_the_old_keys_resumes_and_loads_with_its_values(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = ("--preset", "ibot-tiny-test", "--data", "builtin:shapes", "--out", str(run), "--workers", "0")
+    first = run_cli("train", *common, "--max-steps", "2", "--no-progress", "objectives.ibot.teacher_temp_end=0.05")
+    assert first.returncode == 0, first.stderr
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    state["config"] = _rename_back(state["config"])
+    ckpt.save_atomic(state, last)
+    (run / "config.yaml").write_text(yaml.safe_dump(_rename_back(yaml.safe_load((run / "config.yaml").read_text()))))
+
+    loaded = harmony.load(last)
+    assert loaded.config.objectives.ibot is not None and loaded.config.objectives.ibot.teacher_temp_end == 0.05
+
+    resumed = run_cli("train", *common, "--resume", "auto", "--max-steps", "3", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "teacher_temp" not in resumed.stdout + resumed.stderr  # no change reported, nothing ignored
+    assert "differs" not in resumed.stderr
+    now = yaml.safe_load((run / "config.yaml").read_text())["objectives"]["ibot"]
+    assert now["teacher_temp_end"] == 0.05 and "teacher_temp_patch_end" not in now
