@@ -131,6 +131,9 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     threads: int = 0
     max_bad_steps: int = 20
+    # gradient accumulation: each rank's share of batch_size in this many micro-batches, one optimiser step,
+    # exactly the numbers of the whole batch (harmony.train.accumulate); trades time for memory
+    accum_steps: int = 1
 
 
 @dataclass
@@ -218,10 +221,16 @@ def validate(cfg: Config) -> None:
         "data.augment.local_size": cfg.data.augment.local_size,
         "data.builtin.image_size": cfg.data.builtin.image_size,
         "optim.lr": cfg.optim.lr,
+        "train.accum_steps": cfg.train.accum_steps,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if cfg.train.batch_size % cfg.train.accum_steps:
+        raise ConfigError(
+            f"config key 'train.accum_steps' ({cfg.train.accum_steps}) must divide train.batch_size "
+            f"({cfg.train.batch_size}) into equal micro-batches"
+        )
     if cfg.model.context_length < 3:
         raise ConfigError("config key 'model.context_length' must be at least 3 (start, one word, end)")
     for key, value in {"train.max_steps": cfg.train.max_steps, "data.num_workers": cfg.data.num_workers}.items():

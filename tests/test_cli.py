@@ -81,6 +81,7 @@ TRAIN_FLAG_VALUES = {
     "--epochs": ("train.epochs", "3.5", 3.5),
     "--max-steps": ("train.max_steps", "7", 7),
     "--batch-size": ("train.batch_size", "12", 12),
+    "--accum-steps": ("train.accum_steps", "4", 4),
     "--device": ("train.device", "cpu", "cpu"),
     "--precision": ("train.precision", "bf16", "bf16"),
     "--seed": ("train.seed", "5", 5),

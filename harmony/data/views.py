@@ -141,6 +141,25 @@ def add_indices(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """`batch` cut into `parts` equal micro-batches of consecutive samples (gradient accumulation), each with
+    its own flat indices and weights (`DERIVED`, recomputed for its samples, as `collate` would make them)."""
+    size = batch["global"].shape[1]
+    if size % parts:
+        raise ValueError(f"a batch of {size} samples does not split into {parts} equal micro-batches")
+    step = size // parts
+    micro: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
+    for key, value in batch.items():
+        if key in DERIVED:
+            continue
+        dim = 1 if key in CROP_MAJOR else 0
+        if value.dim() <= dim or value.shape[dim] != size:
+            raise ValueError(f"batch entry {key!r} {list(value.shape)} has no sample dimension of {size} to split")
+        for i, piece in enumerate(value.split(step, dim=dim)):
+            micro[i][key] = piece
+    return [add_indices(m) for m in micro]
+
+
 def view_maker_for(cfg: Config) -> ViewMaker:
     """The views a training run of `cfg` makes (its objectives' needs), without building the model."""
     from harmony.models.sizes import VISION_SIZES

@@ -82,6 +82,23 @@ class Needs:
             embeddings_dropped=self.embeddings_dropped or other.embeddings_dropped,
         )
 
+    def output_keys(self) -> set[str]:
+        """The flat names (`Encoded.batched`) of the per-sample outputs `PretrainTask.encode` makes for these needs."""
+        keys = {"images"} | {f"clean.{g}" for g in self.clean_crops} | {f"dropped.{g}" for g in self.dropped_crops}
+        flags = {
+            "masked": self.masked_crops,
+            "local": self.local_crops > 0,
+            "teacher": bool(self.teacher_crops),
+            "text": self.text_clean,
+            "text_masked": self.text_masked,
+            "teacher_text": self.teacher_text,
+            "image_embed": self.embeddings,
+            "text_embed": self.embeddings,
+            "teacher_image_embed": self.embeddings and self.teacher_text and bool(self.teacher_crops),
+            "teacher_text_embed": self.embeddings and self.teacher_text and bool(self.teacher_crops),
+        }
+        return keys | {name for name, wanted in flags.items() if wanted}
+
     @property
     def needs_text(self) -> bool:
         return self.text_clean or self.text_masked or self.teacher_text
@@ -206,6 +223,30 @@ class Encoded:
         """Whether the output `name` was computed this step."""
         return name in self.__dict__
 
+    def batched(self) -> dict[str, torch.Tensor]:
+        """Every computed per-sample output under a flat name (`clean.0`, `teacher`, ...): what gradient
+        accumulation caches and concatenates (along `batch_dim(name)`)."""
+        out = {name: getattr(self, name) for name in self.BATCH_DIM if self.has(name)}
+        out |= {f"clean.{g}": t for g, t in self.clean.items()} | {f"dropped.{g}": t for g, t in self.dropped.items()}
+        return out
+
+    @classmethod
+    def from_batched(cls, outputs: dict[str, torch.Tensor], **shared: Any) -> Encoded:
+        """The inverse of `batched`, plus the outputs shared by all samples (`grid`, `logit_scale`, `pos_embed`)."""
+        enc = cls(**shared)
+        for key, value in outputs.items():
+            kind, _, crop = key.partition(".")
+            if crop:
+                getattr(enc, kind)[int(crop)] = value
+            else:
+                setattr(enc, key, value)
+        return enc
+
+    @classmethod
+    def batch_dim(cls, key: str) -> int:
+        """The sample dimension of the flat output `key`."""
+        return 0 if "." in key else cls.BATCH_DIM[key]
+
 
 @dataclass
 class LossOutput:
@@ -276,6 +317,12 @@ class Objective(nn.Module):
     def frozen_parameters(self, step: StepInfo) -> list[nn.Parameter]:
         """Parameters whose gradients are zeroed at this step (DINO's last-layer freeze)."""
         return []
+
+    def micro_batch_share(self, micro: Batch, full: Batch) -> torch.Tensor | float:
+        """With gradient accumulation, the weight of this (per-sample) objective's loss on micro-batch `micro`
+        in its loss on the whole batch `full`: the micro-batch's share of the samples, as for a mean over
+        samples; an objective normalised otherwise (MLM: by the masked-token count) says so here."""
+        return micro["global"].shape[1] / full["global"].shape[1]
 
 
 ObjectiveType = TypeVar("ObjectiveType", bound=type[Objective])

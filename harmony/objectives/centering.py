@@ -30,8 +30,9 @@ def soft_cross_entropy(targets: torch.Tensor, student_logits: torch.Tensor, temp
 class Center(nn.Module):
     """EMA of the all-reduced mean of raw teacher logits.
 
-    `observe` records this step's batch mean; `update` folds it in once per optimiser step (after the
-    loss used the previous centre, as in DINO/iBOT).
+    `observe` records batch statistics (sum and count over every rank); several calls in one optimiser step
+    (the micro-batches of gradient accumulation) add up, so the mean is that of the whole batch. `update`
+    folds the mean in once per optimiser step (after the loss used the previous centre, as in DINO/iBOT).
     """
 
     value: torch.Tensor
@@ -40,18 +41,19 @@ class Center(nn.Module):
         super().__init__()
         self.momentum = momentum
         self.register_buffer("value", torch.zeros(1, dim))
-        self._pending: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None  # [sum over tokens (K values), token count]
 
     @torch.no_grad()
     def observe(self, logits: torch.Tensor) -> None:
         """logits [M, K] raw teacher outputs of the tokens that define the centre (any M, even 0)."""
         stats = torch.cat([logits.float().sum(dim=0), logits.new_tensor([logits.shape[0]], dtype=torch.float32)])
         stats = all_reduce_sum(stats)
-        mean = stats[:-1] / stats[-1].clamp(min=1.0)
-        self._pending = torch.where(stats[-1] > 0, mean, self.value[0]).unsqueeze(0)
+        self._pending = stats if self._pending is None else self._pending + stats
 
     @torch.no_grad()
     def update(self) -> None:
         if self._pending is not None:
-            self.value.mul_(self.momentum).add_(self._pending, alpha=1 - self.momentum)
-            self._pending = None
+            stats, self._pending = self._pending, None
+            mean = stats[:-1] / stats[-1].clamp(min=1.0)
+            batch_mean = torch.where(stats[-1] > 0, mean, self.value[0]).unsqueeze(0)
+            self.value.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)

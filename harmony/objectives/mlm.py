@@ -45,6 +45,11 @@ class MLMObjective(Objective):
     def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
         return {"MLM decoder": [self.decoder]}
 
+    def micro_batch_share(self, micro: Batch, full: Batch) -> torch.Tensor:
+        """The loss is a sum over masked tokens / their global count: a micro-batch weighs by its token count."""
+        count = global_count(micro["mlm_index"].new_tensor(micro["mlm_index"].numel()))
+        return count / global_count(full["mlm_index"].new_tensor(full["mlm_index"].numel()))
+
     def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         index = batch["mlm_index"]
         logits = self.decoder(enc.text_masked, ~batch["text_real"], index)

@@ -16,6 +16,7 @@ FLAG_KEYS = {
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
     "batch_size": "train.batch_size",
+    "accum_steps": "train.accum_steps",
     "device": "train.device",
     "precision": "train.precision",
     "seed": "train.seed",
@@ -93,6 +94,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=float, help="run length in epochs (train.epochs)")
     p.add_argument("--max-steps", type=int, help="run length in steps (schedules span it); overrides --epochs")
     p.add_argument("--batch-size", type=int, help="global batch size (split over processes)")
+    p.add_argument(
+        "--accum-steps",
+        type=int,
+        help="micro-batches per optimiser step (train.accum_steps): exact gradient accumulation, less memory",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (train.device, default auto)")
     p.add_argument(
         "--precision", choices=["auto", "fp32", "bf16", "fp16"], help="mixed precision (train.precision, default auto)"

@@ -34,6 +34,7 @@ SAFE_ON_RESUME = (
     "train.device",
     "train.threads",
     "train.compile",
+    "train.accum_steps",  # exact: the same numbers in fewer or more micro-batches
     "data.pin_memory",
 )
 

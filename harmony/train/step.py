@@ -11,9 +11,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from harmony.config import Config
-from harmony.core.distributed import DistInfo
+from harmony.core.distributed import DistInfo, average_gradients
 from harmony.objectives.base import StepInfo
 from harmony.objectives.registry import make_tokenizer
+from harmony.train.accumulate import accumulated_step
 from harmony.train.optim import build_optimizer, clip_gradients, set_schedule
 from harmony.train.schedules import Schedules
 from harmony.train.task import PretrainTask
@@ -39,9 +40,21 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def accumulation_steps(cfg: Config, dist: DistInfo) -> int:
+    """`train.accum_steps`, checked against this rank's share of the global batch."""
+    steps, per_rank = cfg.train.accum_steps, cfg.train.batch_size // max(dist.world_size, 1)
+    if per_rank % steps:
+        raise TrainingError(
+            f"train.accum_steps={steps} does not divide the {per_rank} images each of the {dist.world_size} "
+            f"process(es) gets of train.batch_size={cfg.train.batch_size}; choose a divisor of {per_rank}"
+        )
+    return steps
+
+
 class Stepper:
-    """Owns the task and its optimiser; `train_step(batch)` runs forward, backward, clipping, the
-    update, the logit-scale clamp, and the once-per-step EMA/centre advance."""
+    """Owns the task and its optimiser; `train_step(batch)` runs forward, backward (in `train.accum_steps`
+    micro-batches when asked, exactly: `harmony.train.accumulate`), clipping, the update, the logit-scale
+    clamp, and the once-per-step EMA/centre advance."""
 
     def __init__(self, cfg: Config, device: torch.device, dist: DistInfo) -> None:
         self.cfg, self.device, self.dist = cfg, device, dist
@@ -55,6 +68,8 @@ class Stepper:
         self.bad_steps = torch.zeros((), dtype=torch.long, device=device)
         self.bad_in_a_row = torch.zeros((), dtype=torch.long, device=device)
         self.model: torch.nn.Module = self.task
+        self.accum_steps = accumulation_steps(cfg, dist)
+        self.has_coupled = any(getattr(o, "batch_coupled", False) for o in self.task.objectives.values())
         self.set_span(steps_per_epoch=1, total_steps=1)
         self._prepare()
 
@@ -136,17 +151,30 @@ class Stepper:
         self.step = int(state["step"])
         self.bad_steps.fill_(int(state.get("bad_steps", 0)))
 
+    def _autocast(self) -> torch.autocast:
+        amp = self.amp_dtype
+        return torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimiser step. A non-finite loss or gradient skips the update on the device (fused
         AdamW's `found_inf`, as the fp16 loss scaler does), so no step waits for the host; the
         skips are counted in `bad_steps` / `bad_in_a_row` (device tensors read at log steps)."""
         info = StepInfo(self.step, self.steps_per_epoch)
         set_schedule(self.optimizer, self.schedules.lr(self.step), self.schedules.weight_decay(self.step))
-        amp = self.amp_dtype
-        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, metrics = self.model(batch, info)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if self.accum_steps == 1:
+            with self._autocast():
+                loss, metrics = self.model(batch, info)
+            self.scaler.scale(loss).backward()
+        else:
+            # DDP's reducer only works inside its own forward: accumulate on the task, then average once
+            ddp = isinstance(self.model, DistributedDataParallel)
+            call = self.task if ddp else self.model
+            loss, metrics = accumulated_step(
+                call, batch, info, self.accum_steps, self._autocast, self.scaler.scale, self.device, self.has_coupled
+            )
+            if ddp:
+                average_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
         optim = self.cfg.optim
         grad_norm = clip_gradients(self.params, optim.clip_grad, optim.clip_mode, sharded=self.fsdp)

@@ -15,8 +15,10 @@ The training loop around it knows nothing about any single objective.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from harmony.config import Config
@@ -104,9 +106,10 @@ class PretrainTask(nn.Module):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def encode(self, batch: Batch) -> Encoded:
-        """Every forward pass the objectives' union of needs asks for, each run once (see the module doc)."""
-        needs, student = self.needs, self.student
+    def encode(self, batch: Batch, needs: Needs | None = None) -> Encoded:
+        """Every forward pass the objectives' union of needs (or `needs`) asks for, each run once (module doc)."""
+        needs = needs or self.needs
+        student = self.student
         images = normalize(batch["global"])  # [G, B, 3, H, W]
         num_global, bsz = images.shape[:2]
         enc = Encoded(images=images, grid=student.visual.grid(images.shape[-2], images.shape[-1]))
@@ -156,7 +159,7 @@ class PretrainTask(nn.Module):
                 enc.text_masked = features[-bsz:]
 
         if self.teacher is not None:
-            self._encode_teacher(batch, images, enc)
+            self._encode_teacher(batch, images, enc, needs)
 
         if needs.embeddings:
             enc.image_embed = student.image_embedding(enc.dropped[0] if needs.embeddings_dropped else enc.clean[0])
@@ -165,8 +168,8 @@ class PretrainTask(nn.Module):
         return enc
 
     @torch.no_grad()
-    def _encode_teacher(self, batch: Batch, images: torch.Tensor, enc: Encoded) -> None:
-        teacher, needs = self.teacher, self.needs
+    def _encode_teacher(self, batch: Batch, images: torch.Tensor, enc: Encoded, needs: Needs) -> None:
+        teacher = self.teacher
         assert teacher is not None
         if needs.teacher_crops:
             count = max(needs.teacher_crops) + 1
@@ -178,17 +181,78 @@ class PretrainTask(nn.Module):
                 enc.teacher_image_embed = teacher.image_embedding(enc.teacher[0])
                 enc.teacher_text_embed = teacher.text_embedding(enc.teacher_text, batch["text"])
 
-    def forward(self, batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(weighted total loss, metrics incl. each unweighted loss term as `loss_<name>`)."""
-        enc = self.encode(batch)
+    def forward(
+        self, batch: Batch, step: StepInfo, phase: str = "step", **inputs: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | Any:
+        """One training step's forward: (weighted total loss, metrics incl. each unweighted loss term as
+        `loss_<name>`). The other phases serve exact gradient accumulation (`harmony.train.accumulate`);
+        they go through `forward` so DDP/FSDP hooks see every call:
+
+        - "cache": the outputs the batch-coupled objectives read, as flat tensors (`Encoded.batched`);
+        - "coupled": those objectives' losses on cached whole-batch outputs (`outputs=`);
+        - "micro": a micro-batch's encode and its per-sample losses, each weighed by its share of the whole
+          batch (`full=`); returns (loss or None, metrics, the micro-batch's outputs)."""
+        if phase == "step":
+            return self.losses(self.encode(batch), batch, step)
+        if phase == "cache":
+            needs = self.coupled_needs if self.deterministic_student() else self.needs
+            outputs = self.encode(batch, needs).batched()
+            return {k: v for k, v in outputs.items() if k in self.coupled_needs.output_keys()}
+        if phase == "coupled":
+            enc = Encoded.from_batched(inputs["outputs"], **self._shared_outputs(inputs["outputs"]["images"]))
+            return self.losses(enc, batch, step, coupled=True)
+        if phase == "micro":
+            enc = self.encode(batch)
+            loss, metrics = self.losses(enc, batch, step, coupled=False, full=inputs["full"])
+            return loss, metrics, enc.batched()
+        raise ValueError(f"unknown task phase {phase!r}")
+
+    def losses(
+        self, enc: Encoded, batch: Batch, step: StepInfo, coupled: bool | None = None, full: Batch | None = None
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Weighted sum and metrics of the objectives (only the batch-coupled ones, or only the others, when
+        `coupled` is given); with `full`, each loss and metric is weighed by the micro-batch's share."""
         weights = self.weights()
         total: torch.Tensor | None = None
         metrics: dict[str, torch.Tensor] = {}
         for name, objective in self.objectives.items():
+            if coupled is not None and objective.batch_coupled != coupled:
+                continue
             out = objective(enc, batch, step)
-            term = weights[name] * out.loss
+            loss, extra = out.loss, out.metrics
+            if full is not None:
+                share = objective.micro_batch_share(batch, full)  # type: ignore[operator]
+                loss, extra = share * loss, {k: share * v for k, v in extra.items()}
+            term = weights[name] * loss
             total = term if total is None else total + term
-            metrics[f"loss_{name}"] = out.loss.detach()
-            metrics.update(out.metrics)
-        assert total is not None
+            metrics[f"loss_{name}"] = loss.detach()
+            metrics.update(extra)
+        if total is None and coupled is None:
+            raise ValueError("no objective is enabled")
         return total, metrics
+
+    @property
+    def coupled_needs(self) -> Needs:
+        """What the batch-coupled objectives read (their outputs are cached for the whole batch)."""
+        coupled = {k: o for k, o in self.objectives.items() if isinstance(o, Objective) and o.batch_coupled}
+        return union_needs(coupled)
+
+    def deterministic_student(self) -> bool:
+        """No dropout or stochastic depth in the student: a pass over a subset of its inputs gives the same
+        outputs, so the caching pass may run only what the batch-coupled objectives read."""
+        for module in self.student.modules():
+            if isinstance(module, DropPath) and module.drop_prob > 0:
+                return False
+            if isinstance(module, nn.Dropout) and module.p > 0:
+                return False
+        return True
+
+    def _shared_outputs(self, images: torch.Tensor) -> dict[str, Any]:
+        """The outputs every sample shares, recomputed with their graph for the whole-batch phase."""
+        grid = self.student.visual.grid(images.shape[-2], images.shape[-1])
+        shared: dict[str, Any] = {"grid": grid}
+        if self.coupled_needs.embeddings:
+            shared["logit_scale"] = self.student.scale()
+        if self.coupled_needs.dropped_crops:
+            shared["pos_embed"] = self.student.visual.position_table(grid)
+        return shared

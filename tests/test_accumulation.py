@@ -1,0 +1,219 @@
+"""Exact gradient accumulation: K micro-batches give the numbers of the whole batch, for every objective.
+
+Batch-coupled losses (CLIP with hard and soft targets, SimCLR, BYOL's BatchNorm heads, ...) are computed on
+the whole batch's cached tower outputs (GradCache); per-sample losses (iBOT, MAE, MLM, text distillation,
+MaskCLIP) are weighed by each micro-batch's share; centres, EMA teachers and schedules advance once per
+optimiser step. Any of these wrong changes the losses or the parameters below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from harmony.config import ConfigError
+from harmony.core.distributed import DistInfo
+from harmony.data.sources import BuiltinSource
+from harmony.data.views import DERIVED, ViewMaker, add_indices, collate, split_batch
+from harmony.presets import build_config
+from harmony.train.step import Stepper
+from tests.conftest import run_cli
+
+Batch = dict[str, torch.Tensor]
+
+
+def make_stepper(preset: str, accum: int, batch_size: int = 8, *overrides: str) -> Stepper:
+    cfg = build_config(
+        preset, [f"train.batch_size={batch_size}", f"train.accum_steps={accum}", "train.device=cpu", *overrides]
+    )
+    stepper = Stepper(cfg, torch.device("cpu"), DistInfo())
+    stepper.set_span(steps_per_epoch=4, total_steps=12)
+    return stepper
+
+
+def batches(stepper: Stepper, count: int, batch_size: int = 8) -> list[Batch]:
+    cfg, task = stepper.cfg, stepper.task
+    maker = ViewMaker(cfg, task.needs, stepper.tokenizer, task.student.visual.patch_size)
+    source = BuiltinSource("train", cfg)
+    out = []
+    for step in range(count):
+        samples = [source.load(step * batch_size + i) for i in range(batch_size)]
+        out.append(collate([maker(s.image, s.caption, seed=100 * step + i) for i, s in enumerate(samples)]))
+    return out
+
+
+def train(preset: str, accum: int, steps: int = 3, *overrides: str) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    stepper = make_stepper(preset, accum, 8, *overrides)
+    rows = []
+    for batch in batches(stepper, steps):
+        metrics = stepper.train_step(batch)
+        rows.append({k: float(v) for k, v in metrics.items() if k.startswith("loss") or k == "grad_norm"})
+    return rows, {k: v.detach().clone() for k, v in stepper.task.state_dict().items()}
+
+
+FAMILIES = [
+    "clip-tiny-test",
+    "slip-tiny-test",
+    "ibot-tiny-test",
+    "dino-tiny-test",
+    "mae-tiny-test",
+    "maskclip-tiny-test",
+    "byol-tiny-test",
+    "clip+mlm+tdist-tiny-test",
+    "harmony-tiny-test",
+]
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_micro_batches_give_the_whole_batch_numbers(preset: str) -> None:
+    """K = 1, 2, 4 at the same global batch: the same losses each step and the same parameters, teachers,
+    heads and centres after 3 optimiser steps."""
+    reference, ref_state = train(preset, 1)
+    for accum in (2, 4):
+        rows, state = train(preset, accum)
+        for step, (want, got) in enumerate(zip(reference, rows)):
+            assert set(got) == set(want)
+            for key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (accum, step, key)
+        assert set(state) == set(ref_state)
+        for key, value in ref_state.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(state[key], value, rtol=1e-4, atol=2e-5, msg=f"K={accum} {key}")
+            else:
+                assert torch.equal(state[key], value), key
+
+
+def test_centres_and_teachers_move_once_per_optimiser_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    stepper = make_stepper("harmony-tiny-test", 4)
+    calls: list[float] = []
+    after_step = stepper.task.after_step
+    monkeypatch.setattr(stepper.task, "after_step", lambda momentum: (calls.append(momentum), after_step(momentum)))
+    updates: list[int] = []
+    center = stepper.task.objectives["ibot"].cls_center
+    update = center.update
+    monkeypatch.setattr(center, "update", lambda: (updates.append(1), update()))
+    for batch in batches(stepper, 2):
+        stepper.train_step(batch)
+    assert len(calls) == 2 and len(updates) == 2 and stepper.step == 2
+
+
+def test_split_batch_recomputes_indices_per_micro_batch() -> None:
+    stepper = make_stepper("harmony-tiny-test", 1)
+    full = batches(stepper, 1)[0]
+    micros = split_batch(full, 4)
+    assert [m["global"].shape[1] for m in micros] == [2, 2, 2, 2]
+    for key, value in full.items():
+        if key in DERIVED:
+            continue
+        dim = 1 if value.shape[0] != 8 else 0
+        torch.testing.assert_close(torch.cat([m[key] for m in micros], dim=dim), value)
+    for micro in micros:
+        again = add_indices({k: v for k, v in micro.items() if k not in DERIVED})
+        assert set(DERIVED) <= set(micro)
+        for key in DERIVED:
+            torch.testing.assert_close(micro[key], again[key])
+    with pytest.raises(ValueError, match="does not split into 3"):
+        split_batch(full, 3)
+
+
+def test_recomputation_replays_the_random_state_of_the_cached_pass() -> None:
+    """With stochastic depth, the graph pass of each micro-batch must see the function its cache pass saw."""
+    stepper = make_stepper("clip-tiny-test", 2, 8, "model.drop_path_rate=0.5")
+    assert not stepper.task.deterministic_student()
+    seen: list[torch.Tensor] = []
+    hook = stepper.task.student.visual.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    stepper.train_step(batches(stepper, 1)[0])
+    hook.remove()
+    assert len(seen) == 4  # two cache passes, then two graph passes
+    torch.testing.assert_close(seen[2], seen[0], rtol=0, atol=0)
+    torch.testing.assert_close(seen[3], seen[1], rtol=0, atol=0)
+    assert not torch.equal(seen[0], seen[1])
+
+
+def test_a_non_finite_micro_batch_skips_the_whole_step() -> None:
+    stepper = make_stepper("harmony-tiny-test", 2)
+    batch = batches(stepper, 1)[0]
+    batch["global"] = batch["global"].float()
+    batch["global"][0, 5, 0, 0, 0] = float("nan")  # one image of the second micro-batch
+    before = {k: v.clone() for k, v in stepper.task.state_dict().items()}
+    metrics = stepper.train_step(batch)
+    assert not math.isfinite(float(metrics["loss"]))
+    assert int(stepper.bad_steps) == 1
+    for key, value in stepper.task.student.state_dict().items():
+        assert torch.equal(value, before[f"student.{key}"]), key
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_accumulates_like_the_whole_batch(precision: str) -> None:
+    reference, _ = train("harmony-tiny-test", 1, 2, f"train.precision={precision}")
+    rows, _ = train("harmony-tiny-test", 2, 2, f"train.precision={precision}")
+    for want, got in zip(reference, rows):
+        assert math.isfinite(got["loss"])
+        assert got["loss"] == pytest.approx(want["loss"], rel=2e-2)
+
+
+def test_accumulation_must_divide_each_ranks_batch() -> None:
+    with pytest.raises(ConfigError, match=r"'train\.accum_steps' \(3\) must divide train.batch_size \(8\)"):
+        build_config("clip-tiny-test", ["train.batch_size=8", "train.accum_steps=3"])
+    with pytest.raises(ConfigError, match=r"'train\.accum_steps' must be positive"):
+        build_config("clip-tiny-test", ["train.accum_steps=0"])
+    from harmony.train.step import TrainingError, accumulation_steps
+
+    cfg = build_config("clip-tiny-test", ["train.batch_size=12", "train.accum_steps=4"])
+    with pytest.raises(TrainingError, match="does not divide the 6 images each of the 2 process"):
+        accumulation_steps(cfg, DistInfo(rank=0, world_size=2))
+
+
+@pytest.mark.slow
+def test_accum_steps_flag_reaches_the_run_and_resume_continues_exactly(tmp_path: Path) -> None:
+    common = ("--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0", "--no-progress")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    ref = run_cli("train", *common, "--out", str(whole), "--max-steps", "4", "train.log_every=1")
+    assert ref.returncode == 0, ref.stderr
+    first = run_cli(
+        "train", *common, "--out", str(split), "--max-steps", "2", "--accum-steps", "2", "train.log_every=1"
+    )
+    assert first.returncode == 0, first.stderr
+    assert "accum_steps: 2" in (split / "config.yaml").read_text()
+    # K may change on resume (the numbers do not depend on it), without --force
+    second = run_cli(
+        "train", *common, "--out", str(split), "--resume", "auto", "--max-steps", "4", "--accum-steps", "4"
+    )
+    assert second.returncode == 0, second.stderr
+    assert "train.accum_steps: 2 -> 4" in second.stdout
+    rows = {r["step"]: r for r in map(json.loads, (split / "metrics.jsonl").read_text().splitlines())}
+    refs = {r["step"]: r for r in map(json.loads, (whole / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        for key in ("loss", "loss_clip", "loss_ibot", "loss_mae", "loss_mlm", "loss_text_distill"):
+            assert rows[step][key] == pytest.approx(refs[step][key], rel=1e-4, abs=1e-5), (step, key)
+    bad = run_cli("train", *common, "--out", str(tmp_path / "bad"), "--batch-size", "8", "--accum-steps", "3")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "train.accum_steps" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_accumulating_equal_one_rank_with_the_whole_batch(tmp_path: Path, strategy: str) -> None:
+    """2 gloo ranks x K = 2 (micro-batches of 2) against 1 process x K = 1, global batch 8: the gather over
+    ranks of the cached embeddings, the manual gradient average (DDP) or FSDP's reduce-scatter per backward."""
+    from tests.test_distributed import COMMON, LOSSES, records, torchrun
+
+    one = tmp_path / "one"
+    assert (
+        run_cli("train", *COMMON, "--max-steps", "3", "--out", str(one), env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    )
+    two = tmp_path / "two"
+    proc = torchrun(
+        "train", *COMMON, "--max-steps", "3", "--out", str(two), "--accum-steps", "2", f"train.strategy={strategy}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = records(one), records(two)
+    for step in (1, 2, 3):
+        for key in LOSSES:
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
