@@ -157,6 +157,15 @@ def test_reduced_precision_accumulates_like_the_whole_batch(precision: str) -> N
         assert got["loss"] == pytest.approx(want["loss"], rel=2e-2)
 
 
+@pytest.mark.slow
+def test_a_compiled_student_accumulates_like_the_eager_one() -> None:
+    eager, _ = train("clip-tiny-test", 2, 2)
+    compiled, _ = train("clip-tiny-test", 2, 2, "train.compile=true")
+    for want, got in zip(eager, compiled):
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+
+
 def test_accumulation_must_divide_each_ranks_batch() -> None:
     with pytest.raises(ConfigError, match=r"'train\.accum_steps' \(3\) must divide train.batch_size \(8\)"):
         build_config("clip-tiny-test", ["train.batch_size=8", "train.accum_steps=3"])

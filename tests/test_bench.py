@@ -81,3 +81,33 @@ def test_bench_reports_every_figure_with_ratios_to_clip(tmp_path: Path) -> None:
     assert calls.count("student.visual") == 3 and calls.count("teacher.visual") == 1
     assert calls.count("student.text") == 1 and calls.count("teacher.text") == 1
     assert "harmony-tiny-test" in proc.stdout and "FLOPs by component" in proc.stdout
+
+
+def test_saved_activations_count_what_the_backward_keeps_once_per_storage() -> None:
+    from harmony.train.memory import SavedActivations
+
+    layer = torch.nn.Linear(64, 64)
+    x = torch.randn(32, 64, requires_grad=True)
+    with SavedActivations(layer) as saved:
+        y = torch.relu(layer(x))  # keeps x (the input of the matmul) and relu's output; the weight is excluded
+        held = saved.current
+        y.sum().backward()
+    assert held == 2 * 32 * 64 * 4 and saved.peak_bytes == held
+    assert saved.current == 0  # freed with the graph
+
+
+def test_bench_compares_accumulation_steps(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = run_cli(
+        "bench", "--preset", "clip-tiny-test", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+        "--accum-steps", "1,2", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "gradient accumulation (train.accum_steps = K" in proc.stdout
+    results = json.loads(out.read_text())
+    one, two = results["clip-tiny-test"], results["clip-tiny-test K=2"]
+    assert (one["accum_steps"], two["accum_steps"]) == (1, 2)  # the K each row measured is recorded
+    assert two["saved_activations_bytes"] < one["saved_activations_bytes"]
+    assert two["flops_per_step"] > one["flops_per_step"]  # the caching pass is extra compute
+    bad = run_cli("bench", "--preset", "clip-tiny-test", "--batch-size", "4", "--accum-steps", "3")
+    assert bad.returncode != 0 and "positive divisor of --batch-size 4" in bad.stderr

@@ -24,6 +24,7 @@ from harmony.core.distributed import DistInfo
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.presets import build_config, split_preset
 from harmony.train.flops import ComponentFlops
+from harmony.train.memory import SavedActivations
 from harmony.train.step import Stepper, resolve_device
 from harmony.train.task import PretrainTask
 
@@ -76,12 +77,13 @@ def make_batch(
 
 
 def measure(
-    preset: str, overrides: list[str], device_name: str, batch_size: int, steps: int, warmup: int
+    preset: str, overrides: list[str], device_name: str, batch_size: int, steps: int, warmup: int, accum: int = 1
 ) -> dict[str, Any]:
-    """Measure one preset in this process."""
+    """Measure one preset in this process (`accum` micro-batches per step: `train.accum_steps`)."""
     from harmony.train.loop import to_device
 
-    cfg = build_config(preset, [f"train.batch_size={batch_size}", f"train.device={device_name}", *overrides])
+    settings = [f"train.batch_size={batch_size}", f"train.device={device_name}", f"train.accum_steps={accum}"]
+    cfg = build_config(preset, [*settings, *overrides])
     device = resolve_device(device_name)
     trainer = Stepper(cfg, device, DistInfo())
     trainer.set_span(steps_per_epoch=1000, total_steps=100000)
@@ -105,6 +107,8 @@ def measure(
         h.remove()
     total = counter.total()
     by_component = counter.by_component()
+    with SavedActivations(task) as saved:
+        trainer.train_step(batch)
     for _ in range(warmup):
         trainer.train_step(batch)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -124,6 +128,7 @@ def measure(
         "preset": preset,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "batch_size": batch_size,
+        "accum_steps": accum,
         "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""),
         "flops_per_step": total,
         "flops_by_component": by_component,
@@ -133,6 +138,7 @@ def measure(
         "images_per_s": batch_size / step_time,
         "peak_memory_bytes": peak,
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "saved_activations_bytes": saved.peak_bytes,
         "achieved_tflops": total / step_time / 1e12,
     }
     peak_tf = peak_tflops(device)
@@ -141,10 +147,11 @@ def measure(
     return result
 
 
-def run_isolated(preset: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_isolated(preset: str, args: argparse.Namespace, accum: int = 1) -> dict[str, Any]:
     """Measure a preset in a fresh interpreter (clean peak memory); raise with its stderr on failure."""
     cmd = [sys.executable, "-m", "harmony.train.bench", "--worker", preset, "--device", args.device]
     cmd += ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--accum-steps", str(accum)]
     proc = subprocess.run(cmd + list(args.overrides), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark of {preset} failed:\n{proc.stderr[-3000:]}")
@@ -152,10 +159,10 @@ def run_isolated(preset: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def with_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_name = {r["preset"]: r for r in results}
+    by_name = {(r["preset"], r.get("accum_steps", 1)): r for r in results}
     for r in results:
         _, size = split_preset(r["preset"])
-        clip = by_name.get(f"clip-{size}")
+        clip = by_name.get((f"clip-{size}", r.get("accum_steps", 1)))
         if clip is None:
             continue
         r["ratio_to_clip"] = {
@@ -165,18 +172,48 @@ def with_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return results
 
 
+def _label(r: dict[str, Any]) -> str:
+    k = r.get("accum_steps", 1)
+    return r["preset"] + (f" K={k}" if k != 1 else "")
+
+
+def format_accumulation(results: list[dict[str, Any]]) -> str:
+    """Per preset, each K against K = 1: peak memory, saved activations, step time and FLOPs (the extra
+    compute of the caching pass), as ratios."""
+    base = {r["preset"]: r for r in results if r.get("accum_steps", 1) == 1}
+    head = (
+        f"{'preset':<26}{'K':>3}{'micro':>7}{'peak MB':>9}{'x K=1':>7}{'activ. MB':>11}{'x K=1':>7}"
+        f"{'step s':>9}{'x K=1':>7}{'GFLOP':>9}{'x K=1':>7}"
+    )
+    lines = ["gradient accumulation (train.accum_steps = K; the same numbers, less memory)", head, "-" * len(head)]
+    for r in results:
+        one = base.get(r["preset"])
+
+        def ratio(key: str, r: dict[str, Any] = r, one: dict[str, Any] | None = one) -> float:
+            return r[key] / one[key] if one and one[key] else float("nan")
+
+        k = r.get("accum_steps", 1)
+        lines.append(
+            f"{r['preset']:<26}{k:>3}{r['batch_size'] // k:>7}{r['peak_memory_bytes'] / 2**20:>9.0f}"
+            f"{ratio('peak_memory_bytes'):>7.2f}{r['saved_activations_bytes'] / 2**20:>11.1f}"
+            f"{ratio('saved_activations_bytes'):>7.2f}{r['step_time_s']:>9.3f}{ratio('step_time_s'):>7.2f}"
+            f"{r['flops_per_step'] / 1e9:>9.2f}{ratio('flops_per_step'):>7.2f}"
+        )
+    return "\n".join(lines)
+
+
 def format_results(results: list[dict[str, Any]]) -> str:
     head = f"{'preset':<28}{'GFLOP/step':>12}{'x clip':>8}{'step s':>9}{'x clip':>8}{'img/s':>9}{'peak MB':>10}{'x clip':>8}"
     lines = [head, "-" * len(head)]
     for r in results:
         ratio = r.get("ratio_to_clip", {})
         lines.append(
-            f"{r['preset']:<28}{r['flops_per_step'] / 1e9:>12.2f}{ratio.get('flops_per_step', float('nan')):>8.2f}"
+            f"{_label(r):<28}{r['flops_per_step'] / 1e9:>12.2f}{ratio.get('flops_per_step', float('nan')):>8.2f}"
             f"{r['step_time_s']:>9.3f}{ratio.get('step_time_s', float('nan')):>8.2f}{r['images_per_s']:>9.1f}"
             f"{r['peak_memory_bytes'] / 2**20:>10.0f}{ratio.get('peak_memory_bytes', float('nan')):>8.2f}"
         )
     for r in results:
-        lines.append(f"\n{r['preset']}: FLOPs by component (GFLOP, forward + backward)")
+        lines.append(f"\n{_label(r)}: FLOPs by component (GFLOP, forward + backward)")
         for label, value in r["flops_by_component"].items():
             lines.append(f"  {label:<28}{value / 1e9:>10.2f}  ({100 * value / r['flops_per_step']:.1f} %)")
         counts: dict[str, list[list[int]]] = {}
@@ -195,12 +232,29 @@ def presets_to_run(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
+def accumulation_values(text: str, batch_size: int) -> list[int]:
+    """`--accum-steps 1,2,4` as integers, each dividing the batch; a mistake is one line (exit 2)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"harmony bench: --accum-steps takes whole numbers like 1,2,4, got {text!r}") from None
+    wrong = [v for v in values if v <= 0 or batch_size % v]
+    if not values or wrong:
+        raise SystemExit(
+            f"harmony bench: --accum-steps {text}: each must be a positive divisor of --batch-size {batch_size}"
+        )
+    return list(dict.fromkeys(values))
+
+
 def cmd_bench_step(args: argparse.Namespace) -> int:
-    results = with_ratios([run_isolated(p, args) for p in presets_to_run(args)])
+    ks = accumulation_values(args.accum_steps, args.batch_size)
+    results = with_ratios([run_isolated(p, args, k) for p in presets_to_run(args) for k in ks])
     print(format_results(results))
+    if len(ks) > 1:
+        print("\n" + format_accumulation(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({r["preset"]: r for r in results}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({_label(r): r for r in results}, indent=2) + "\n")
     return 0
 
 
@@ -210,6 +264,11 @@ def add_bench_step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per step (per device)")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    p.add_argument(
+        "--accum-steps",
+        default="1",
+        help="micro-batches per step (train.accum_steps), or a list (1,2,4) to compare memory and time per K",
+    )
     p.add_argument("--json", help="write per-preset results here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every preset")
 
@@ -219,7 +278,8 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--worker", required=True)
     add_bench_step_arguments(parser)
     args = parser.parse_args(argv)
-    result = measure(args.worker, list(args.overrides), args.device, args.batch_size, args.steps, args.warmup)
+    accum = int(args.accum_steps)
+    result = measure(args.worker, list(args.overrides), args.device, args.batch_size, args.steps, args.warmup, accum)
     print(json.dumps(result))
 
 
