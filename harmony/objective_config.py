@@ -198,6 +198,23 @@ class BYOLConfig(ObjectiveSection):
 
 
 @dataclass
+class SimSiamConfig(ObjectiveSection):
+    """SimSiam between the two global crops: projector + bottleneck predictor, stop-gradient, no EMA, -cos."""
+
+    weight: float = 1.0
+    hidden_dim: int = 2048
+    out_dim: int = 2048
+    predictor_hidden_dim: int = 512
+
+    def positives(self) -> dict[str, float]:
+        return {
+            "hidden_dim": self.hidden_dim,
+            "out_dim": self.out_dim,
+            "predictor_hidden_dim": self.predictor_hidden_dim,
+        }
+
+
+@dataclass
 class ObjectivesConfig:
     clip: ClipConfig | None = None
     ibot: IBOTConfig | None = None
@@ -207,6 +224,7 @@ class ObjectivesConfig:
     simclr: SimCLRConfig | None = None
     masked_distill: MaskedDistillConfig | None = None
     byol: BYOLConfig | None = None
+    simsiam: SimSiamConfig | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
