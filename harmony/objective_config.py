@@ -218,6 +218,37 @@ class BYOLConfig(ObjectiveSection):
 
 
 @dataclass
+class SimSiamConfig(ObjectiveSection):
+    """SimSiam between the two global crops: projector + bottleneck predictor, stop-gradient, no EMA, -cos."""
+
+    weight: float = 1.0
+    hidden_dim: int = 2048
+    out_dim: int = 2048
+    predictor_hidden_dim: int = 512
+
+    def positives(self) -> dict[str, float]:
+        return {
+            "hidden_dim": self.hidden_dim,
+            "out_dim": self.out_dim,
+            "predictor_hidden_dim": self.predictor_hidden_dim,
+        }
+
+
+@dataclass
+class MoCoV3Config(ObjectiveSection):
+    """MoCo v3 between the two global crops: queries (projector + predictor) against the EMA keys of the other
+    crop over the global batch, InfoNCE at `temperature`. `hidden_dim` sizes the projector and the predictor."""
+
+    weight: float = 1.0
+    temperature: float = 0.2
+    hidden_dim: int = 4096
+    out_dim: int = 256
+
+    def positives(self) -> dict[str, float]:
+        return {"hidden_dim": self.hidden_dim, "out_dim": self.out_dim, "temperature": self.temperature}
+
+
+@dataclass
 class ObjectivesConfig:
     clip: ClipConfig | None = None
     ibot: IBOTConfig | None = None
@@ -227,6 +258,8 @@ class ObjectivesConfig:
     simclr: SimCLRConfig | None = None
     masked_distill: MaskedDistillConfig | None = None
     byol: BYOLConfig | None = None
+    simsiam: SimSiamConfig | None = None
+    mocov3: MoCoV3Config | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]

@@ -89,6 +89,8 @@ def prefixes(names: set[str]) -> set[str]:
             {"student.visual", "objectives.masked_distill"},
             {"student.text", "objectives.mlm"},
         ),
+        ("simsiam-tiny-test", "simsiam", {"student.visual", "objectives.simsiam"}, {"student.text"}),
+        ("mocov3-tiny-test", "mocov3", {"student.visual", "objectives.mocov3"}, {"student.text"}),
     ],
 )
 def test_gradients_reach_the_right_parameters(

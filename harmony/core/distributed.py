@@ -3,6 +3,7 @@
 `gather_with_grad` concatenates a tensor from every rank; its backward sums the incoming gradients
 over ranks and hands each rank the slice of its own rows. With DDP's gradient averaging this makes
 K ranks x B samples give the same gradients as 1 rank x K*B samples (tests check exactly that).
+`all_reduce_sum_with_grad` is the same idea for a sum: its backward sums the incoming gradients over ranks.
 """
 
 from __future__ import annotations
@@ -77,6 +78,30 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return tensor
     return _GatherWithGrad.apply(tensor)
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Forward: the sum over ranks. Backward: every rank's output feeds every rank's loss, so the gradient
+    of an input is the sum over ranks of the incoming gradients (the reasoning of `_GatherWithGrad`)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks that gradients flow through (batch statistics of a cross-rank BatchNorm)."""
+    if world_size() == 1:
+        return tensor
+    return _AllReduceSumWithGrad.apply(tensor)
 
 
 @torch.no_grad()

@@ -1,11 +1,16 @@
-"""Projection heads: the DINO/iBOT head and the SimCLR MLP."""
+"""Projection heads: the DINO/iBOT head, the SimCLR MLP and the cross-rank BatchNorm MLPs of SimSiam / MoCo v3."""
 
 from __future__ import annotations
+
+import itertools
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
+
+from harmony.models.global_batchnorm import GlobalBatchNorm1d
 
 
 class NormalizedLinear(nn.Module):
@@ -65,3 +70,19 @@ class SimCLRProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def batchnorm_mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, output_norm: Literal["affine", "plain", "none"]
+) -> nn.Sequential:
+    """SimSiam's / MoCo v3's heads: (Linear-BN-ReLU) x (num_layers - 1), then Linear, then a BN with learnt
+    scale and shift (`affine`), without them (`plain`) or none. The BNs are `GlobalBatchNorm1d` (statistics of
+    the global batch, as the methods' SyncBN); a Linear followed by a BN has no bias (the BN removes it)."""
+    layers: list[nn.Module] = []
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+    for a, b in itertools.pairwise(dims):
+        layers += [nn.Linear(a, b, bias=False), GlobalBatchNorm1d(b), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-1], out_dim, bias=output_norm == "none"))
+    if output_norm != "none":
+        layers.append(GlobalBatchNorm1d(out_dim, affine=output_norm == "affine"))
+    return nn.Sequential(*layers)

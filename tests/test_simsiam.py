@@ -1,0 +1,115 @@
+"""SimSiam: formula (with its stop-gradient), wiring on the student alone, gradients, CLI, config checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from harmony.config import ConfigError
+from harmony.models.global_batchnorm import GlobalBatchNorm1d
+from harmony.models.normalize import normalize
+from harmony.objectives.base import StepInfo
+from harmony.objectives.simsiam import simsiam_loss
+from harmony.presets import build_config
+from tests.conftest import run_cli
+from tests.test_global_batchnorm import direct_batchnorm_mlp
+from tests.test_gradients import grads_of, make_task_and_batch, prefixes
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """D(p, z) = -mean_b <p_b / |p_b|, z_b / |z_b|>."""
+    return -((p / p.norm(dim=1, keepdim=True)) * (z / z.norm(dim=1, keepdim=True))).sum(dim=1).mean()
+
+
+def test_simsiam_loss_is_the_symmetric_negative_cosine_with_a_stop_gradient_on_z() -> None:
+    gen = torch.Generator().manual_seed(0)
+    p_a, p_b, z_a, z_b = (torch.randn(5, 7, generator=gen).requires_grad_(True) for _ in range(4))
+    loss = simsiam_loss(p_a, p_b, z_a, z_b)
+    torch.testing.assert_close(loss, 0.5 * negative_cosine(p_a, z_b) + 0.5 * negative_cosine(p_b, z_a))
+    loss.backward()
+    assert z_a.grad is None and z_b.grad is None  # stop-gradient: the projections are targets only
+    assert p_a.grad is not None and p_a.grad.abs().sum() > 0 and p_b.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(simsiam_loss(z_b, z_a, 3 * z_a, 2 * z_b), torch.tensor(-1.0))  # aligned: minimum
+        torch.testing.assert_close(simsiam_loss(-z_b, -z_a, z_a, z_b), torch.tensor(1.0))  # opposite: maximum
+
+
+def test_simsiam_heads_are_the_papers() -> None:
+    """Projector Linear-BN-ReLU x2, Linear-BN (affine); predictor a bottleneck Linear-BN-ReLU-Linear."""
+    task, _ = make_task_and_batch("simsiam-tiny-test")
+    objective = task.objectives["simsiam"]
+    kinds = [type(m).__name__ for m in objective.projector]
+    assert kinds == ["Linear", "GlobalBatchNorm1d", "ReLU"] * 2 + ["Linear", "GlobalBatchNorm1d"]
+    assert objective.projector[-1].affine
+    assert [type(m).__name__ for m in objective.predictor] == ["Linear", "GlobalBatchNorm1d", "ReLU", "Linear"]
+    cfg = task.cfg.objectives.simsiam
+    assert objective.predictor[0].weight.shape == (cfg.predictor_hidden_dim, cfg.out_dim)
+    assert objective.predictor[-1].weight.shape == (cfg.out_dim, cfg.predictor_hidden_dim)
+    assert cfg.predictor_hidden_dim < cfg.out_dim  # the bottleneck
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in objective.modules())
+
+
+def test_simsiam_objective_matches_a_direct_computation_on_the_student() -> None:
+    """Crop a's prediction against crop b's projection and vice versa, both from the student; no teacher."""
+    task, batch = make_task_and_batch("simsiam-tiny-test")
+    assert task.teacher is None and task.student.text is None
+    objective = task.objectives["simsiam"]
+    loss = objective(task.encode(batch), batch, StepInfo(0, 8)).loss
+    images = normalize(batch["global"])
+    with torch.no_grad():
+        cls = [task.student.visual(images[g])[:, 0] for g in (0, 1)]
+        z = [direct_batchnorm_mlp(objective.projector, c) for c in cls]
+        p = [direct_batchnorm_mlp(objective.predictor, zz) for zz in z]
+    expected = 0.5 * negative_cosine(p[0], z[1]) + 0.5 * negative_cosine(p[1], z[0])
+    torch.testing.assert_close(loss, expected)
+    same_view = 0.5 * negative_cosine(p[0], z[0]) + 0.5 * negative_cosine(p[1], z[1])
+    assert not torch.allclose(loss, same_view, atol=1e-4)  # the pairing is visible
+
+
+def test_simsiam_gradients_reach_the_student_projector_and_predictor() -> None:
+    task, batch = make_task_and_batch("simsiam-tiny-test")
+    reached = grads_of(task, "simsiam", batch)
+    assert {"student.visual", "objectives.simsiam"} <= prefixes(reached)
+    assert any(n.startswith("objectives.simsiam.predictor.") for n in reached)
+    assert any(n.startswith("objectives.simsiam.projector.") for n in reached)
+    assert not any(n.startswith("teacher.") for n, _ in task.named_parameters())  # no EMA tower at all
+    assert task.ema_parameter_pairs() == ([], [])
+
+
+@pytest.mark.slow
+def test_simsiam_is_a_preset_trains_and_is_benched(tmp_path: Path) -> None:
+    presets = run_cli("presets")
+    assert presets.returncode == 0 and "simsiam " in presets.stdout
+    run = tmp_path / "run"
+    proc = run_cli(
+        "train", "--preset", "simsiam-tiny-test", "--data", "builtin:shapes", "--out", str(run),
+        "--max-steps", "2", "--workers", "0", "--no-progress", "train.log_every=1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    assert all(-1.0 <= row["loss_simsiam"] <= 1.0 and row["simsiam_output_std"] > 0.0 for row in rows)
+    out = tmp_path / "bench.json"
+    bench = run_cli(
+        "bench", "--preset", "simsiam-tiny-test", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+        "--json", str(out),
+    )  # fmt: skip
+    assert bench.returncode == 0, bench.stderr
+    flops = json.loads(out.read_text())["simsiam-tiny-test"]["flops_by_component"]
+    assert {"student ViT", "heads"} <= set(flops) and flops["heads"] > 0
+    assert "teacher ViT" not in flops or flops["teacher ViT"] == 0
+
+
+@pytest.mark.parametrize("key", ["hidden_dim", "out_dim", "predictor_hidden_dim"])
+def test_simsiam_sizes_must_be_positive(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"'objectives.simsiam.{key}' must be positive, got 0") as error:
+        build_config("simsiam-tiny-test", [f"objectives.simsiam.{key}=0"])
+    assert "\n" not in str(error.value)
+
+
+def test_global_batchnorm_is_what_the_heads_use() -> None:
+    task, _ = make_task_and_batch("simsiam-tiny-test")
+    assert sum(isinstance(m, GlobalBatchNorm1d) for m in task.objectives["simsiam"].modules()) == 4
