@@ -64,6 +64,8 @@ FAMILIES = [
     "mae-tiny-test",
     "maskclip-tiny-test",
     "byol-tiny-test",
+    "simsiam-tiny-test",
+    "mocov3-tiny-test",
     "clip+mlm+tdist-tiny-test",
     "harmony-tiny-test",
 ]
