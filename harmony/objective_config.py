@@ -28,6 +28,9 @@ class DecoderConfig:
     heads: int = 16
 
 
+# what the objectives that read the patch-dropped crops share: one pass, so one kept fraction of the patches
+DROPPED_CROPS = "the same patch-dropped crops (one keep ratio = 1 - mask_ratio)"
+
 # An objective is switched off by leaving it out (`objectives.mae=null`). Each section is the `config_type`
 # of one registered objective (`harmony.objectives`) and carries its own checks.
 
@@ -35,11 +38,13 @@ class DecoderConfig:
 class ObjectiveSection:
     """What every objective section declares for `validate`, which knows no objective by name.
 
-    `requires`: {other section: why} that must be enabled with this one; `probabilities` / `positives`:
-    sub-keys whose values must lie in [0, 1] / be > 0; `shared`: {what: (sub-key, value)} that every section naming the same
-    `what` must agree on (e.g. two objectives reading one masked caption); `check`: anything else."""
+    `requires` / `excludes`: {other section: why} that must / must not be enabled with this one; `probabilities` /
+    `positives`: sub-keys whose values must lie in [0, 1] / be > 0; `shared`: {what: (sub-key, value)} that every
+    section naming the same `what` must agree on (e.g. two objectives reading one masked caption); `check`: anything
+    else."""
 
     requires: ClassVar[dict[str, str]] = {}
+    excludes: ClassVar[dict[str, str]] = {}
 
     def probabilities(self) -> dict[str, float]:
         return {}
@@ -108,6 +113,9 @@ class MAEConfig(ObjectiveSection):
 
     def probabilities(self) -> dict[str, float]:
         return {"mask_ratio": self.mask_ratio}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {DROPPED_CROPS: ("mask_ratio", 1.0 - self.mask_ratio)}
 
     def check(self, key: str) -> None:  # 0 removes nothing (a loss over no patch is NaN), 1 leaves no input
         if self.mask_ratio in (0.0, 1.0):  # outside [0, 1] is the probability check's
@@ -183,6 +191,9 @@ class MaskedDistillConfig(ObjectiveSection):
 
     def probabilities(self) -> dict[str, float]:
         return {"keep_ratio": self.keep_ratio}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {DROPPED_CROPS: ("keep_ratio", self.keep_ratio)}
 
 
 @dataclass

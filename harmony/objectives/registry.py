@@ -10,8 +10,8 @@ import pkgutil
 from typing import Any
 
 import harmony.objectives as package
-from harmony.models.tokenizer import CaptionTokenizer
 from harmony.config import Config
+from harmony.models.tokenizer import CaptionTokenizer
 from harmony.objectives.base import REGISTRY, ModelDims, Needs, Objective
 
 
