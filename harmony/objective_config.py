@@ -209,6 +209,19 @@ class BYOLConfig(ObjectiveSection):
 
 
 @dataclass
+class SigLIPConfig(ObjectiveSection):
+    """SigLIP's sigmoid loss on every image-caption pair of the global batch: learnable scale t and bias b."""
+
+    weight: float = 1.0
+    logit_scale_init: float = 10.0
+    logit_scale_max: float = 100.0
+    logit_bias_init: float = -10.0
+
+    def positives(self) -> dict[str, float]:
+        return {"logit_scale_init": self.logit_scale_init, "logit_scale_max": self.logit_scale_max}
+
+
+@dataclass
 class ObjectivesConfig:
     clip: ClipConfig | None = None
     ibot: IBOTConfig | None = None
@@ -218,6 +231,7 @@ class ObjectivesConfig:
     simclr: SimCLRConfig | None = None
     masked_distill: MaskedDistillConfig | None = None
     byol: BYOLConfig | None = None
+    siglip: SigLIPConfig | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]

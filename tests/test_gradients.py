@@ -92,6 +92,19 @@ def prefixes(names: set[str]) -> set[str]:
             {"student.visual", "objectives.masked_distill"},
             {"student.text", "objectives.mlm"},
         ),
+        (
+            "siglip-tiny-test",
+            "siglip",
+            {
+                "student.visual",
+                "student.text",
+                "student.visual_projection",
+                "student.text_projection",
+                "student.logit_scale",
+                "objectives.siglip",
+            },
+            set(),
+        ),
     ],
 )
 def test_gradients_reach_the_right_parameters(
