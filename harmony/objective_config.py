@@ -222,6 +222,34 @@ class SigLIPConfig(ObjectiveSection):
 
 
 @dataclass
+class FLIPConfig(ObjectiveSection):
+    """FLIP: CLIP (hard targets) with a random `mask_ratio` of the image patches dropped in training."""
+
+    weight: float = 1.0
+    mask_ratio: float = 0.5
+    logit_scale_init: float = 1 / 0.07
+    logit_scale_max: float = 100.0
+
+    excludes: ClassVar[dict[str, str]] = {
+        "clip": "both would read the one image embedding, FLIP's from the patch-dropped image, CLIP's from the full one",
+        "siglip": "both would read the one image embedding, FLIP's from the patch-dropped image, SigLIP's from the "
+        "full one",
+    }
+
+    def positives(self) -> dict[str, float]:
+        return {"logit_scale_init": self.logit_scale_init, "logit_scale_max": self.logit_scale_max}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {DROPPED_CROPS: ("mask_ratio", 1.0 - self.mask_ratio)}
+
+    def check(self, key: str) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:  # 0 is CLIP, 1 leaves the image tower no patch
+            raise ConfigError(
+                f"config key '{key}.mask_ratio' must be between 0 and 1 (exclusive), got {self.mask_ratio}"
+            )
+
+
+@dataclass
 class ObjectivesConfig:
     clip: ClipConfig | None = None
     ibot: IBOTConfig | None = None
@@ -232,6 +260,7 @@ class ObjectivesConfig:
     masked_distill: MaskedDistillConfig | None = None
     byol: BYOLConfig | None = None
     siglip: SigLIPConfig | None = None
+    flip: FLIPConfig | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]

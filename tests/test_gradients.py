@@ -105,6 +105,18 @@ def prefixes(names: set[str]) -> set[str]:
             },
             set(),
         ),
+        (
+            "flip-tiny-test",
+            "flip",
+            {
+                "student.visual",
+                "student.text",
+                "student.visual_projection",
+                "student.text_projection",
+                "student.logit_scale",
+            },
+            set(),
+        ),
     ],
 )
 def test_gradients_reach_the_right_parameters(
