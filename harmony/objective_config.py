@@ -31,6 +31,13 @@ class DecoderConfig:
 # what the objectives that read the patch-dropped crops share: one pass, so one kept fraction of the patches
 DROPPED_CROPS = "the same patch-dropped crops (one keep ratio = 1 - mask_ratio)"
 
+
+def one_logit_scale(init: float, cap: float) -> dict[str, tuple[str, object]]:
+    """`shared` entries of the sections that set the model's one learnable logit scale (its init and cap)."""
+    what = "the model's one learnable logit scale"
+    return {f"{what} (its init)": ("logit_scale_init", init), f"{what} (its cap)": ("logit_scale_max", cap)}
+
+
 # An objective is switched off by leaving it out (`objectives.mae=null`). Each section is the `config_type`
 # of one registered objective (`harmony.objectives`) and carries its own checks.
 
@@ -72,6 +79,9 @@ class ClipConfig(ObjectiveSection):
     soft_temperature: float = 0.1
     logit_scale_init: float = 1 / 0.07
     logit_scale_max: float = 100.0
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return one_logit_scale(self.logit_scale_init, self.logit_scale_max)
 
 
 @dataclass
@@ -220,6 +230,9 @@ class SigLIPConfig(ObjectiveSection):
     def positives(self) -> dict[str, float]:
         return {"logit_scale_init": self.logit_scale_init, "logit_scale_max": self.logit_scale_max}
 
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return one_logit_scale(self.logit_scale_init, self.logit_scale_max)
+
 
 @dataclass
 class FLIPConfig(ObjectiveSection):
@@ -240,7 +253,9 @@ class FLIPConfig(ObjectiveSection):
         return {"logit_scale_init": self.logit_scale_init, "logit_scale_max": self.logit_scale_max}
 
     def shared(self) -> dict[str, tuple[str, object]]:
-        return {DROPPED_CROPS: ("mask_ratio", 1.0 - self.mask_ratio)}
+        return {DROPPED_CROPS: ("mask_ratio", 1.0 - self.mask_ratio)} | one_logit_scale(
+            self.logit_scale_init, self.logit_scale_max
+        )
 
     def check(self, key: str) -> None:
         if not 0.0 < self.mask_ratio < 1.0:  # 0 is CLIP, 1 leaves the image tower no patch

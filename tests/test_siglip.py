@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from harmony.config import ConfigError
 from harmony.core import checkpoint as ckpt
 from harmony.models.normalize import normalize
 from harmony.objectives.base import StepInfo
 from harmony.objectives.siglip import siglip_loss, sigmoid_logits
+from harmony.presets import build_config
 from tests.conftest import run_cli
 from tests.test_distributed import records, torchrun
 from tests.test_gradients import grads_of, make_task_and_batch
@@ -88,6 +91,16 @@ def test_siglip_init_flags_reach_the_model_and_the_bias() -> None:
     task, _ = make_task_and_batch("siglip-tiny-test", overrides=overrides)
     torch.testing.assert_close(task.student.logit_scale, torch.tensor([math.log(5.0)]))
     torch.testing.assert_close(task.objectives["siglip"].logit_bias, torch.tensor([-3.0]))
+
+
+def test_sections_setting_the_one_logit_scale_must_agree_on_it() -> None:
+    """CLIP (init 1/0.07) with SigLIP (init 10): the model has one scale, so the first section used to win silently."""
+    clash = "'objectives.clip.logit_scale_init' and 'objectives.siglip.logit_scale_init' must match"
+    with pytest.raises(ConfigError, match=re.escape(clash)):
+        build_config("siglip-tiny-test", ["objectives.clip={}"])
+    with pytest.raises(ConfigError, match=re.escape("'objectives.siglip.logit_scale_max' must match")):
+        build_config("siglip-tiny-test", ["objectives.clip={logit_scale_init: 10, logit_scale_max: 50}"])
+    build_config("siglip-tiny-test", ["objectives.clip={logit_scale_init: 10}"])
 
 
 def test_siglip_gradients_reach_the_bias_and_the_logit_scale() -> None:
