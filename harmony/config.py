@@ -244,6 +244,10 @@ def validate(cfg: Config) -> None:
         "data.builtin.mismatch_rate": cfg.data.builtin.mismatch_rate,
     }
     sections = cfg.objectives.sections()
+    for name, section in sections.items():
+        for other, why in section.excludes.items():
+            if other in sections:
+                raise ConfigError(f"config keys 'objectives.{name}' and 'objectives.{other}' cannot be combined: {why}")
     shared: dict[str, tuple[str, object]] = {}
     for name, section in sections.items():
         section.check(f"objectives.{name}")

@@ -28,6 +28,16 @@ class DecoderConfig:
     heads: int = 16
 
 
+# what the objectives that read the patch-dropped crops share: one pass, so one kept fraction of the patches
+DROPPED_CROPS = "the same patch-dropped crops (one keep ratio = 1 - mask_ratio)"
+
+
+def one_logit_scale(init: float, cap: float) -> dict[str, tuple[str, object]]:
+    """`shared` entries of the sections that set the model's one learnable logit scale (its init and cap)."""
+    what = "the model's one learnable logit scale"
+    return {f"{what} (its init)": ("logit_scale_init", init), f"{what} (its cap)": ("logit_scale_max", cap)}
+
+
 # An objective is switched off by leaving it out (`objectives.mae=null`). Each section is the `config_type`
 # of one registered objective (`harmony.objectives`) and carries its own checks.
 
@@ -35,11 +45,13 @@ class DecoderConfig:
 class ObjectiveSection:
     """What every objective section declares for `validate`, which knows no objective by name.
 
-    `requires`: {other section: why} that must be enabled with this one; `probabilities` / `positives`:
-    sub-keys whose values must lie in [0, 1] / be > 0; `shared`: {what: (sub-key, value)} that every section naming the same
-    `what` must agree on (e.g. two objectives reading one masked caption); `check`: anything else."""
+    `requires` / `excludes`: {other section: why} that must / must not be enabled with this one; `probabilities` /
+    `positives`: sub-keys whose values must lie in [0, 1] / be > 0; `shared`: {what: (sub-key, value)} that every
+    section naming the same `what` must agree on (e.g. two objectives reading one masked caption); `check`: anything
+    else."""
 
     requires: ClassVar[dict[str, str]] = {}
+    excludes: ClassVar[dict[str, str]] = {}
 
     def probabilities(self) -> dict[str, float]:
         return {}
@@ -67,6 +79,9 @@ class ClipConfig(ObjectiveSection):
     soft_temperature: float = 0.1
     logit_scale_init: float = 1 / 0.07
     logit_scale_max: float = 100.0
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return one_logit_scale(self.logit_scale_init, self.logit_scale_max)
 
 
 class SelfDistillationSection(ObjectiveSection):
@@ -126,6 +141,9 @@ class MAEConfig(ObjectiveSection):
 
     def probabilities(self) -> dict[str, float]:
         return {"mask_ratio": self.mask_ratio}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {DROPPED_CROPS: ("mask_ratio", 1.0 - self.mask_ratio)}
 
     def check(self, key: str) -> None:  # 0 removes nothing (a loss over no patch is NaN), 1 leaves no input
         if self.mask_ratio in (0.0, 1.0):  # outside [0, 1] is the probability check's
@@ -204,6 +222,9 @@ class MaskedDistillConfig(SelfDistillationSection):
     def probabilities(self) -> dict[str, float]:
         return {"keep_ratio": self.keep_ratio}
 
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {DROPPED_CROPS: ("keep_ratio", self.keep_ratio)}
+
 
 @dataclass
 class BYOLConfig(ObjectiveSection):
@@ -249,6 +270,52 @@ class MoCoV3Config(ObjectiveSection):
 
 
 @dataclass
+class SigLIPConfig(ObjectiveSection):
+    """SigLIP's sigmoid loss on every image-caption pair of the global batch: learnable scale t and bias b."""
+
+    weight: float = 1.0
+    logit_scale_init: float = 10.0
+    logit_scale_max: float = 100.0
+    logit_bias_init: float = -10.0
+
+    def positives(self) -> dict[str, float]:
+        return {"logit_scale_init": self.logit_scale_init, "logit_scale_max": self.logit_scale_max}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return one_logit_scale(self.logit_scale_init, self.logit_scale_max)
+
+
+@dataclass
+class FLIPConfig(ObjectiveSection):
+    """FLIP: CLIP (hard targets) with a random `mask_ratio` of the image patches dropped in training."""
+
+    weight: float = 1.0
+    mask_ratio: float = 0.5
+    logit_scale_init: float = 1 / 0.07
+    logit_scale_max: float = 100.0
+
+    excludes: ClassVar[dict[str, str]] = {
+        "clip": "both would read the one image embedding, FLIP's from the patch-dropped image, CLIP's from the full one",
+        "siglip": "both would read the one image embedding, FLIP's from the patch-dropped image, SigLIP's from the "
+        "full one",
+    }
+
+    def positives(self) -> dict[str, float]:
+        return {"logit_scale_init": self.logit_scale_init, "logit_scale_max": self.logit_scale_max}
+
+    def shared(self) -> dict[str, tuple[str, object]]:
+        return {DROPPED_CROPS: ("mask_ratio", 1.0 - self.mask_ratio)} | one_logit_scale(
+            self.logit_scale_init, self.logit_scale_max
+        )
+
+    def check(self, key: str) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:  # 0 is CLIP, 1 leaves the image tower no patch
+            raise ConfigError(
+                f"config key '{key}.mask_ratio' must be between 0 and 1 (exclusive), got {self.mask_ratio}"
+            )
+
+
+@dataclass
 class ObjectivesConfig:
     clip: ClipConfig | None = None
     ibot: IBOTConfig | None = None
@@ -260,6 +327,8 @@ class ObjectivesConfig:
     byol: BYOLConfig | None = None
     simsiam: SimSiamConfig | None = None
     mocov3: MoCoV3Config | None = None
+    siglip: SigLIPConfig | None = None
+    flip: FLIPConfig | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]

@@ -66,6 +66,8 @@ FAMILIES = [
     "byol-tiny-test",
     "simsiam-tiny-test",
     "mocov3-tiny-test",
+    "siglip-tiny-test",
+    "flip-tiny-test",
     "clip+mlm+tdist-tiny-test",
     "harmony-tiny-test",
 ]

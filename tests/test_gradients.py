@@ -9,15 +9,18 @@ from harmony.data.sources import BuiltinSource
 from harmony.data.views import ViewMaker, collate
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.objectives.base import StepInfo
+from harmony.objectives.registry import needs_for_config
 from harmony.train.task import PretrainTask
 from tests.conftest import tiny
 
 
-def make_task_and_batch(preset: str, batch_size: int = 4) -> tuple[PretrainTask, dict[str, torch.Tensor]]:
+def make_task_and_batch(
+    preset: str, batch_size: int = 4, overrides: tuple[str, ...] = ()
+) -> tuple[PretrainTask, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    cfg = tiny(preset)
+    cfg = tiny(preset, *overrides)
     tokenizer = CaptionTokenizer(cfg.model.context_length)
-    task = PretrainTask(cfg, tokenizer if cfg.objectives.clip else None)
+    task = PretrainTask(cfg, tokenizer if needs_for_config(cfg).needs_text else None)
     maker = ViewMaker(cfg, task.needs, tokenizer, task.student.visual.patch_size)
     source = BuiltinSource("train", cfg)
     samples = [maker(source.load(i).image, source.load(i).caption, seed=i) for i in range(batch_size)]
@@ -91,6 +94,31 @@ def prefixes(names: set[str]) -> set[str]:
         ),
         ("simsiam-tiny-test", "simsiam", {"student.visual", "objectives.simsiam"}, {"student.text"}),
         ("mocov3-tiny-test", "mocov3", {"student.visual", "objectives.mocov3"}, {"student.text"}),
+        (
+            "siglip-tiny-test",
+            "siglip",
+            {
+                "student.visual",
+                "student.text",
+                "student.visual_projection",
+                "student.text_projection",
+                "student.logit_scale",
+                "objectives.siglip",
+            },
+            set(),
+        ),
+        (
+            "flip-tiny-test",
+            "flip",
+            {
+                "student.visual",
+                "student.text",
+                "student.visual_projection",
+                "student.text_projection",
+                "student.logit_scale",
+            },
+            set(),
+        ),
     ],
 )
 def test_gradients_reach_the_right_parameters(
