@@ -9,11 +9,9 @@ forward), as the paper does without its optional unmasked tuning.
 
 from __future__ import annotations
 
-import torch
-
 from harmony.core.distributed import gather_with_grad, rank
 from harmony.objective_config import FLIPConfig
-from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 from harmony.objectives.clip import clip_hard_loss, contrastive_logits
 
 
@@ -43,8 +41,7 @@ class FLIPObjective(Objective):
     def build(cls, section: FLIPConfig, dims: ModelDims) -> FLIPObjective:
         return cls(section)
 
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
-        assert enc.image_embed is not None and enc.text_embed is not None and enc.logit_scale is not None
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         image, text = enc.image_embed, enc.text_embed
         lpi, lpt = contrastive_logits(image, text, gather_with_grad(image), gather_with_grad(text), enc.logit_scale)
         loss = clip_hard_loss(lpi, lpt, offset=rank() * image.shape[0])

@@ -20,7 +20,7 @@ from torch import nn
 from harmony.core.distributed import gather_no_grad, rank
 from harmony.models.heads import batchnorm_mlp
 from harmony.objective_config import MoCoV3Config
-from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
 def mocov3_contrast(q: torch.Tensor, k_all: torch.Tensor, temperature: float, offset: int) -> torch.Tensor:
@@ -67,8 +67,7 @@ class MoCoV3Objective(Objective):
     def flop_parts(self) -> dict[str, list[nn.Module]]:
         return {"heads": [self.projector, self.predictor, self.target_projector]}
 
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
-        assert enc.teacher is not None
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         q_a = F.normalize(self.predictor(self.projector(enc.clean[0][:, 0])), dim=-1)
         q_b = F.normalize(self.predictor(self.projector(enc.clean[1][:, 0])), dim=-1)
         with torch.no_grad():

@@ -18,7 +18,7 @@ from torch import nn
 
 from harmony.core.distributed import gather_with_grad, rank
 from harmony.objective_config import SigLIPConfig
-from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
 def sigmoid_logits(
@@ -60,8 +60,7 @@ class SigLIPObjective(Objective):
     def build(cls, section: SigLIPConfig, dims: ModelDims) -> SigLIPObjective:
         return cls(section)
 
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
-        assert enc.image_embed is not None and enc.text_embed is not None and enc.logit_scale is not None
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         image = enc.image_embed
         logits = sigmoid_logits(image, gather_with_grad(enc.text_embed), enc.logit_scale, self.logit_bias)
         loss = siglip_loss(logits, offset=rank() * image.shape[0])

@@ -15,7 +15,7 @@ from torch import nn
 
 from harmony.models.heads import batchnorm_mlp
 from harmony.objective_config import SimSiamConfig
-from harmony.objectives.base import Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
 
 
 def simsiam_loss(p_a: torch.Tensor, p_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class SimSiamObjective(Objective):
     def flop_parts(self) -> dict[str, list[nn.Module]]:
         return {"heads": [self.projector, self.predictor]}
 
-    def forward(self, enc: Encoded, batch: dict[str, torch.Tensor], step: StepInfo) -> LossOutput:
+    def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         z_a = self.projector(enc.clean[0][:, 0])  # each view's own BN statistics, as the paper's two passes
         z_b = self.projector(enc.clean[1][:, 0])
         p_a, p_b = self.predictor(z_a), self.predictor(z_b)
