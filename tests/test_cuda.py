@@ -36,6 +36,11 @@ def test_fp16_with_the_loss_scaler_matches_fp32() -> None:
     probes.precision_matches_fp32(f"harmony-{SIZE}", DEVICE, "fp16")
 
 
+@pytest.mark.parametrize("method", ["harmony", "siglip", "mocov3"])
+def test_gradient_accumulation_matches_the_whole_batch(method: str) -> None:
+    probes.accumulation_matches_whole_batch(f"{method}-{SIZE}", DEVICE, "bf16" if DEVICE == "cuda" else "fp32")
+
+
 def test_fused_adamw_matches_plain_adamw() -> None:
     probes.fused_adamw_matches_reference(f"harmony-{SIZE}", DEVICE)
 

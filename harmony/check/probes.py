@@ -120,6 +120,18 @@ def precision_matches_fp32(preset: str, device: str, precision: str, steps: int 
     return result
 
 
+def accumulation_matches_whole_batch(preset: str, device: str, precision: str, steps: int = 2) -> dict[str, Any]:
+    """`train.accum_steps=2` (micro-batches of 2) against the whole batch of 4 at once, from the same weights
+    and batch, in `precision`: every loss term within the precision's tolerance (exact in fp32)."""
+    rtol = LOW_PRECISION_RTOL.get(precision, 1e-4)
+    reference = run_steps(*stepper_and_batch(preset, device, f"train.precision={precision}"), steps)
+    accumulated = run_steps(
+        *stepper_and_batch(preset, device, f"train.precision={precision}", "train.accum_steps=2"), steps
+    )
+    worst = _assert_close_terms(reference, accumulated, rtol, f"{preset} {precision} accum_steps=2 vs 1")
+    return {"preset": preset, "precision": precision, "max_rel_diff": worst}
+
+
 def fused_adamw_matches_reference(preset: str, device: str) -> dict[str, Any]:
     """The training optimiser is fused AdamW, and one fused step gives the weights a plain (for-loop)
     AdamW step gives from the same gradients."""
