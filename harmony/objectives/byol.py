@@ -8,14 +8,13 @@ the target projector the EMA copy of the online one; the predictor has no target
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harmony.objective_config import BYOLConfig
-from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, StepInfo, register
+from harmony.objectives.target_projector import TargetProjectorObjective
 
 
 def byol_loss(p_a: torch.Tensor, p_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
@@ -35,33 +34,15 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 
 
 @register
-class BYOLObjective(Objective):
+class BYOLObjective(TargetProjectorObjective):
     """BYOL between the two clean global crops: online projector + predictor against the EMA target."""
 
     key = "byol"
     config_type = BYOLConfig
-    batch_coupled = True
 
     def __init__(self, cfg: BYOLConfig, embed_dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.projector = mlp(embed_dim, cfg.hidden_dim, cfg.out_dim)
-        self.predictor = mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim)
-        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
-
-    @classmethod
-    def needs_for(cls, section: BYOLConfig) -> Needs:
-        return Needs(num_global=2, clean_crops={0, 1}, teacher_crops={0, 1})
-
-    @classmethod
-    def build(cls, section: BYOLConfig, dims: ModelDims) -> BYOLObjective:
-        return cls(section, dims.vision_width)
-
-    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.target_projector, self.projector)]
-
-    def flop_parts(self) -> dict[str, list[nn.Module]]:
-        return {"heads": [self.projector, self.predictor, self.target_projector]}
+        super().__init__(cfg)
+        self.set_heads(mlp(embed_dim, cfg.hidden_dim, cfg.out_dim), mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim))
 
     def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         p_a = self.predictor(self.projector(enc.clean[0][:, 0]))

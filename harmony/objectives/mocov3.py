@@ -11,16 +11,14 @@ Linear-BN (no affine); predictor: Linear-BN-ReLU, Linear-BN (no affine); BNs ove
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from harmony.core.distributed import gather_no_grad, rank
 from harmony.models.heads import batchnorm_mlp
 from harmony.objective_config import MoCoV3Config
-from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, StepInfo, register
+from harmony.objectives.target_projector import TargetProjectorObjective
 
 
 def mocov3_contrast(q: torch.Tensor, k_all: torch.Tensor, temperature: float, offset: int) -> torch.Tensor:
@@ -39,33 +37,18 @@ def mocov3_loss(
 
 
 @register
-class MoCoV3Objective(Objective):
+class MoCoV3Objective(TargetProjectorObjective):
     """MoCo v3 between the two clean global crops: student queries against EMA-teacher keys."""
 
     key = "mocov3"
     config_type = MoCoV3Config
-    batch_coupled = True
 
     def __init__(self, cfg: MoCoV3Config, embed_dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.projector = batchnorm_mlp(embed_dim, cfg.hidden_dim, cfg.out_dim, num_layers=3, output_norm="plain")
-        self.predictor = batchnorm_mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim, num_layers=2, output_norm="plain")
-        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
-
-    @classmethod
-    def needs_for(cls, section: MoCoV3Config) -> Needs:
-        return Needs(num_global=2, clean_crops={0, 1}, teacher_crops={0, 1})
-
-    @classmethod
-    def build(cls, section: MoCoV3Config, dims: ModelDims) -> MoCoV3Objective:
-        return cls(section, dims.vision_width)
-
-    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.target_projector, self.projector)]
-
-    def flop_parts(self) -> dict[str, list[nn.Module]]:
-        return {"heads": [self.projector, self.predictor, self.target_projector]}
+        super().__init__(cfg)
+        self.set_heads(
+            batchnorm_mlp(embed_dim, cfg.hidden_dim, cfg.out_dim, num_layers=3, output_norm="plain"),
+            batchnorm_mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim, num_layers=2, output_norm="plain"),
+        )
 
     def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         q_a = F.normalize(self.predictor(self.projector(enc.clean[0][:, 0])), dim=-1)

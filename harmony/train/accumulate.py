@@ -21,8 +21,8 @@ Without batch-coupled objectives step 1 is skipped (plain accumulation of per-sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -33,17 +33,15 @@ from harmony.objectives.base import Encoded, StepInfo
 Scale = Callable[[torch.Tensor], torch.Tensor]
 
 
-@contextmanager
-def replay_random_state(device: torch.device, state: list[torch.Tensor] | None) -> Iterator[list[torch.Tensor]]:
-    """Run a block from a saved random state (`state`), or save the state it starts from (None); yields it."""
-    cuda = device.type == "cuda"
-    if state is None:
-        state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if cuda else [])
-    else:
-        torch.set_rng_state(state[0])
-        if cuda:
-            torch.cuda.set_rng_state(state[1], device)
-    yield state
+def random_state(device: torch.device) -> list[torch.Tensor]:
+    """The generator states a forward pass draws from (CPU, and the device's when it is CUDA)."""
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+
+
+def set_random_state(device: torch.device, state: list[torch.Tensor]) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _concatenate(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -67,13 +65,13 @@ def accumulated_step(
     total = torch.zeros((), device=device)
     metrics: dict[str, torch.Tensor] = {}
     cached: list[dict[str, torch.Tensor]] = [{} for _ in micros]
-    states: list[list[torch.Tensor] | None] = [None for _ in micros]
+    states: list[list[torch.Tensor]] = []
     if has_coupled:
         pieces = []
-        for i, micro in enumerate(micros):
-            with replay_random_state(device, None) as state, torch.no_grad(), autocast():
+        for micro in micros:
+            states.append(random_state(device))
+            with torch.no_grad(), autocast():
                 pieces.append(call(micro, info, phase="cache"))
-            states[i] = state
         leaves = {
             key: value.detach().requires_grad_(value.is_floating_point() and key != "images" and "teacher" not in key)
             for key, value in _concatenate(pieces).items()
@@ -91,7 +89,9 @@ def accumulated_step(
                     cached[i][key] = grad
         del leaves
     for i, micro in enumerate(micros):
-        with replay_random_state(device, states[i]), autocast():
+        if states:  # the graph pass sees the random draws (drop path) of its cache pass
+            set_random_state(device, states[i])
+        with autocast():
             loss, micro_metrics, outputs = call(micro, info, phase="micro", full=batch)
         tensors = [outputs[key] for key in cached[i]]
         grads: list[torch.Tensor | None] = list(cached[i].values())

@@ -177,28 +177,30 @@ def _label(r: dict[str, Any]) -> str:
     return r["preset"] + (f" K={k}" if k != 1 else "")
 
 
+# (result key, header, unit divisor, column width, number format) of the accumulation table
+ACCUMULATION_COLUMNS = (
+    ("peak_memory_bytes", "peak MB", 2**20, 9, ".0f"),
+    ("saved_activations_bytes", "activ. MB", 2**20, 11, ".1f"),
+    ("step_time_s", "step s", 1, 9, ".3f"),
+    ("flops_per_step", "GFLOP", 1e9, 9, ".2f"),
+)
+
+
 def format_accumulation(results: list[dict[str, Any]]) -> str:
     """Per preset, each K against K = 1: peak memory, saved activations, step time and FLOPs (the extra
     compute of the caching pass), as ratios."""
     base = {r["preset"]: r for r in results if r.get("accum_steps", 1) == 1}
-    head = (
-        f"{'preset':<26}{'K':>3}{'micro':>7}{'peak MB':>9}{'x K=1':>7}{'activ. MB':>11}{'x K=1':>7}"
-        f"{'step s':>9}{'x K=1':>7}{'GFLOP':>9}{'x K=1':>7}"
+    head = f"{'preset':<26}{'K':>3}{'micro':>7}" + "".join(
+        f"{title:>{width}}{'x K=1':>7}" for _, title, _, width, _ in ACCUMULATION_COLUMNS
     )
     lines = ["gradient accumulation (train.accum_steps = K; the same numbers, less memory)", head, "-" * len(head)]
     for r in results:
-        one = base.get(r["preset"])
-
-        def ratio(key: str, r: dict[str, Any] = r, one: dict[str, Any] | None = one) -> float:
-            return r[key] / one[key] if one and one[key] else float("nan")
-
-        k = r.get("accum_steps", 1)
-        lines.append(
-            f"{r['preset']:<26}{k:>3}{r['batch_size'] // k:>7}{r['peak_memory_bytes'] / 2**20:>9.0f}"
-            f"{ratio('peak_memory_bytes'):>7.2f}{r['saved_activations_bytes'] / 2**20:>11.1f}"
-            f"{ratio('saved_activations_bytes'):>7.2f}{r['step_time_s']:>9.3f}{ratio('step_time_s'):>7.2f}"
-            f"{r['flops_per_step'] / 1e9:>9.2f}{ratio('flops_per_step'):>7.2f}"
-        )
+        one, k = base.get(r["preset"]), r.get("accum_steps", 1)
+        row = f"{r['preset']:<26}{k:>3}{r['batch_size'] // k:>7}"
+        for key, _, unit, width, number in ACCUMULATION_COLUMNS:
+            ratio = r[key] / one[key] if one and one[key] else float("nan")
+            row += f"{r[key] / unit:>{width}{number}}{ratio:>7.2f}"
+        lines.append(row)
     return "\n".join(lines)
 
 

@@ -69,7 +69,6 @@ class Stepper:
         self.bad_in_a_row = torch.zeros((), dtype=torch.long, device=device)
         self.model: torch.nn.Module = self.task
         self.accum_steps = accumulation_steps(cfg, dist)
-        self.has_coupled = any(getattr(o, "batch_coupled", False) for o in self.task.objectives.values())
         self.set_span(steps_per_epoch=1, total_steps=1)
         self._prepare()
 
@@ -171,7 +170,14 @@ class Stepper:
             ddp = isinstance(self.model, DistributedDataParallel)
             call = self.task if ddp else self.model
             loss, metrics = accumulated_step(
-                call, batch, info, self.accum_steps, self._autocast, self.scaler.scale, self.device, self.has_coupled
+                call,
+                batch,
+                info,
+                self.accum_steps,
+                self._autocast,
+                self.scaler.scale,
+                self.device,
+                self.task.has_coupled,
             )
             if ddp:
                 average_gradients(self.params)

@@ -63,6 +63,14 @@ class PretrainTask(nn.Module):
                 del teacher.visual_projection, teacher.text_projection, teacher.logit_scale
             self.teacher = teacher
         self.objectives = nn.ModuleDict(objectives)
+        # gradient accumulation: what the batch-coupled objectives read (cached for the whole batch), and the
+        # passes its caching phase runs (only those, unless the student is stochastic: then every pass, so the
+        # random draws match the graph pass)
+        coupled = {k: o for k, o in objectives.items() if o.batch_coupled}
+        self.has_coupled = bool(coupled)
+        self.coupled_needs = union_needs(coupled)
+        self.coupled_keys = self.coupled_needs.output_keys()
+        self.cache_needs = self.coupled_needs if self.deterministic_student() else needs
         self._ema_cache: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -195,9 +203,8 @@ class PretrainTask(nn.Module):
         if phase == "step":
             return self.losses(self.encode(batch), batch, step)
         if phase == "cache":
-            needs = self.coupled_needs if self.deterministic_student() else self.needs
-            outputs = self.encode(batch, needs).batched()
-            return {k: v for k, v in outputs.items() if k in self.coupled_needs.output_keys()}
+            outputs = self.encode(batch, self.cache_needs).batched()
+            return {k: v for k, v in outputs.items() if k in self.coupled_keys}
         if phase == "coupled":
             enc = Encoded.from_batched(inputs["outputs"], **self._shared_outputs(inputs["outputs"]["images"]))
             return self.losses(enc, batch, step, coupled=True)
@@ -230,12 +237,6 @@ class PretrainTask(nn.Module):
         if total is None and coupled is None:
             raise ValueError("no objective is enabled")
         return total, metrics
-
-    @property
-    def coupled_needs(self) -> Needs:
-        """What the batch-coupled objectives read (their outputs are cached for the whole batch)."""
-        coupled = {k: o for k, o in self.objectives.items() if isinstance(o, Objective) and o.batch_coupled}
-        return union_needs(coupled)
 
     def deterministic_student(self) -> bool:
         """No dropout or stochastic depth in the student: a pass over a subset of its inputs gives the same
