@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -76,6 +77,19 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return first if first in COMMANDS else None
 
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def _hold_bench_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without its key=value overrides, the overrides) for `harmony bench`, whose optional `data`
+    subcommand would otherwise be handed the first override that follows an option and refuse it."""
+    words = [a for a in argv if not a.startswith("-")]
+    if words[1:2] == ["data"]:
+        return argv, []
+    held = [a for a in argv if OVERRIDE.match(a)]
+    return [a for a in argv if not OVERRIDE.match(a)], held
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser of `command`; every other command is a placeholder carrying its help line."""
     parser = argparse.ArgumentParser(
@@ -109,8 +123,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser(_command_of(argv))
+    command = _command_of(argv)
+    parser = build_parser(command)
+    argv, held = _hold_bench_overrides(argv) if command == "bench" else (argv, [])
     args, extras = parser.parse_known_args(argv)
+    extras = [*extras, *held]
     # key=value overrides may sit anywhere among the options (argparse stops collecting a
     # positional list at the first option that follows it)
     if extras:

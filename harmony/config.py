@@ -86,6 +86,9 @@ class DataConfig:
     max_image_pixels: int = 8192 * 8192
     alpha_background: str = "white"
     device_augment: str = "auto"  # auto (on for CUDA) | true | false: decode + crop on the device
+    # batch: captions are cut after the batch's longest one (rounded up to 8), exact for the causal text tower;
+    # context: every batch padded to model.context_length (fixed shapes)
+    caption_padding: Literal["batch", "context"] = "batch"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 

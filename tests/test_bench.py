@@ -111,3 +111,21 @@ def test_bench_compares_accumulation_steps(tmp_path: Path) -> None:
     assert two["flops_per_step"] > one["flops_per_step"]  # the caching pass is extra compute
     bad = run_cli("bench", "--preset", "clip-tiny-test", "--batch-size", "4", "--accum-steps", "3")
     assert bad.returncode != 0 and "positive divisor of --batch-size 4" in bad.stderr
+
+
+def test_bench_overrides_after_the_options_reach_the_measured_step(tmp_path: Path) -> None:
+    """`harmony bench --preset P key=value`: argparse would hand the override to the `data` subcommand."""
+    widths = {}
+    for padding in ("batch", "context"):
+        out = tmp_path / f"{padding}.json"
+        proc = run_cli(
+            "bench", "--preset", "clip-tiny-test", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+            "--json", str(out), "model.context_length=77", f"data.caption_padding={padding}",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        passes = json.loads(out.read_text())["clip-tiny-test"]["passes"]
+        widths[padding] = next(p["input"][1] for p in passes if p["module"] == "student.text")
+    assert widths == {"batch": 32, "context": 77}
+    bad = run_cli("bench", "--preset", "clip-tiny-test", "--batch-size", "2", "data.caption_padding=none")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "data.caption_padding" in bad.stderr

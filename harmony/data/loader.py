@@ -15,6 +15,7 @@ With `data.device_augment` the workers ship image bytes + crop plans and `TrainD
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Iterator
@@ -123,6 +124,7 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
         self.batch = cfg.train.batch_size // dist.world_size
         self.seed, self.buffer = cfg.train.seed, max(cfg.data.shuffle_buffer, 0)
         self.max_pixels = cfg.data.max_image_pixels
+        self.trim = cfg.data.caption_padding == "batch"
 
     def _header(self, item: dict[str, object] | SampleError) -> RawSample | SampleError:
         """Caption and image header checks: cheap, done before the shuffle buffer."""
@@ -185,7 +187,7 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
             if len(samples) == self.batch:
                 errors = tally.take()
                 if batch_no >= self.start_step:
-                    yield {**collate(samples), "data_errors": errors}
+                    yield {**collate(samples, self.trim), "data_errors": errors}
                 samples = []
                 batch_no += workers
 
@@ -245,7 +247,7 @@ class TrainData:
                 batch_size=self.cfg.train.batch_size // self.dist.world_size,
                 sampler=self._sampler,
                 num_workers=workers,
-                collate_fn=collate,
+                collate_fn=functools.partial(collate, trim=self.cfg.data.caption_padding == "batch"),
                 pin_memory=self._pin(),
                 drop_last=True,
                 persistent_workers=workers > 0,

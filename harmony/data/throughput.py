@@ -147,7 +147,7 @@ def _profile_stages(
         for stage, seconds in zip([*timed, "masks", "text"], [t1 - t0, t2 - t1, t3 - t2, t4 - t3]):
             totals[stage] += seconds
     start = time.perf_counter()
-    batch = collate(views)
+    batch = collate(views, cfg.data.caption_padding == "batch")
     totals["collate"] = time.perf_counter() - start
     return {stage: 1000 * seconds / max(len(views), 1) for stage, seconds in totals.items()}, batch
 

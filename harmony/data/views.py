@@ -3,8 +3,9 @@
 `ViewMaker` is configured by the task's `Needs`: how many global/local crops, whether iBOT masks,
 MAE keep indices or a masked caption are needed. All randomness comes from the per-sample seed.
 Crops are planned from the image size, then rendered from one decode (see `augment`).
-`collate` stacks samples crop-major ([G, B, ...]) and precomputes flat token indices and weights so
-the training step indexes tensors without host-device synchronisation.
+`collate` stacks samples crop-major ([G, B, ...]), cuts the captions after the batch's longest one
+(`trim_captions`) and precomputes flat token indices and weights so the training step indexes tensors
+without host-device synchronisation.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from harmony.models.tokenizer import CaptionTokenizer, mask_caption
 from harmony.objectives.base import Needs
 
 CROP_MAJOR = ("global", "local", "ibot_mask", "mae_keep", "mae_remove", "global_plan", "local_plan")
+TEXT_KEYS = ("text", "text_real", "text_masked", "text_mask")  # the [B, T] caption tensors
+CAPTION_MULTIPLE = 8  # trimmed caption lengths are multiples of this: few distinct shapes, aligned kernels
 DERIVED = ("ibot_index", "ibot_weight", "text_real_index", "mlm_index", "mlm_in_real", "text_distill_weight")
 
 
@@ -109,8 +112,9 @@ class ViewMaker:
         return out
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack per-sample dicts (one contiguous copy); crop tensors become crop-major [G, B, ...]; add flat indices.
+def collate(samples: list[dict[str, Any]], trim: bool = True) -> dict[str, torch.Tensor]:
+    """Stack per-sample dicts (one contiguous copy); crop tensors become crop-major [G, B, ...]; captions are
+    cut after the batch's longest (`trim`: `data.caption_padding=batch`); add flat indices.
     The device path's variable-length `payload` (image bytes) is concatenated, with `payload_offsets` [B + 1]."""
     batch: dict[str, torch.Tensor] = {}
     for key in samples[0]:
@@ -121,7 +125,25 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             continue
         dim = 1 if key in CROP_MAJOR else 0
         batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples], dim=dim)
-    return add_indices(batch)
+    return add_indices(trim_captions(batch) if trim else batch)
+
+
+def trim_captions(batch: dict[str, torch.Tensor], multiple: int = CAPTION_MULTIPLE) -> dict[str, torch.Tensor]:
+    """`batch` with its caption tensors (`TEXT_KEYS`, [B, T]) cut after the longest caption's end-of-text,
+    rounded up to `multiple` (never beyond T). The text tower is causal, so its features at a caption's real
+    positions, the only ones a loss reads, do not depend on the padding after them: every loss keeps its
+    value while the tower skips the padding's compute (on short captions most of the 77 positions).
+    Computed here, on the host, so the step never synchronises to learn the length."""
+    if "text_real" not in batch:
+        return batch
+    real = batch["text_real"]
+    longest = int(real.sum(dim=1).max()) if real.numel() else 0
+    length = min(real.shape[1], max(multiple, -(-longest // multiple) * multiple))
+    if length < real.shape[1]:
+        for key in TEXT_KEYS:
+            if key in batch:
+                batch[key] = batch[key][:, :length].contiguous()
+    return batch
 
 
 def add_indices(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -130,7 +130,7 @@ Batch = TypedDict(
         "ibot_weight": torch.Tensor,  # per masked patch 1 / (masked patches in its image x B x G)
         "mae_keep": torch.Tensor,  # kept patch indices of the dropped crops [D, B, K]
         "mae_remove": torch.Tensor,  # removed patch indices [D, B, N - K]
-        "text": torch.Tensor,  # caption token ids [B, T]
+        "text": torch.Tensor,  # caption token ids [B, T]: T the batch's longest caption, rounded up to 8
         "text_real": torch.Tensor,  # real (non-padding) positions [B, T] bool
         "text_real_index": torch.Tensor,  # flat indices of the real positions
         "text_masked": torch.Tensor,  # caption ids with [MASK]s [B, T]

@@ -73,7 +73,7 @@ def make_batch(
     for i in range(batch_size):
         raw = source.load(i % len(source))
         samples.append(maker(raw.image, raw.caption, seed=i))
-    return collate(samples)
+    return collate(samples, cfg.data.caption_padding == "batch")
 
 
 def measure(
@@ -250,7 +250,10 @@ def accumulation_values(text: str, batch_size: int) -> list[int]:
 
 def cmd_bench_step(args: argparse.Namespace) -> int:
     ks = accumulation_values(args.accum_steps, args.batch_size)
-    results = with_ratios([run_isolated(p, args, k) for p in presets_to_run(args) for k in ks])
+    presets = presets_to_run(args)
+    for preset in presets:  # a wrong preset or override is one line here (ConfigError), not a worker's traceback
+        build_config(preset, [f"train.batch_size={args.batch_size}", *args.overrides])
+    results = with_ratios([run_isolated(p, args, k) for p in presets for k in ks])
     print(format_results(results))
     if len(ks) > 1:
         print("\n" + format_accumulation(results))

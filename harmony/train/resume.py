@@ -36,6 +36,7 @@ SAFE_ON_RESUME = (
     "train.compile",
     "train.accum_steps",  # exact: the same numbers in fewer or more micro-batches
     "data.pin_memory",
+    "data.caption_padding",  # exact: the padding after the longest caption reaches no loss
 )
 
 
