@@ -16,6 +16,7 @@ from harmony.models.tokenizer import CaptionTokenizer, mask_caption
 from harmony.objectives.base import StepInfo
 from harmony.train.task import PretrainTask
 from tests.conftest import run_cli, tiny
+from tests.test_distributed import LOSSES, records, torchrun
 
 TOK = CaptionTokenizer(77)
 CAPTIONS = ["a big red circle on a blue ground", "two stars", "one green square in the upper left corner", "a dot"]
@@ -126,3 +127,28 @@ def test_a_run_records_its_padding_and_may_change_it_on_resume(tmp_path: Path) -
             assert rows[step][key] == pytest.approx(refs[step][key], rel=1e-4, abs=1e-5), (step, key)
     bad = run_cli("train", *common, "--out", str(tmp_path / "bad"), "data.caption_padding=none")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "data.caption_padding" in bad.stderr
+
+
+def test_ranks_cutting_to_different_lengths_give_the_one_process_numbers(tmp_path: Path) -> None:
+    """Each rank cuts its own share of the batch, to its own length; the losses are those of one process
+    padding every caption to the context."""
+    cfg = tiny("harmony-tiny-test", "model.context_length=77", "train.batch_size=8")
+    widths = [
+        [batch["text"].shape[1] for _, batch in zip(range(3), data.batches(0))]
+        for data in (
+            build_train_data(cfg, view_maker_for(cfg), DistInfo(rank, 2, rank), torch.device("cpu")) for rank in (0, 1)
+        )
+    ]
+    assert widths[0] != widths[1] and max(max(w) for w in widths) < 77
+    common = ("--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0", "--no-progress")
+    settings = ("--batch-size", "8", "--max-steps", "3", "model.context_length=77", "train.log_every=1")
+    one, two = tmp_path / "one", tmp_path / "two"
+    padded = run_cli("train", *common, *settings, "--out", str(one), "data.caption_padding=context")
+    assert padded.returncode == 0, padded.stderr
+    cut = torchrun("train", *common, *settings, "--out", str(two))
+    assert cut.returncode == 0, cut.stderr
+    refs, rows = records(one), records(two)
+    assert sorted(rows) == [1, 2, 3]
+    for step in rows:
+        for key in LOSSES:
+            assert rows[step][key] == pytest.approx(refs[step][key], rel=1e-5, abs=1e-6), (step, key)
