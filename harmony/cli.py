@@ -82,12 +82,14 @@ OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
 
 def _hold_bench_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """(argv without its key=value overrides, the overrides) for `harmony bench`, whose optional `data`
-    subcommand would otherwise be handed the first override that follows an option and refuse it."""
+    subcommand would otherwise be handed the first override that follows an option and refuse it. A word
+    right after an option is that option's value (every `bench` option takes one: `--json a=b.json`)."""
     words = [a for a in argv if not a.startswith("-")]
     if words[1:2] == ["data"]:
         return argv, []
-    held = [a for a in argv if OVERRIDE.match(a)]
-    return [a for a in argv if not OVERRIDE.match(a)], held
+    is_value = [False, *(a.startswith("-") and "=" not in a for a in argv[:-1])]
+    held = [i for i, a in enumerate(argv) if OVERRIDE.match(a) and not is_value[i]]
+    return [a for i, a in enumerate(argv) if i not in held], [argv[i] for i in held]
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -163,3 +163,14 @@ def test_gitignore_covers_what_the_readme_examples_write() -> None:
     for path in sorted(outs):
         proc = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO, check=False)
         assert proc.returncode == 0, f"{path} is not ignored"
+
+
+def test_bench_sorts_overrides_from_option_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`harmony bench` holds key=value words back from its `data` subcommand, but not an option's value."""
+    import harmony.train.bench
+
+    seen: list[argparse.Namespace] = []
+    monkeypatch.setattr(harmony.train.bench, "cmd_bench_step", lambda args: seen.append(args) or 0)
+    argv = ["bench", "--json", "a=b.json", "--preset", "clip-tiny-test", "model.context_length=77", "x.y=1"]
+    assert main(argv) == 0
+    assert seen[0].json == "a=b.json" and seen[0].overrides == ["model.context_length=77", "x.y=1"]

@@ -15,7 +15,6 @@ With `data.device_augment` the workers ship image bytes + crop plans and `TrainD
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from harmony.data.device_augment import DeviceAugment, PlanMaker, device_augment
 from harmony.data.errors import SKIP_REASONS, DataError, SampleError
 from harmony.data.guard import ReadGuard, SkipTally, describe_skips, worker_message
 from harmony.data.sources import BuiltinSource, PassEnd, ShardSource, decode_sample, open_source
-from harmony.data.views import ViewMaker, collate
+from harmony.data.views import ViewMaker, collate_for
 
 MapSource = BuiltinSource | CsvSource
 
@@ -124,7 +123,7 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
         self.batch = cfg.train.batch_size // dist.world_size
         self.seed, self.buffer = cfg.train.seed, max(cfg.data.shuffle_buffer, 0)
         self.max_pixels = cfg.data.max_image_pixels
-        self.trim = cfg.data.caption_padding == "batch"
+        self.collate = collate_for(cfg)
 
     def _header(self, item: dict[str, object] | SampleError) -> RawSample | SampleError:
         """Caption and image header checks: cheap, done before the shuffle buffer."""
@@ -187,7 +186,7 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
             if len(samples) == self.batch:
                 errors = tally.take()
                 if batch_no >= self.start_step:
-                    yield {**collate(samples, self.trim), "data_errors": errors}
+                    yield {**self.collate(samples), "data_errors": errors}
                 samples = []
                 batch_no += workers
 
@@ -247,7 +246,7 @@ class TrainData:
                 batch_size=self.cfg.train.batch_size // self.dist.world_size,
                 sampler=self._sampler,
                 num_workers=workers,
-                collate_fn=functools.partial(collate, trim=self.cfg.data.caption_padding == "batch"),
+                collate_fn=collate_for(self.cfg),
                 pin_memory=self._pin(),
                 drop_last=True,
                 persistent_workers=workers > 0,

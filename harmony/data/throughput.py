@@ -110,7 +110,7 @@ def _profile_stages(
     from harmony.data.device_augment import PlanMaker
     from harmony.data.inspect import in_order
     from harmony.data.sources import open_source
-    from harmony.data.views import collate, view_maker_for
+    from harmony.data.views import collate_for, view_maker_for
 
     cfg = _config(preset, data_spec, 0, samples, overrides)
     maker = view_maker_for(cfg)
@@ -147,7 +147,7 @@ def _profile_stages(
         for stage, seconds in zip([*timed, "masks", "text"], [t1 - t0, t2 - t1, t3 - t2, t4 - t3]):
             totals[stage] += seconds
     start = time.perf_counter()
-    batch = collate(views, cfg.data.caption_padding == "batch")
+    batch = collate_for(cfg)(views)
     totals["collate"] = time.perf_counter() - start
     return {stage: 1000 * seconds / max(len(views), 1) for stage, seconds in totals.items()}, batch
 

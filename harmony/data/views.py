@@ -10,8 +10,10 @@ without host-device synchronisation.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -128,6 +130,11 @@ def collate(samples: list[dict[str, Any]], trim: bool = True) -> dict[str, torch
     return add_indices(trim_captions(batch) if trim else batch)
 
 
+def collate_for(cfg: Config) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """`collate` as `data.caption_padding` asks: captions cut after the batch's longest (`batch`) or not."""
+    return functools.partial(collate, trim=cfg.data.caption_padding == "batch")
+
+
 def trim_captions(batch: dict[str, torch.Tensor], multiple: int = CAPTION_MULTIPLE) -> dict[str, torch.Tensor]:
     """`batch` with its caption tensors (`TEXT_KEYS`, [B, T]) cut after the longest caption's end-of-text,
     rounded up to `multiple` (never beyond T). The text tower is causal, so its features at a caption's real
@@ -137,7 +144,7 @@ def trim_captions(batch: dict[str, torch.Tensor], multiple: int = CAPTION_MULTIP
     if "text_real" not in batch:
         return batch
     real = batch["text_real"]
-    longest = int(real.sum(dim=1).max()) if real.numel() else 0
+    longest = int(real.sum(dim=1).max())
     length = min(real.shape[1], max(multiple, -(-longest // multiple) * multiple))
     if length < real.shape[1]:
         for key in TEXT_KEYS:

@@ -65,7 +65,7 @@ def make_batch(
 ) -> dict[str, torch.Tensor]:
     """One real batch through the data views (built-in images), as the loader would produce it."""
     from harmony.data.sources import BuiltinSource
-    from harmony.data.views import ViewMaker, collate
+    from harmony.data.views import ViewMaker, collate_for
 
     maker = ViewMaker(cfg, task.needs, tokenizer, task.student.visual.patch_size)
     source = BuiltinSource("train", cfg)
@@ -73,7 +73,13 @@ def make_batch(
     for i in range(batch_size):
         raw = source.load(i % len(source))
         samples.append(maker(raw.image, raw.caption, seed=i))
-    return collate(samples, cfg.data.caption_padding == "batch")
+    return collate_for(cfg)(samples)
+
+
+def bench_config(preset: str, overrides: list[str], device_name: str, batch_size: int, accum: int) -> Config:
+    """The configuration one measurement runs: `preset` with the bench's settings, then the user's overrides."""
+    settings = [f"train.batch_size={batch_size}", f"train.device={device_name}", f"train.accum_steps={accum}"]
+    return build_config(preset, [*settings, *overrides])
 
 
 def measure(
@@ -82,8 +88,7 @@ def measure(
     """Measure one preset in this process (`accum` micro-batches per step: `train.accum_steps`)."""
     from harmony.train.loop import to_device
 
-    settings = [f"train.batch_size={batch_size}", f"train.device={device_name}", f"train.accum_steps={accum}"]
-    cfg = build_config(preset, [*settings, *overrides])
+    cfg = bench_config(preset, overrides, device_name, batch_size, accum)
     device = resolve_device(device_name)
     trainer = Stepper(cfg, device, DistInfo())
     trainer.set_span(steps_per_epoch=1000, total_steps=100000)
@@ -252,7 +257,7 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     ks = accumulation_values(args.accum_steps, args.batch_size)
     presets = presets_to_run(args)
     for preset in presets:  # a wrong preset or override is one line here (ConfigError), not a worker's traceback
-        build_config(preset, [f"train.batch_size={args.batch_size}", *args.overrides])
+        bench_config(preset, args.overrides, args.device, args.batch_size, ks[0])
     results = with_ratios([run_isolated(p, args, k) for p in presets for k in ks])
     print(format_results(results))
     if len(ks) > 1:
