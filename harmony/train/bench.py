@@ -258,6 +258,7 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     presets = presets_to_run(args)
     for preset in presets:  # a wrong preset or override is one line here (ConfigError), not a worker's traceback
         bench_config(preset, args.overrides, args.device, args.batch_size, ks[0])
+    resolve_device(args.device)  # likewise `--device cuda` on a machine without one (TrainingError)
     results = with_ratios([run_isolated(p, args, k) for p in presets for k in ks])
     print(format_results(results))
     if len(ks) > 1:
