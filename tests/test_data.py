@@ -13,7 +13,7 @@ from harmony.core.distributed import DistInfo
 from harmony.data.loader import EpochSampler
 from harmony.data.shapes import CLASS_NAMES, COLORS, ShapesDataset
 from harmony.data.shards import write_shapes
-from harmony.data.sources import ShardSource, decode_sample
+from harmony.data.sources import Layout, ShardSource, decode_sample
 from harmony.train.loop import train
 from tests.conftest import run_cli, tiny
 
@@ -92,10 +92,10 @@ def test_synth_shards_round_trip(tmp_path: Path) -> None:
     assert meta["label"] == reference.label and np.array_equal(seg, reference.semantic)
     source = ShardSource(str(tmp_path))
     assert source.epoch_size == 25
-    stream = source.raw_samples(seed=0, epoch=0, part=0, parts=1)
+    stream = source.raw_samples(seed=0, epoch=0, layout=Layout(), part=0)
     seen = {decode_sample(next(stream)).key for _ in range(25)}
     assert len(seen) == 25
-    sample = decode_sample(next(iter(source.raw_samples(0, 0, 0, 1))))
+    sample = decode_sample(next(iter(source.raw_samples(0, 0, Layout(), 0))))
     assert sample.image.size == (32, 32) and sample.caption
 
 

@@ -67,8 +67,9 @@ EVENTS = {
 
 def pass_events(spec: Path, seed: int) -> list[str]:
     """EVENTS in the order one part's first pass meets them: shards in pass order, read OPEN_SHARDS at once."""
-    order = [Path(u).name for u in ShardSource(str(spec), 7).pass_shards(seed, 0, 0, 0, 1)[0]]
-    return list(interleave((iter(EVENTS[name]) for name in order), OPEN_SHARDS, mixing_rng(seed, 0, 0)))
+    source = ShardSource(str(spec), 7)
+    order = [Path(source.urls[i]).name for i in source.pass_order(seed, 0, 0)]
+    return list(interleave((iter(EVENTS[name]) for name in order), OPEN_SHARDS, mixing_rng(seed, 0, 0, part=0)))
 
 
 def test_shard_batches_carry_exact_skip_counts(tmp_path: Path) -> None:
@@ -168,23 +169,39 @@ def test_resumed_shard_epoch_replays_the_remaining_batches(tmp_path: Path) -> No
 def test_resampled_shards_stream_endlessly(tmp_path: Path) -> None:
     shard_set(tmp_path / "p", shards=3, per_shard=4)
     source = ShardSource(str(tmp_path / "p"), resample=True)
-    draws = source.pass_shards(0, 0, 0, part=1, parts=2)
-    assert len(draws[0]) == 2 and set(draws[0]) <= set(source.urls) and draws == source.pass_shards(0, 0, 0, 1, 2)
+    draws = source.resampled(0, 0, 0, part=1, parts=2)
+    assert len(draws) == 2 and set(draws) <= set(source.urls) and draws == source.resampled(0, 0, 0, 1, 2)
     cfg = config(tmp_path / "p", "train.batch_size=4", "data.resample_shards=true", "data.epoch_size=40")
     batches = list(build_train_data(cfg, view_maker_for(cfg), DistInfo()).batches(0))
     assert len(batches) == 10 and all(b["global"].shape[1] == 4 for b in batches)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_nothing_readable_fails_with_one_line(tmp_path: Path, workers: int) -> None:
+def test_shards_without_a_usable_sample_are_refused_before_training(tmp_path: Path) -> None:
     (tmp_path / "s").mkdir()
     for s in range(2):
         write_tar(tmp_path / "s" / f"n-{s}.tar", [(f"k{s}{i}.jpg", image_bytes(i)) for i in range(3)])
-    cfg = config(tmp_path / "s", "train.batch_size=2", "data.epoch_size=6", f"data.num_workers={workers}")
+    with pytest.raises(DataError, match="holds no usable samples") as info:
+        ShardSource(str(tmp_path / "s"))
+    assert "\n" not in str(info.value) and "k00.jpg" in str(info.value) and "no caption" in str(info.value)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("remote", [False, True])
+def test_nothing_readable_fails_with_one_line(tmp_path: Path, workers: int, remote: bool) -> None:
+    """Captions but no decodable image (local shards), or nothing usable in a stream whose contents are not
+    counted in advance (`pipe:`): the loader stops with one line instead of spinning forever."""
+    (tmp_path / "s").mkdir()
+    for s in range(2):
+        members = []
+        for i in range(3):
+            members += [(f"k{s}{i}.jpg", b"not an image")] + ([] if remote else [(f"k{s}{i}.txt", b"a caption")])
+        write_tar(tmp_path / "s" / f"n-{s}.tar", members)
+    spec = f"pipe:cat {tmp_path}/s/n-{{0..1}}.tar" if remote else str(tmp_path / "s")
+    cfg = config(spec, "train.batch_size=2", "data.epoch_size=6", f"data.num_workers={workers}")
     data = build_train_data(cfg, view_maker_for(cfg), DistInfo())
     with deadline(60), pytest.raises(DataError, match="nothing readable") as info:
         next(data.batches(0))
-    assert "\n" not in str(info.value) and "no caption" in str(info.value)
+    assert "\n" not in str(info.value) and ("no caption" if remote else "k") in str(info.value)
 
 
 def test_a_csv_of_unreadable_rows_fails_with_one_line(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from harmony.data.errors import SKIP_REASONS, SampleError
 from harmony.data.guard import describe_skips
 from harmony.data.loader import MapSource
 from harmony.data.rgb import to_rgb
-from harmony.data.sources import OPEN_SHARDS, PassEnd, ShardSource, decode_sample, pass_samples
+from harmony.data.sources import OPEN_SHARDS, ShardSource, decode_sample, read_shard
 from harmony.data.views import ViewMaker
 from harmony.models.tokenizer import CaptionTokenizer
 
@@ -59,9 +59,7 @@ class Scan:
 def in_order(source: MapSource | ShardSource, max_pixels: int) -> Iterator[RawSample | SampleError]:
     """Samples of one pass in stored order (shards in spec order), SampleError for what cannot be used."""
     if isinstance(source, ShardSource):
-        for item in pass_samples(source.urls, 0, 1):
-            if isinstance(item, PassEnd):
-                return
+        for item in itertools.chain.from_iterable(read_shard(url) for url in source.urls):
             if isinstance(item, SampleError):
                 yield item
                 continue

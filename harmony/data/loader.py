@@ -31,7 +31,7 @@ from harmony.data.decode import RawSample
 from harmony.data.device_augment import DeviceAugment, PlanMaker, device_augment_enabled, prefetched
 from harmony.data.errors import SKIP_REASONS, DataError, SampleError
 from harmony.data.guard import ReadGuard, SkipTally, describe_skips, worker_message
-from harmony.data.sources import BuiltinSource, PassEnd, ShardSource, decode_sample, open_source
+from harmony.data.sources import BuiltinSource, Layout, PassEnd, ShardSource, decode_sample, open_source
 from harmony.data.views import ViewMaker, collate_for
 
 MapSource = BuiltinSource | CsvSource
@@ -118,9 +118,11 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
         dist: DistInfo,
         epoch: int,
         start_step: int,
+        steps: int,
     ) -> None:
         self.source, self.maker, self.dist, self.epoch, self.start_step = source, maker, dist, epoch, start_step
-        self.batch = cfg.train.batch_size // dist.world_size
+        self.batch, self.steps = cfg.train.batch_size // dist.world_size, steps
+        self.workers = max(cfg.data.num_workers, 1)
         self.seed, self.buffer = cfg.train.seed, max(cfg.data.shuffle_buffer, 0)
         self.max_pixels = cfg.data.max_image_pixels
         self.collate = collate_for(cfg)
@@ -143,12 +145,12 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
         return view
 
     def _raws(
-        self, part: int, parts: int, rng: random.Random, tally: SkipTally, guard: ReadGuard
+        self, layout: Layout, part: int, rng: random.Random, tally: SkipTally, guard: ReadGuard
     ) -> Iterator[RawSample]:
         """Header-checked samples of this part, shuffled through the buffer, which is flushed at the end of
         every pass (so an epoch of whole passes sees every sample once)."""
         buffer: list[RawSample] = []
-        for item in self.source.raw_samples(self.seed, self.epoch, part, parts):
+        for item in self.source.raw_samples(self.seed, self.epoch, layout, part):
             if isinstance(item, PassEnd):
                 rng.shuffle(buffer)
                 yield from buffer
@@ -166,16 +168,19 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
-        workers = info.num_workers if info is not None else 1
+        workers = self.workers
         # DataLoader takes batches round-robin from worker 0; a run resumed at `start_step` needs batch
         # start_step + i from the i-th worker, so worker ids rotate by start_step.
         worker = ((info.id if info is not None else 0) + self.start_step) % workers
-        part, parts = self.dist.rank * workers + worker, self.dist.world_size * workers
+        layout = Layout(self.dist.world_size, workers, self.batch, self.steps)
+        part = self.dist.rank * workers + worker
+        if layout.batches(part) == 0:
+            return
         rng = random.Random(f"{self.seed}/{self.epoch}/shuffle/{part}")
-        tally, guard = SkipTally(), ReadGuard(self.source.spec, self.source.urls, part, parts)
+        tally, guard = SkipTally(), ReadGuard(self.source.spec, self.source.urls, part, layout.parts)
         samples: list[dict[str, Any]] = []
         batch_no = worker
-        for raw in self._raws(part, parts, rng, tally, guard):
+        for raw in self._raws(layout, part, rng, tally, guard):
             view = {} if batch_no < self.start_step else self._view(raw)
             if isinstance(view, SampleError):
                 tally.add(view)
@@ -189,6 +194,8 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
                     yield {**self.collate(samples), "data_errors": errors}
                 samples = []
                 batch_no += workers
+                if batch_no >= self.steps:
+                    return
 
 
 @dataclass
@@ -225,7 +232,9 @@ class TrainData:
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
         if isinstance(self.source, ShardSource):
-            dataset = ShardBatches(self.source, self.maker, self.cfg, self.dist, epoch, start_step)
+            dataset = ShardBatches(
+                self.source, self.maker, self.cfg, self.dist, epoch, start_step, self.steps_per_epoch
+            )
             loader: DataLoader[Any] = DataLoader(
                 dataset,
                 batch_size=None,
