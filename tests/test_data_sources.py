@@ -204,3 +204,42 @@ def test_cli_reports_a_csv_without_its_columns_in_one_line(tmp_path: Path) -> No
     proc = run_cli("data", "inspect", str(path), "--preset", "clip-tiny-test", "data.csv_caption_key=title")
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "no column 'title'" in proc.stderr
+
+
+def test_dotted_keys_json_captions_and_blank_captions_read_alike_everywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The counter that sizes an epoch, `harmony data inspect` and the loader read one shard the same way:
+    keys with dots are samples of their own, captions only in img2dataset's JSON count, and a caption of
+    control characters is empty."""
+    from harmony.cli import main
+    from harmony.core.distributed import DistInfo
+    from harmony.data.loader import build_train_data
+    from harmony.data.views import view_maker_for
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    dotted = [m for i in range(4) for m in [(f"img.00{i}.jpg", image_bytes(i)), (f"img.00{i}.txt", b"a dot")]]
+    write_tar(folder / "d-0.tar", dotted)
+    as_json = [
+        m
+        for i in range(4)
+        for m in [(f"j{i}.webp", image_bytes(i, fmt="WEBP")), (f"j{i}.json", b'{"caption": "from json"}')]
+    ]
+    write_tar(folder / "d-1.tar", [*as_json, ("n0.jpg", image_bytes(9)), ("n0.txt", b"\x00\x00 \x1b")])
+    source = ShardSource(str(folder))
+    assert source.counts == [4, 4] and source.epoch_size == 8
+    assert main(["data", "inspect", str(folder), "--preset", "clip-tiny-test", "--out", ""]) == 0
+    out = capsys.readouterr().out
+    assert "8 usable samples" in out and "8 usable" in out.split("\n", 1)[1]
+    cfg = tiny("clip-tiny-test", f"data_spec={folder}", "train.batch_size=8", "data.pin_memory=false")
+    (batch,) = build_train_data(cfg, view_maker_for(cfg), DistInfo()).batches(0)
+    assert batch["global"].shape[1] == 8 and batch["data_errors"].sum() == 1  # the blank caption
+
+
+def test_inspect_of_a_set_without_one_usable_sample_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from harmony.cli import main
+
+    (tmp_path / "gone.csv").write_text("filepath,caption\nnope.jpg,a cat\nnone.jpg,a dog\n")
+    assert main(["data", "inspect", str(tmp_path / "gone.csv"), "--preset", "clip-tiny-test", "--out", ""]) == 1
+    assert "none of the 2 samples read is usable" in capsys.readouterr().err
