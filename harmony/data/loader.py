@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from harmony.config import Config
+from harmony.config import Config, check_batch_per_process
 from harmony.core.distributed import DistInfo
 from harmony.data.csv_source import CsvSource
 from harmony.data.decode import RawSample
@@ -278,6 +278,7 @@ def build_train_data(cfg: Config, maker: ViewMaker, dist: DistInfo, device: torc
     """This rank's training data; crops are rendered on `device` when `data.device_augment` is on for it."""
     if cfg.train.batch_size % dist.world_size:
         raise DataError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist.world_size} processes")
+    check_batch_per_process(cfg, dist.world_size)
     source = open_source(cfg.data_spec, cfg)
     size = source.epoch_size if isinstance(source, ShardSource) else len(source)
     steps = size // cfg.train.batch_size
