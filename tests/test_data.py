@@ -116,7 +116,7 @@ def test_sampler_splits_global_batches_over_ranks() -> None:
     for step in range(5):
         merged = ranks[0][step * 4 : step * 4 + 4] + ranks[1][step * 4 : step * 4 + 4]
         assert merged == one[step * 8 : step * 8 + 8]
-    assert sorted(i for i, _ in one) == list(range(40))
+    assert sorted(s.index for s in one) == list(range(40)) and [s.position for s in one] == list(range(40))
     assert list(EpochSampler(40, 8, DistInfo(0, 1), seed=2)) != one
 
 

@@ -17,7 +17,7 @@ from harmony.data.csv_source import CsvSource
 from harmony.data.decode import RawSample
 from harmony.data.errors import SKIP_REASONS, DataError
 from harmony.data.guard import describe_skips, worker_message
-from harmony.data.loader import TrainData, build_train_data
+from harmony.data.loader import TrainData, build_train_data, epoch_permutation
 from harmony.data.sources import OPEN_SHARDS, ShardSource, interleave, mixing_rng
 from harmony.data.views import view_maker_for
 from harmony.models.tokenizer import CaptionTokenizer
@@ -105,19 +105,44 @@ class CountingCsv(CsvSource):
         return super().load(index)
 
 
-def test_csv_batches_count_every_failed_row(tmp_path: Path) -> None:
+def test_csv_batches_count_each_bad_row_once_and_never_repeat_a_sample(tmp_path: Path) -> None:
     path, bad = write_csv(tmp_path)
     cfg = config(path, "train.batch_size=7")
     source = CountingCsv(path, cfg)
     data = TrainData(cfg, DistInfo(), source, view_maker_for(cfg), steps_per_epoch=2)
     batches = list(data.batches(0))
     assert len(batches) == 2 and all(b["text"].shape[0] == 7 for b in batches)
+    assert all(len(set(b["index"].tolist())) == 7 for b in batches)  # a stand-in never repeats its batch's rows
     indices = torch.cat([b["index"] for b in batches]).tolist()
     assert not set(indices) & set(bad) and set(bad) <= set(source.tried)
-    failed = [i for i in source.tried if i in bad]
-    assert sum(int(b["data_errors"].sum()) for b in batches) == len(failed)
-    assert data.skipped["caption"] == failed.count(4) and data.skipped["image"] == len(failed) - failed.count(4)
+    assert sum(int(b["data_errors"].sum()) for b in batches) == len(bad)  # the 4 bad rows, not the attempts
+    assert data.skipped == {"image": 3, "caption": 1, "shard": 0}
     assert {c for b in batches for c in captions(b)} <= {f"sample{i}" for i in range(10)}
+
+
+def test_missing_images_are_replaced_from_outside_their_batch(tmp_path: Path) -> None:
+    """A quarter of the files of a CSV missing: each is replaced by a row of another batch (or a left-out row),
+    so no batch holds a pair twice, and each missing row is counted once per epoch."""
+    (tmp_path / "img").mkdir()
+    lines = ["filepath,caption"]
+    for i in range(42):
+        if i % 4:
+            (tmp_path / "img" / f"{i}.png").write_bytes(image_bytes(i, fmt="PNG"))
+        lines.append(f"img/{i}.png,sample {i}")
+    (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
+    cfg = config(tmp_path / "rows.csv", "train.batch_size=8")
+    data = build_train_data(cfg, view_maker_for(cfg), DistInfo())
+    batches = list(data.batches(0))
+    assert len(batches) == 5 and all(len(set(b["index"].tolist())) == 8 for b in batches)
+    assert all(i % 4 for b in batches for i in b["index"].tolist())
+    perm = epoch_permutation(42, cfg.train.seed, 0)
+    missing_in_batches = sum(1 for i in perm[:40] if i % 4 == 0)  # the 2 left-out rows only stand in
+    assert sum(int(b["data_errors"].sum()) for b in batches) == data.skipped["image"] == missing_in_batches
+    with pytest.raises(DataError, match="every other sample is in its global batch of 8"):
+        small = tmp_path / "small.csv"
+        small.write_text("\n".join(lines[:9]) + "\n")  # 8 rows, 4 missing, one batch of 8
+        cfg = config(small, "train.batch_size=8")
+        next(build_train_data(cfg, view_maker_for(cfg), DistInfo()).batches(0))
 
 
 def shard_set(folder: Path, shards: int = 8, per_shard: int = 5) -> set[str]:
@@ -207,7 +232,7 @@ def test_a_csv_of_unreadable_rows_fails_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "rows.csv").write_text("filepath,caption\n" + "".join(f"gone{i}.jpg,a cat\n" for i in range(8)))
     cfg = config(tmp_path / "rows.csv", "train.batch_size=4")
     data = build_train_data(cfg, view_maker_for(cfg), DistInfo())
-    with deadline(60), pytest.raises(DataError, match="in a row could not be used") as info:
+    with deadline(60), pytest.raises(DataError, match="could replace it .* are unusable too") as info:
         next(data.batches(0))
     assert "\n" not in str(info.value)
 

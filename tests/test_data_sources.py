@@ -243,3 +243,30 @@ def test_inspect_of_a_set_without_one_usable_sample_fails(tmp_path: Path, capsys
     (tmp_path / "gone.csv").write_text("filepath,caption\nnope.jpg,a cat\nnone.jpg,a dog\n")
     assert main(["data", "inspect", str(tmp_path / "gone.csv"), "--preset", "clip-tiny-test", "--out", ""]) == 1
     assert "none of the 2 samples read is usable" in capsys.readouterr().err
+
+
+def test_urls_in_the_image_column_are_named_as_urls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing is downloaded: a table of URLs is refused in one line, a URL among local files is a skipped row
+    that says so (not a mangled local path)."""
+    from harmony.cli import main
+
+    (tmp_path / "a.jpg").write_bytes(image_bytes(1))
+    (tmp_path / "urls.csv").write_text(
+        "filepath,caption\nhttp://example.com/img0.jpg,a cat\nhttps://x.org/1.png,a dog\n"
+    )
+    (tmp_path / "mixed.csv").write_text("filepath,caption\na.jpg,a cat\nhttp://example.com/img0.jpg,a dog\n")
+    with pytest.raises(DataError, match="holds URLs .*'http://example.com/img0.jpg'.* downloads nothing"):
+        CsvSource(tmp_path / "urls.csv", DataConfig())
+    source = CsvSource(tmp_path / "mixed.csv", DataConfig())
+    with pytest.raises(
+        SampleError, match=r"row 2: 'http://example.com/img0.jpg' is a URL \(images are not downloaded\)"
+    ):
+        source.load(1)
+    code = main(["data", "from-csv", str(tmp_path / "urls.csv"), "--out", str(tmp_path / "s"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds URLs" in err and len(err.strip().splitlines()) == 1
+    code = main(["data", "from-csv", str(tmp_path / "mixed.csv"), "--out", str(tmp_path / "m"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert (
+        code == 0 and "is a URL" in captured.out + captured.err and "http:/example" not in captured.out + captured.err
+    )

@@ -44,6 +44,7 @@ class Pending:
     name: str
     path: Path
     caption: str
+    problem: SampleError | None = None  # known before reading (a URL in a table): the pair is skipped with it
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,13 @@ def folder_pairs(root: Path, caption_template: str = "") -> list[Pending]:
 
 def csv_pairs(path: Path, cfg: DataConfig) -> list[Pending]:
     source = CsvSource(path, cfg)
-    return [Pending(source.images[i], source.image_path(i), source.captions[i]) for i in range(len(source))]
+    pairs = []
+    for i in range(len(source)):
+        try:
+            pairs.append(Pending(source.images[i], source.image_path(i), source.captions[i]))
+        except SampleError as exc:
+            pairs.append(Pending(source.images[i], path, source.captions[i], exc))
+    return pairs
 
 
 def shrink(image: Image.Image, short_side: int, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -119,6 +126,8 @@ def shrink(image: Image.Image, short_side: int, background: tuple[int, int, int]
 
 def encode(pending: Pending, options: EncodeOptions) -> dict[str, bytes] | SampleError:
     """Shard members for one pair, or the reason it is skipped."""
+    if pending.problem is not None:
+        return pending.problem
     caption = pending.caption.strip()
     if not caption:
         return SampleError(

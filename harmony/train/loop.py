@@ -103,6 +103,8 @@ class Trainer:
         if self.dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if left_out := self.data.left_out():
+            self.logger.message(left_out)
 
     def _release(self) -> None:
         if self.lock is not None:
