@@ -232,7 +232,7 @@ def test_a_csv_of_unreadable_rows_fails_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "rows.csv").write_text("filepath,caption\n" + "".join(f"gone{i}.jpg,a cat\n" for i in range(8)))
     cfg = config(tmp_path / "rows.csv", "train.batch_size=4")
     data = build_train_data(cfg, view_maker_for(cfg), DistInfo())
-    with deadline(60), pytest.raises(DataError, match="could replace it .* are unusable too") as info:
+    with deadline(60), pytest.raises(DataError, match=r"could replace it .* are unusable too") as info:
         next(data.batches(0))
     assert "\n" not in str(info.value)
 

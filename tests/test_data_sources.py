@@ -255,7 +255,7 @@ def test_urls_in_the_image_column_are_named_as_urls(tmp_path: Path, capsys: pyte
         "filepath,caption\nhttp://example.com/img0.jpg,a cat\nhttps://x.org/1.png,a dog\n"
     )
     (tmp_path / "mixed.csv").write_text("filepath,caption\na.jpg,a cat\nhttp://example.com/img0.jpg,a dog\n")
-    with pytest.raises(DataError, match="holds URLs .*'http://example.com/img0.jpg'.* downloads nothing"):
+    with pytest.raises(DataError, match=r"holds URLs .*'http://example\.com/img0\.jpg'.* downloads nothing"):
         CsvSource(tmp_path / "urls.csv", DataConfig())
     source = CsvSource(tmp_path / "mixed.csv", DataConfig())
     with pytest.raises(
