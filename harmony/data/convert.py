@@ -26,14 +26,13 @@ from tqdm import tqdm
 
 from harmony.config import DataConfig
 from harmony.data.csv_source import CsvSource
-from harmony.data.decode import open_image, orientation, upright
+from harmony.data.decode import IMAGE_FILE_SUFFIXES, open_image, orientation, upright
 from harmony.data.errors import SKIP_REASONS, DataError, SampleError
 from harmony.data.guard import describe_skips
 from harmony.data.rgb import WHITE, to_rgb
 from harmony.data.shards import ShardWriter
 from harmony.typed import ConfigError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
@@ -90,7 +89,7 @@ def folder_pairs(root: Path, caption_template: str = "") -> list[Pending]:
     if not root.is_dir():
         raise DataError(f"'{root}' is not a folder")
     pairs = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_FILE_SUFFIXES and p.is_file()):
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
             caption = decode_text(sidecar.read_bytes())
@@ -100,7 +99,7 @@ def folder_pairs(root: Path, caption_template: str = "") -> list[Pending]:
             caption = ""
         pairs.append(Pending(readable(str(path.relative_to(root))), path, caption))
     if not pairs:
-        raise DataError(f"folder '{root}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DataError(f"folder '{root}' holds no images ({', '.join(sorted(IMAGE_FILE_SUFFIXES))})")
     return pairs
 
 
