@@ -159,6 +159,18 @@ def order_warnings(result: Scan) -> list[str]:
     ]
 
 
+def caption_warnings(result: Scan) -> list[str]:
+    """A warning when every caption of the whole set is the same: image-text objectives cannot learn from it."""
+    captions = result.captions
+    if not result.exhausted or len(captions) < 2 or len(captions) < result.usable or len(set(captions)) > 1:
+        return []
+    return [
+        f"warning: all {len(captions)} captions read {captions[0]!r}: a contrast between images and captions "
+        "cannot tell the images apart (CLIP, SigLIP, MLM learn nothing from them); give each image its own caption, "
+        "e.g. `harmony data from-folder --caption-template 'a photo of a {label}'`"
+    ]
+
+
 def long_share(result: Scan, context_length: int) -> float:
     """Percentage of usable captions longer than the context (before truncation, start/end included)."""
     return float(np.mean(np.array(result.tokens) > context_length)) * 100 if result.tokens else 0.0
@@ -207,7 +219,7 @@ def report(result: Scan, context_length: int) -> list[str]:
         f"caption length (words): min {words.min()}, median {int(np.median(words))}, max {words.max()}; "
         f"{long_share(result, context_length):.1f}% exceed the {context_length}-token context and are truncated"
     )
-    return lines + histogram(result.words) + order_warnings(result)
+    return lines + histogram(result.words) + order_warnings(result) + caption_warnings(result)
 
 
 def _font(size: int = 12) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
