@@ -54,7 +54,6 @@ class AugmentConfig:
     global_blur: tuple[float, float] = (1.0, 0.1)
     global_solarize: tuple[float, float] = (0.0, 0.2)
     local_blur: float = 0.5
-    eval_resize_ratio: float = 1.0
 
 
 @dataclass
@@ -163,19 +162,34 @@ RENAMED_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Keys removed since runs were written, none of which any code read: stored configs and YAML files that hold one
+# load without it (and without a note, since dropping it changes nothing); an override that sets one is refused.
+REMOVED_KEYS: frozenset[str] = frozenset({"data.augment.eval_resize_ratio"})
+
+
+def _parent(data: dict[str, Any], dotted: str) -> tuple[Any, str]:
+    """(the mapping in `data` that holds the dotted key's leaf, or None; the leaf's name)."""
+    *parents, leaf = dotted.split(".")
+    node: Any = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node, leaf
+
+
 def upgrade_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` (a nested config mapping) with every renamed key moved to its new name(s); an old key's value
-    wins over the new key's, since it is the one the user or the stored run gave."""
+    """`data` (a nested config mapping) with every renamed key moved to its new name(s) and every removed key
+    dropped; an old key's value wins over the new key's, since it is the one the user or the stored run gave."""
     out = copy.deepcopy(data)
     for old, new in RENAMED_KEYS.items():
-        *parents, leaf = old.split(".")
-        node: Any = out
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
+        node, leaf = _parent(out, old)
         if isinstance(node, dict) and leaf in node:
             value = node.pop(leaf)
             for key in new:
                 node[key.rsplit(".", 1)[1]] = value
+    for removed in REMOVED_KEYS:
+        node, leaf = _parent(out, removed)
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return out
 
 
@@ -187,6 +201,8 @@ def set_override(cfg: Config, assignment: str) -> Config:
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{assignment}' has an empty key")
+    if key in REMOVED_KEYS:
+        raise ConfigError(f"config key '{key}' was removed (it had no effect); leave it out")
     # The text goes to the field's type as is (so '1e-3', ',' or a path survive); only an explicit
     # {mapping} or [list] is parsed as YAML, and null/none switches a section off.
     value: Any = raw

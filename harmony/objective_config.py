@@ -161,12 +161,13 @@ class MAEConfig(ObjectiveSection):
 
 
 @dataclass
-class MLMConfig(ObjectiveSection):
-    """Masked language modelling: words -> [MASK] with probability `mask_prob`, decoded to the vocabulary."""
+class MaskedCaptionSection(ObjectiveSection):
+    """The settings of the sections that read the masked caption (MLM, text self-distillation): each word is
+    replaced by [MASK] with probability `mask_prob`, one draw for both, so they must agree on it; the text tower
+    they train is CLIP's."""
 
     weight: float = 1.0
     mask_prob: float = 0.2
-    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(depth=4, width=512, heads=8))
 
     requires: ClassVar[dict[str, str]] = {"clip": "which trains the text tower"}
 
@@ -178,25 +179,22 @@ class MLMConfig(ObjectiveSection):
 
 
 @dataclass
-class TextDistillConfig(SelfDistillationSection):
+class MLMConfig(MaskedCaptionSection):
+    """Masked language modelling: the masked caption's words decoded to the vocabulary."""
+
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(depth=4, width=512, heads=8))
+
+
+@dataclass
+class TextDistillConfig(MaskedCaptionSection, SelfDistillationSection):
     """Per-token self-distillation: text teacher on the clean caption, student on the masked one."""
 
-    weight: float = 1.0
-    mask_prob: float = 0.2
     student_temp: float = 0.1
     teacher_temp_start: float = 0.04
     teacher_temp_end: float = 0.07
     teacher_temp_warmup_epochs: float = 10.0
     center_momentum: float = 0.9
     head: HeadConfig = field(default_factory=HeadConfig)
-
-    requires: ClassVar[dict[str, str]] = {"clip": "which trains the text tower"}
-
-    def probabilities(self) -> dict[str, float]:
-        return {"mask_prob": self.mask_prob}
-
-    def shared(self) -> dict[str, tuple[str, object]]:
-        return {"the same masked caption": ("mask_prob", self.mask_prob)}
 
 
 @dataclass
@@ -226,7 +224,7 @@ class MaskedDistillConfig(SelfDistillationSection):
     decoder_depth: int = 1
     decoder_heads: int = 16
     student_temp: float = 0.1
-    teacher_temp_start: float = 0.04  # constant by default (no warm-up), as DESIGN.md specifies
+    teacher_temp_start: float = 0.04  # constant by default (no warm-up): docs/fidelity.md
     teacher_temp_end: float = 0.04
     teacher_temp_warmup_epochs: float = 0.0
     center_momentum: float = 0.9

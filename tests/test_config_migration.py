@@ -1,4 +1,5 @@
-"""Renamed config keys: old runs, old YAML files and old overrides keep their values under the new names.
+"""Renamed and removed config keys: old runs, old YAML files and old overrides keep their values under the new
+names, and a removed key (one no code read) is dropped without a word.
 
 The self-distillation sections now spell their temperatures alike (`teacher_temp_start/end/warmup_epochs`);
 a stored config that still says `teacher_temp_patch_end` must not fall back to the default silently.
@@ -6,13 +7,15 @@ a stored config that still says `teacher_temp_patch_end` must not fall back to t
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 import harmony
-from harmony.config import RENAMED_KEYS, upgrade_keys
+from harmony.config import REMOVED_KEYS, RENAMED_KEYS, AugmentConfig, ConfigError, upgrade_keys
 from harmony.core import checkpoint as ckpt
 from harmony.objectives.base import StepInfo
 from harmony.presets import build_config
@@ -27,6 +30,16 @@ def test_old_keys_in_overrides_and_yaml_files_reach_the_new_ones(tmp_path: Path)
     old.write_text(yaml.safe_dump({"objectives": {"clip": {}, "masked_distill": {"teacher_temp": 0.03}}}))
     section = build_config(str(old)).objectives.masked_distill
     assert section is not None and (section.teacher_temp_start, section.teacher_temp_end) == (0.03, 0.03)
+
+
+def test_a_removed_key_is_dropped_from_files_and_refused_as_an_override(tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"objectives": {"clip": {}}, "data": {"augment": {"eval_resize_ratio": 1.0}}}))
+    assert build_config(str(old)).data.augment == AugmentConfig()
+    with pytest.raises(ConfigError, match=r"'data\.augment\.eval_resize_ratio' was removed"):
+        build_config("clip-tiny-test", ["data.augment.eval_resize_ratio=1.0"])
+    keys = set(flatten(to_dict(build_config("harmony-tiny-test"))))
+    assert not REMOVED_KEYS & keys
 
 
 def test_upgrade_moves_every_renamed_key_and_leaves_the_rest() -> None:
@@ -58,10 +71,11 @@ def test_the_warm_up_reads_the_new_keys_for_every_self_distillation() -> None:
 
 
 def _rename_back(config: dict) -> dict:
-    """A config as the version before the rename wrote it."""
+    """A config as the version before the rename (and before a key's removal) wrote it."""
     ibot = config["objectives"]["ibot"]
     ibot["teacher_temp_patch_start"] = ibot.pop("teacher_temp_start")
     ibot["teacher_temp_patch_end"] = ibot.pop("teacher_temp_end")
+    config["data"]["augment"]["eval_resize_ratio"] = 1.0
     return config
 
 
@@ -76,12 +90,15 @@ def test_a_run_written_with_the_old_keys_resumes_and_loads_with_its_values(tmp_p
     ckpt.save_atomic(state, last)
     (run / "config.yaml").write_text(yaml.safe_dump(_rename_back(yaml.safe_load((run / "config.yaml").read_text()))))
 
-    loaded = harmony.load(last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "ignoring settings this version does not know" for a removed key
+        loaded = harmony.load(last)
     assert loaded.config.objectives.ibot is not None and loaded.config.objectives.ibot.teacher_temp_end == 0.05
 
     resumed = run_cli("train", *common, "--resume", "auto", "--max-steps", "3", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
-    assert "teacher_temp" not in resumed.stdout + resumed.stderr  # no change reported, nothing ignored
+    for key in ("teacher_temp", "eval_resize_ratio"):  # no change reported, nothing ignored
+        assert key not in resumed.stdout + resumed.stderr
     assert "differs" not in resumed.stderr
     now = yaml.safe_load((run / "config.yaml").read_text())["objectives"]["ibot"]
     assert now["teacher_temp_end"] == 0.05 and "teacher_temp_patch_end" not in now

@@ -88,7 +88,7 @@ def test_shard_batches_carry_exact_skip_counts(tmp_path: Path) -> None:
     batches = list(data.batches(0))
     assert [(captions(b)[0], errors_of(b)) for b in batches] == expected
     assert data.skipped == {"image": 3, "caption": 2, "shard": 2}
-    assert data.skip_summary() == (
+    assert describe_skips(data.skipped) == (
         "data: skipped 7 samples (3 unreadable images, 2 missing or empty captions, 2 unreadable shards)"
     )
 

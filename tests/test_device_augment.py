@@ -147,9 +147,10 @@ def reference_boxes(scale: tuple[float, float], n: int) -> tuple[torch.Tensor, t
 
 
 def test_ten_thousand_drawn_parameters_follow_the_recipe() -> None:
-    """DESIGN.md §4: global scale (0.32, 1) (boxes distributed as torchvision's RandomResizedCrop), flip, jitter p 0.8 (0.4, 0.4, 0.2, 0.1), grayscale p 0.2, blur p
-    1.0 / 0.1 with sigma U(0.1, 2), solarise p 0.2 on crop 2; local 96 px scale (0.05, 0.32), blur p 0.5 --
-    read back from the plan tables the device receives."""
+    """The augmentation recipe of docs/design.md ("Data path"): global scale (0.32, 1) (boxes distributed as
+    torchvision's RandomResizedCrop), flip, jitter p 0.8 (0.4, 0.4, 0.2, 0.1), grayscale p 0.2, blur p 1.0 / 0.1
+    with sigma U(0.1, 2), solarise p 0.2 on crop 2; local 96 px scale (0.05, 0.32), blur p 0.5 -- read back from
+    the plan tables the device receives."""
     cfg, rng, n = AugmentConfig(), random.Random(1), 10_000
     tables = {
         "g0": torch.tensor([encode_plan(plan_global(400, 500, 0, cfg, rng)) for _ in range(n)]),

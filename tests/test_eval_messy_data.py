@@ -1,6 +1,6 @@
-"""Second trial of issue 16: the files a real user's evaluation folders and tables hold (16-bit and
-CMYK images, hidden files, unicode and empty class folders, Excel CSVs, URL rows, ADE/COCO sets with
-broken members)."""
+"""`harmony eval` on the files a real user's evaluation folders and tables hold: 16-bit and CMYK images,
+hidden files, unicode and empty class folders, Excel CSVs, URL rows, ADE/COCO sets with broken members; each is
+read as meant or skipped and counted, never a traceback."""
 
 from __future__ import annotations
 

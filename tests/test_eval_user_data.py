@@ -1,5 +1,5 @@
-"""`harmony eval` on a user's own data (issue 16): flags read as given, folders read as a user means
-them, unreadable and transparent images, outputs that cannot be written, k-NN's k."""
+"""`harmony eval` on a user's own data: flags read as given, folders read as a user means them, unreadable and
+transparent images, outputs that cannot be written, k-NN's k."""
 
 from __future__ import annotations
 

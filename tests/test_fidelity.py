@@ -1,4 +1,5 @@
-"""Fidelity to the code behind the paper's numbers (docs/fidelity.md): one test per decision of issue 14."""
+"""Fidelity to the code behind the paper's numbers: one test per row of docs/fidelity.md (caption padding, the
+logit-scale clamp, gradient clipping, text-distillation averaging, the MAE crop sum, stochastic depth)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every loss against an independent, direct computation of its formula (DESIGN.md section 3)."""
+"""Every loss against an independent, direct computation of its formula (docs/design.md, "Objectives")."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harmony.data.rgb import parse_background, to_rgb
+from harmony.core.colors import parse_background
+from harmony.data.rgb import to_rgb
 from harmony.outputs import OutputError, check_output_dir, check_output_file
 
 

@@ -60,7 +60,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _background(value: str) -> tuple[int, int, int]:
-    from harmony.data.rgb import parse_background
+    from harmony.core.colors import parse_background
 
     try:
         return parse_background(value)

@@ -25,11 +25,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from harmony.config import DataConfig
+from harmony.core.colors import WHITE
 from harmony.data.csv_source import CsvSource
 from harmony.data.decode import IMAGE_FILE_SUFFIXES, open_image, orientation, upright
 from harmony.data.errors import SKIP_REASONS, DataError, SampleError
 from harmony.data.guard import describe_skips
-from harmony.data.rgb import WHITE, to_rgb
+from harmony.data.rgb import to_rgb
 from harmony.data.shards import ShardWriter
 from harmony.typed import ConfigError
 

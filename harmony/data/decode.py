@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from harmony.core.colors import WHITE
 from harmony.data.augment import CropPlan
 from harmony.data.errors import SampleError
-from harmony.data.rgb import WHITE, to_rgb
+from harmony.data.rgb import to_rgb
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 # image files read from folders (conversion, evaluation), by suffix; shards name their images by extension

@@ -30,7 +30,7 @@ from harmony.data.csv_source import CsvSource
 from harmony.data.decode import RawSample
 from harmony.data.device_augment import DeviceAugment, PlanMaker, device_augment_enabled, prefetched
 from harmony.data.errors import SKIP_REASONS, DataError, SampleError
-from harmony.data.guard import ReadGuard, SkipTally, describe_skips, worker_message
+from harmony.data.guard import ReadGuard, SkipTally, worker_message
 from harmony.data.sources import BuiltinSource, Layout, PassEnd, ShardSource, decode_sample, open_source
 from harmony.data.views import ViewMaker, collate_for
 
@@ -288,10 +288,6 @@ class TrainData:
                 yield batch
         except DataError as exc:
             raise DataError(worker_message(exc)) from None
-
-    def skip_summary(self) -> str:
-        """One line for the end of a run, e.g. 'data: skipped 3 samples (2 unreadable images, 1 empty caption)'."""
-        return describe_skips(self.skipped)
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
         if isinstance(self.source, ShardSource):

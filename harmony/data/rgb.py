@@ -3,7 +3,7 @@
 PIL's `convert("RGB")` discards alpha, so a line drawing on a transparent canvas becomes a black
 square; it also clips 16-bit greyscale (mode I;16, e.g. scans and medical PNGs) to 255, so all but the
 darkest pixels turn white. Every place that turns a user's image into RGB pixels (training, conversion, inspection,
-evaluation) goes through `to_rgb`.
+evaluation) goes through `to_rgb`. Background colours are named and parsed in `harmony.core.colors`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from harmony.core.colors import WHITE, parse_background
-
-__all__ = ["WHITE", "has_transparency", "parse_background", "to_rgb"]
+from harmony.core.colors import WHITE
 
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale as PIL opens it
 

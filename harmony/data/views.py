@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from harmony.config import Config
+from harmony.core.colors import parse_background
 from harmony.data.augment import CropPlan, plan_global, plan_local, render_crops
 from harmony.data.decode import decode_pixels, upright_size
 from harmony.data.masking import (
@@ -30,7 +31,6 @@ from harmony.data.masking import (
     patch_loss_weights,
     random_split,
 )
-from harmony.data.rgb import parse_background
 from harmony.models.tokenizer import CaptionTokenizer, mask_caption
 from harmony.objectives.base import Needs
 

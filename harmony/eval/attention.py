@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
+from harmony.core.colors import WHITE
 from harmony.data.errors import SampleError
-from harmony.data.rgb import WHITE
+from harmony.data.shapes import ShapesSample
 from harmony.eval.datasets import open_labelled, pick, shapes_dataset
 from harmony.eval.images import Colour, Skips, require_some
 from harmony.eval.metrics import mass_jaccard, topk_precision
@@ -106,6 +107,81 @@ def save_grid(path: Path, images: list[np.ndarray], maps: list[list[np.ndarray]]
     plt.close(fig)
 
 
+@dataclass
+class AttentionTally:
+    """What the images of one run add up to: the pictures' rows, and the built-in scores per image."""
+
+    pictures: list[np.ndarray] = field(default_factory=list)
+    attn_rows: list[list[np.ndarray]] = field(default_factory=list)
+    sim_rows: list[list[np.ndarray]] = field(default_factory=list)
+    head_jaccard: list[list[float]] = field(default_factory=list)
+    scores: dict[str, list[float]] = field(
+        default_factory=lambda: {
+            name: [] for name in ("jaccard", "fg_mass", "fg_fraction", "text_precision", "text_chance")
+        }
+    )
+    heads: int = 0
+
+    def add_picture(self, pixels: torch.Tensor, attention: torch.Tensor, sim: torch.Tensor | None) -> None:
+        """One row of each PNG: every head's attention and their mean; the similarity map with a text tower."""
+        self.pictures.append(pixels.permute(1, 2, 0).numpy())
+        self.attn_rows.append([*(a.numpy() for a in attention), attention.mean(0).numpy()])
+        if sim is not None:
+            self.sim_rows.append([sim.numpy()])
+
+    def add_scores(
+        self, sample: ShapesSample, label: int, attention: torch.Tensor, sim: torch.Tensor | None, s: AttentionSettings
+    ) -> None:
+        """Scores of one built-in image against its object masks."""
+        grid = (attention.shape[-2], attention.shape[-1])
+        fg = patch_mask(sample.instances > 0, grid)
+        self.head_jaccard.append([mass_jaccard(a, fg, s.keep_mass) for a in attention])
+        self.scores["jaccard"].append(mass_jaccard(attention.mean(0), fg, s.keep_mass))
+        self.scores["fg_mass"].append(float((attention * fg).sum() / attention.sum()))
+        self.scores["fg_fraction"].append(float(fg.float().mean()))
+        if sim is not None:
+            target = patch_mask(sample.semantic == label + 1, grid)
+            if target.any():
+                self.scores["text_precision"].append(topk_precision(sim, target))
+                self.scores["text_chance"].append(float(target.float().mean()))
+
+    def metrics(self) -> dict[str, float]:
+        """The means over the scored images (none on data without masks)."""
+        metrics: dict[str, float] = {}
+        if self.head_jaccard:
+            metrics["attn_jaccard"] = float(np.mean(self.scores["jaccard"]))
+            metrics["attn_jaccard_best_head"] = float(np.max(np.mean(self.head_jaccard, axis=0)))
+            metrics["attn_fg_mass"] = float(np.mean(self.scores["fg_mass"]))
+            metrics["fg_fraction"] = float(np.mean(self.scores["fg_fraction"]))
+        if self.scores["text_precision"]:
+            metrics["text_precision"] = float(np.mean(self.scores["text_precision"]))
+            metrics["text_chance"] = float(np.mean(self.scores["text_chance"]))
+        return metrics
+
+    def write(self, out_dir: Path, prompt: str) -> list[Path]:
+        """attention.png, and similarity.png when a text tower drew similarity maps."""
+        files = [out_dir / "attention.png"]
+        save_grid(files[0], self.pictures, self.attn_rows, [f"head {h}" for h in range(self.heads)] + ["mean"])
+        if self.sim_rows:
+            files.append(out_dir / "similarity.png")
+            save_grid(files[1], self.pictures, self.sim_rows, [f"'{prompt}'"])
+        return files
+
+
+def maps_of(
+    pretrained: Pretrained, pixels: torch.Tensor, prompt: str | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(CLS attention [heads, gh, gw], the similarity map [gh, gw] with `prompt`, None without one) of one image."""
+    model = pretrained.model
+    attention, tokens = attention_and_tokens(model, normalize(pixels[None].to(device)))
+    attention = attention[0].float().cpu()
+    if prompt is None or pretrained.tokenizer is None:
+        return attention, None
+    text = model.encode_text(pretrained.tokenizer([prompt]).to(device))
+    grid = (attention.shape[-2], attention.shape[-1])
+    return attention, similarity_map(model, tokens, text, grid)[0].float().cpu()
+
+
 def run_attention(
     pretrained: Pretrained,
     data_spec: str,
@@ -119,25 +195,13 @@ def run_attention(
     s = resolve(AttentionSettings(), ATTENTION_FULL, data_spec, overrides)
     if s.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {s.num_images}")
-    model, size = pretrained.model, pretrained.image_size
     builtin = data_spec.startswith("builtin:")
     labelled = open_labelled(data_spec, pretrained.config, background)
     shapes = shapes_dataset(data_spec, pretrained.config) if builtin else None
     index = pick(len(labelled), max(s.max_eval, s.num_images) if builtin else s.num_images)
-    has_text = model.has_text and pretrained.tokenizer is not None
+    has_text = pretrained.model.has_text and pretrained.tokenizer is not None
     names = labelled.class_names if builtin else [prompt_name(n) for n in labelled.class_names]
-    scores: dict[str, list[float]] = {
-        "jaccard": [],
-        "fg_mass": [],
-        "fg_fraction": [],
-        "text_precision": [],
-        "text_chance": [],
-    }
-    head_jaccard: list[list[float]] = []
-    pictures: list[np.ndarray] = []
-    attn_rows: list[list[np.ndarray]] = []
-    sim_rows: list[list[np.ndarray]] = []
-    skips, used = Skips(), 0
+    tally, skips, used = AttentionTally(), Skips(), 0
     for i in index:
         try:
             image, label = labelled.get(i)
@@ -145,55 +209,22 @@ def run_attention(
             skips.add(exc)
             continue
         used += 1
-        pixels = eval_transform(image, size)
-        attention, tokens = attention_and_tokens(model, normalize(pixels[None].to(device)))
-        attention = attention[0].float().cpu()
-        grid = (attention.shape[-2], attention.shape[-1])
-        sim = None
-        if has_text:
-            assert pretrained.tokenizer is not None
-            prompt = s.prompt.format(names[label])
-            text = model.encode_text(pretrained.tokenizer([prompt]).to(device))
-            sim = similarity_map(model, tokens, text, grid)[0].float().cpu()
-        if len(pictures) < s.num_images:
-            pictures.append(pixels.permute(1, 2, 0).numpy())
-            attn_rows.append([*(a.numpy() for a in attention), attention.mean(0).numpy()])
-            if sim is not None:
-                sim_rows.append([sim.numpy()])
+        pixels = eval_transform(image, pretrained.image_size)
+        attention, sim = maps_of(pretrained, pixels, s.prompt.format(names[label]) if has_text else None, device)
+        tally.heads = attention.shape[0]
+        if len(tally.pictures) < s.num_images:
+            tally.add_picture(pixels, attention, sim)
         if shapes is not None:
-            sample = shapes[i]
-            fg = patch_mask(sample.instances > 0, grid)
-            head_jaccard.append([mass_jaccard(a, fg, s.keep_mass) for a in attention])
-            scores["jaccard"].append(mass_jaccard(attention.mean(0), fg, s.keep_mass))
-            scores["fg_mass"].append(float((attention * fg).sum() / attention.sum()))
-            scores["fg_fraction"].append(float(fg.float().mean()))
-            if sim is not None:
-                target = patch_mask(sample.semantic == label + 1, grid)
-                if target.any():
-                    scores["text_precision"].append(topk_precision(sim, target))
-                    scores["text_chance"].append(float(target.float().mean()))
+            tally.add_scores(shapes[i], label, attention, sim, s)
     require_some(used, skips, labelled.name)
-    out_dir = Path(out_dir)
-    heads = attention.shape[0]
-    files = [out_dir / "attention.png"]
-    save_grid(files[0], pictures, attn_rows, [f"head {h}" for h in range(heads)] + ["mean"])
-    if sim_rows:
-        files.append(out_dir / "similarity.png")
-        save_grid(files[1], pictures, sim_rows, [f"'{s.prompt}'"])
-    metrics: dict[str, float] = {}
-    if head_jaccard:
-        metrics["attn_jaccard"] = float(np.mean(scores["jaccard"]))
-        metrics["attn_jaccard_best_head"] = float(np.max(np.mean(head_jaccard, axis=0)))
-        metrics["attn_fg_mass"] = float(np.mean(scores["fg_mass"]))
-        metrics["fg_fraction"] = float(np.mean(scores["fg_fraction"]))
-    if scores["text_precision"]:
-        metrics["text_precision"] = float(np.mean(scores["text_precision"]))
-        metrics["text_chance"] = float(np.mean(scores["text_chance"]))
+    files = tally.write(Path(out_dir), s.prompt)
     dataset = {
         "spec": data_spec,
         "num_images": used,
-        "num_pictures": len(pictures),
+        "num_pictures": len(tally.pictures),
         "prompts": [s.prompt.format(n) for n in names] if has_text else [],
         "skipped": skips.as_dict(),
     }
-    return make_result("attention", pretrained, dataset, s, metrics, started, background, files=[str(f) for f in files])
+    return make_result(
+        "attention", pretrained, dataset, s, tally.metrics(), started, background, files=[str(f) for f in files]
+    )

@@ -25,10 +25,11 @@ from typing import Any
 from PIL import Image
 
 from harmony.config import Config
+from harmony.core.colors import WHITE
 from harmony.data.csv_source import read_columns, separator_for
 from harmony.data.decode import open_image
 from harmony.data.errors import DataError, SampleError
-from harmony.data.rgb import WHITE, to_rgb
+from harmony.data.rgb import to_rgb
 from harmony.data.shapes import caption_for
 from harmony.data.shard_reader import caption_of, header_problem, image_extension, is_remote, read_shard
 from harmony.data.sources import expand_urls

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harmony.data.rgb import parse_background
+from harmony.core.colors import parse_background
 from harmony.eval.report import report_skips, result_table, write_result
 from harmony.eval.settings import add_flags, overrides_from, parse_value
 from harmony.eval.suite import PROTOCOLS, run_label, run_suite, run_task

@@ -16,8 +16,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from harmony.config import Config
+from harmony.core.colors import WHITE
 from harmony.data.decode import DEFAULT_MAX_PIXELS, IMAGE_FILE_SUFFIXES
-from harmony.data.rgb import WHITE
 from harmony.data.shapes import CLASS_NAMES, COLOR_NAMES, ShapesDataset
 from harmony.data.sources import DataError, SampleError
 from harmony.eval.images import Colour, SkippingLoader, Skips, background_name, either, read_image, require_some
@@ -199,6 +199,39 @@ def open_labelled(spec: str, cfg: Config, background: Colour = WHITE) -> Labelle
     raise DataError(
         f"'{spec}' is not a labelled dataset (builtin:shapes[:val] or a folder with one sub-folder per class)"
     )
+
+
+@dataclass
+class LabelledSplits:
+    """The training and evaluation splits of a classification protocol; `train_spec` is the spec the training
+    split was opened from (given, or found next to the evaluation split)."""
+
+    train_spec: str
+    train: LabelledImages
+    test: LabelledImages
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.class_names)
+
+
+def labelled_splits(
+    cfg: Config,
+    data_spec: str,
+    train_spec: str | None,
+    background: Colour,
+    max_train: int,
+    max_eval: int,
+    seed: int = 0,
+) -> LabelledSplits:
+    """Both splits of a classification protocol (k-NN, linear probe, fine-tuning): the training spec defaults to
+    the split next to `data_spec`, each split is a fixed random subset (`max_train`, `max_eval`; 0 = all) drawn
+    with `seed`, and the two must have the same classes."""
+    train_spec = train_spec or default_train_spec(data_spec)
+    train = subset(open_labelled(train_spec, cfg, background), max_train, seed)
+    test = subset(open_labelled(data_spec, cfg, background), max_eval, seed)
+    check_same_classes(train, test, train_spec, data_spec)
+    return LabelledSplits(train_spec, train, test)
 
 
 class EvalViews(Dataset[tuple[torch.Tensor, int] | SampleError]):

@@ -21,8 +21,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
+from harmony.core.colors import WHITE
 from harmony.data.errors import DataError, SampleError
-from harmony.data.rgb import WHITE
+from harmony.eval import settings
 from harmony.eval.datasets import default_train_spec
 from harmony.eval.detdata import DetectionSet, DetViews, Target, coco_ground_truth, open_detection
 from harmony.eval.images import Colour, SkippingLoader, Skips, either, require_some
@@ -30,7 +31,6 @@ from harmony.eval.metrics import coco_ap
 from harmony.eval.optim import backbone_head_optimizer, warmup_schedule
 from harmony.eval.pyramid import SimpleFeaturePyramid
 from harmony.eval.report import make_result
-from harmony.eval.settings import resolve
 from harmony.loading import Pretrained
 from harmony.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from harmony.models.vision import VisionTower
@@ -41,8 +41,8 @@ class DetectSettings:
     epochs: int = field(default=6, metadata={"help": "training epochs"})
     batch_size: int = field(default=8, metadata={"help": "training batch (images)"})
     lr: float = field(default=2e-4, metadata={"help": "AdamW peak lr (head; ViT layer-decayed)"})
-    layer_decay: float = field(default=0.75, metadata={"help": "lr x decay^(layers above)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    layer_decay: float = settings.layer_decay(0.75)
+    weight_decay: float = settings.weight_decay()
     warmup_steps: int = field(default=20, metadata={"help": "linear lr warm-up steps"})
     decay_at: tuple[float, ...] = field(default=(0.75, 0.92), metadata={"help": "x0.1 lr at these fractions"})
     train_sizes: tuple[int, ...] = field(default=(0,), metadata={"help": "short sides drawn in training (0 = as is)"})
@@ -54,9 +54,9 @@ class DetectSettings:
     rois_per_image: int = field(default=64, metadata={"help": "sampled RoIs per image for the heads"})
     proposals: int = field(default=300, metadata={"help": "RPN proposals kept per image (train and test)"})
     detections_per_image: int = field(default=20, metadata={"help": "kept detections per test image"})
-    max_train: int = field(default=256, metadata={"help": "training images used (0 = all)"})
-    max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
+    max_train: int = settings.max_train(256)
+    max_eval: int = settings.max_eval()
+    seed: int = settings.seed()
 
 
 DETECT_FULL = DetectSettings(
@@ -203,7 +203,7 @@ def run_detect(
 ) -> dict[str, Any]:
     """Box and mask AP / AP50 / AP75 on the evaluation set after training Mask R-CNN on the training set."""
     started = time.perf_counter()
-    s = resolve(DetectSettings(), DETECT_FULL, data_spec, overrides)
+    s = settings.resolve(DetectSettings(), DETECT_FULL, data_spec, overrides)
     torch.manual_seed(s.seed)
     train_spec = train_spec or default_train_spec(data_spec)
     opened = open_detection(train_spec, pretrained.config, train_image_root, background)

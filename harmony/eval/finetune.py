@@ -22,21 +22,13 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from harmony.data.rgb import WHITE
-from harmony.eval.datasets import (
-    EvalViews,
-    LabelledImages,
-    check_same_classes,
-    default_train_spec,
-    extract,
-    open_labelled,
-    subset,
-)
+from harmony.core.colors import WHITE
+from harmony.eval import settings
+from harmony.eval.datasets import EvalViews, LabelledImages, extract, labelled_splits
 from harmony.eval.images import Colour, SkippingLoader, Skips
 from harmony.eval.metrics import topk_accuracy
 from harmony.eval.optim import autocast, warmup_schedule
 from harmony.eval.report import make_result
-from harmony.eval.settings import resolve
 from harmony.loading import Pretrained
 from harmony.models.normalize import normalize
 from harmony.models.sizes import VISION_SIZES
@@ -50,17 +42,17 @@ class FinetuneSettings:
     lr: float = field(default=1e-2, metadata={"help": "peak lr per 256 images"})
     min_lr: float = field(default=1e-6, metadata={"help": "lr at the end of the cosine schedule"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up"})
-    layer_decay: float = field(default=0.65, metadata={"help": "lr x decay^(layers above)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    layer_decay: float = settings.layer_decay(0.65)
+    weight_decay: float = settings.weight_decay()
     drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate"})
     mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 = off)"})
     cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 = off)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "cross-entropy label smoothing"})
     crop_scale: tuple[float, ...] = field(default=(0.5, 1.0), metadata={"help": "random-resized-crop area range"})
     pool: str = field(default="avg", metadata={"help": "avg (patch mean + fc_norm) or token (CLS)"})
-    max_train: int = field(default=2000, metadata={"help": "training images used (0 = all)"})
-    max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
+    max_train: int = settings.max_train(2000)
+    max_eval: int = settings.max_eval()
+    seed: int = settings.seed()
 
 
 FINETUNE_FULL = FinetuneSettings(
@@ -186,27 +178,25 @@ def run_finetune(
 ) -> dict[str, Any]:
     """Top-1/top-5 on the evaluation split after fine-tuning the whole tower on the training split."""
     started = time.perf_counter()
-    s = resolve(FinetuneSettings(), FINETUNE_FULL, data_spec, overrides)
+    s = settings.resolve(FinetuneSettings(), FINETUNE_FULL, data_spec, overrides)
     if len(s.crop_scale) != 2 or not 0 < s.crop_scale[0] <= s.crop_scale[1] <= 1:
         raise ValueError(f"--crop-scale needs two area fractions lo,hi with 0 < lo <= hi <= 1, got {s.crop_scale}")
     torch.manual_seed(s.seed)
-    train_spec = train_spec or default_train_spec(data_spec)
-    train = subset(open_labelled(train_spec, pretrained.config, background), s.max_train, s.seed)
-    test = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval, s.seed)
-    check_same_classes(train, test, train_spec, data_spec)
-    model = classifier_from(pretrained.model.visual, len(train.class_names), s.drop_path, s.pool)
+    splits = labelled_splits(pretrained.config, data_spec, train_spec, background, s.max_train, s.max_eval, s.seed)
+    train = splits.train
+    model = classifier_from(pretrained.model.visual, splits.num_classes, s.drop_path, s.pool)
     train_skips, skips = Skips(), Skips()
     curve = fit_classifier(model, train, s, pretrained.image_size, device, num_workers, train_skips)
     model.eval()
-    logits, labels = extract(model, test, pretrained.image_size, device, 256, num_workers, skips)
+    logits, labels = extract(model, splits.test, pretrained.image_size, device, 256, num_workers, skips)
     skips.merge(train_skips.as_dict())
-    metrics = {**topk_accuracy(logits, labels), "chance": 1.0 / len(train.class_names)}
+    metrics = {**topk_accuracy(logits, labels), "chance": 1.0 / splits.num_classes}
     dataset = {
         "spec": data_spec,
-        "train": train_spec,
+        "train": splits.train_spec,
         "num_train": len(train) - len(train_skips),
         "num_images": len(labels),
-        "num_classes": len(train.class_names),
+        "num_classes": splits.num_classes,
         "skipped": skips.as_dict(),
     }
     return make_result("finetune", pretrained, dataset, s, metrics, started, background, curve={"train_loss": curve})

@@ -20,9 +20,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from harmony.core.colors import WHITE
 from harmony.data.decode import DEFAULT_MAX_PIXELS, open_image, upright
 from harmony.data.errors import DataError, SampleError
-from harmony.data.rgb import WHITE, to_rgb
+from harmony.data.rgb import to_rgb
 
 Colour = tuple[int, int, int]
 B = TypeVar("B")

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harmony.data.rgb import WHITE
-from harmony.eval.datasets import check_same_classes, default_train_spec, open_labelled, subset
+from harmony.core.colors import WHITE
+from harmony.eval import settings
+from harmony.eval.datasets import labelled_splits
 from harmony.eval.features import cached_summaries
 from harmony.eval.images import Colour, Skips
 from harmony.eval.metrics import knn_scores, topk_accuracy
 from harmony.eval.report import make_result
-from harmony.eval.settings import resolve
 from harmony.loading import Pretrained
 
 
@@ -25,8 +25,8 @@ from harmony.loading import Pretrained
 class KnnSettings:
     ks: tuple[int, ...] = field(default=(10, 20, 100, 200), metadata={"help": "numbers of neighbours"})
     temperature: float = field(default=0.07, metadata={"help": "vote weight exp(sim / T)"})
-    max_train: int = field(default=5000, metadata={"help": "training images used (0 = all)"})
-    max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
+    max_train: int = settings.max_train(5000)
+    max_eval: int = settings.max_eval()
     batch_size: int = field(default=256, metadata={"help": "feature extraction batch"})
 
 
@@ -68,12 +68,9 @@ def run_knn(
     """Top-1/top-5 of weighted k-NN for each k (`k<k>_top1`, k capped at the training set's size):
     eval images against (a subset of) the training split."""
     started = time.perf_counter()
-    s = resolve(KnnSettings(), KNN_FULL, data_spec, overrides)
+    s = settings.resolve(KnnSettings(), KNN_FULL, data_spec, overrides)
     check_ks(s.ks)
-    train_spec = train_spec or default_train_spec(data_spec)
-    train = subset(open_labelled(train_spec, pretrained.config, background), s.max_train)
-    test = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval)
-    check_same_classes(train, test, train_spec, data_spec)
+    splits = labelled_splits(pretrained.config, data_spec, train_spec, background, s.max_train, s.max_eval)
     extract: dict[str, Any] = {
         "device": device,
         "cache_dir": cache_dir,
@@ -81,23 +78,23 @@ def run_knn(
         "num_workers": num_workers,
         "skips": Skips(),
     }
-    train_feats, train_labels = cached_summaries(pretrained, train, **extract)
-    test_feats, test_labels = cached_summaries(pretrained, test, **extract)
+    train_feats, train_labels = cached_summaries(pretrained, splits.train, **extract)
+    test_feats, test_labels = cached_summaries(pretrained, splits.test, **extract)
     train_cls = F.normalize(train_feats[:, -2], dim=-1)
     test_cls = F.normalize(test_feats[:, -2], dim=-1)
     used = neighbour_counts(s.ks, len(train_labels))
     metrics: dict[str, float] = {}
     for k in used:
-        votes = knn_scores(train_cls, train_labels, test_cls, k, s.temperature, len(train.class_names))
+        votes = knn_scores(train_cls, train_labels, test_cls, k, s.temperature, splits.num_classes)
         acc = topk_accuracy(votes, test_labels)
         metrics[f"k{k}_top1"], metrics[f"k{k}_top5"] = acc["top1"], acc["top5"]
-    metrics["chance"] = 1.0 / len(train.class_names)
+    metrics["chance"] = 1.0 / splits.num_classes
     dataset = {
         "spec": data_spec,
-        "train": train_spec,
+        "train": splits.train_spec,
         "num_train": len(train_labels),
         "num_images": len(test_labels),
-        "num_classes": len(train.class_names),
+        "num_classes": splits.num_classes,
         "skipped": extract["skips"].as_dict(),
     }
     return make_result("knn", pretrained, dataset, s, metrics, started, background, ks_used=used)

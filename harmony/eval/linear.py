@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmony.data.rgb import WHITE
-from harmony.eval.datasets import check_same_classes, default_train_spec, open_labelled, pick, subset
+from harmony.core.colors import WHITE
+from harmony.eval import settings
+from harmony.eval.datasets import labelled_splits, pick
 from harmony.eval.features import cached_summaries, linear_input
 from harmony.eval.images import Colour, Skips
 from harmony.eval.metrics import topk_accuracy
 from harmony.eval.report import make_result
-from harmony.eval.settings import resolve
 from harmony.loading import Pretrained
 
 POOLINGS = ("cls", "cls+avg")
@@ -41,9 +41,9 @@ class LinearSettings:
     n_last_blocks: tuple[int, ...] = field(default=(1, 4), metadata={"help": "CLS of the last n blocks"})
     pooling: tuple[str, ...] = field(default=POOLINGS, metadata={"help": "'cls' and/or 'cls+avg' (patch mean)"})
     heldout_fraction: float = field(default=0.1, metadata={"help": "share of training images held out"})
-    max_train: int = field(default=5000, metadata={"help": "training images used (0 = all)"})
-    max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
+    max_train: int = settings.max_train(5000)
+    max_eval: int = settings.max_eval()
+    seed: int = settings.seed()
 
 
 LINEAR_FULL = LinearSettings(epochs=100, batch_size=1024, max_train=0)
@@ -132,12 +132,9 @@ def run_linear(
 ) -> dict[str, Any]:
     """Linear-probe top-1/top-5 of the head chosen on held-out training images; the full sweep in `sweep`."""
     started = time.perf_counter()
-    s = resolve(LinearSettings(), LINEAR_FULL, data_spec, overrides)
-    train_spec = train_spec or default_train_spec(data_spec)
-    train = subset(open_labelled(train_spec, pretrained.config, background), s.max_train, s.seed)
-    test = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval, s.seed)
-    check_same_classes(train, test, train_spec, data_spec)
-    num_classes = len(train.class_names)
+    s = settings.resolve(LinearSettings(), LINEAR_FULL, data_spec, overrides)
+    splits = labelled_splits(pretrained.config, data_spec, train_spec, background, s.max_train, s.max_eval, s.seed)
+    num_classes = splits.num_classes
     skips = Skips()
     extract: dict[str, Any] = {
         "device": device,
@@ -146,8 +143,8 @@ def run_linear(
         "num_workers": num_workers,
         "skips": skips,
     }
-    train_feats, train_labels = cached_summaries(pretrained, train, **extract)
-    test_feats, test_labels = cached_summaries(pretrained, test, **extract)
+    train_feats, train_labels = cached_summaries(pretrained, splits.train, **extract)
+    test_feats, test_labels = cached_summaries(pretrained, splits.test, **extract)
     heldout = torch.tensor(pick(len(train_labels), max(1, round(s.heldout_fraction * len(train_labels))), s.seed + 1))
     fit = torch.ones(len(train_labels), dtype=torch.bool)
     fit[heldout] = False
@@ -175,7 +172,7 @@ def run_linear(
     }
     dataset = {
         "spec": data_spec,
-        "train": train_spec,
+        "train": splits.train_spec,
         "num_train": int(fit.sum()),
         "num_heldout": len(heldout),
         "num_images": len(test_labels),

@@ -9,7 +9,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from harmony.data.rgb import WHITE
+from harmony.core.colors import WHITE
 from harmony.eval.images import Colour, background_name, skip_line
 from harmony.loading import Pretrained
 

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from harmony.core.colors import WHITE
 from harmony.data.errors import SampleError
-from harmony.data.rgb import WHITE
 from harmony.eval.captions import CaptionedImages, TableColumns, open_captioned
 from harmony.eval.datasets import pick
 from harmony.eval.images import Colour, SkippingLoader, Skips, either, require_some

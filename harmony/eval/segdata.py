@@ -21,9 +21,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from harmony.config import Config
+from harmony.core.colors import WHITE
 from harmony.data.decode import IMAGE_FILE_SUFFIXES, open_image
 from harmony.data.errors import SampleError
-from harmony.data.rgb import WHITE
 from harmony.data.shapes import CLASS_NAMES
 from harmony.data.sources import DataError
 from harmony.eval.datasets import pick, shapes_dataset

@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harmony.config import Config
+from harmony.core.colors import WHITE
 from harmony.data.errors import DataError
-from harmony.data.rgb import WHITE
+from harmony.eval import settings
 from harmony.eval.datasets import default_train_spec, pick
 from harmony.eval.images import Colour, SkippingLoader, Skips
 from harmony.eval.metrics import confusion_matrix, segmentation_scores
@@ -29,7 +31,6 @@ from harmony.eval.optim import autocast, backbone_head_optimizer, warmup_schedul
 from harmony.eval.pyramid import SimpleFeaturePyramid
 from harmony.eval.report import make_result
 from harmony.eval.segdata import IGNORE, MaskedImages, SegViews, open_segmentation
-from harmony.eval.settings import resolve
 from harmony.eval.zeroshot import read_lines
 from harmony.loading import Pretrained
 from harmony.models.normalize import normalize
@@ -46,17 +47,17 @@ class SegmentSettings:
     batch_size: int = field(default=16, metadata={"help": "training batch"})
     linear_lr: float = field(default=1e-2, metadata={"help": "AdamW peak lr of the linear head"})
     fpn_lr: float = field(default=1e-3, metadata={"help": "AdamW peak lr of the FPN protocol (head; ViT decayed)"})
-    layer_decay: float = field(default=0.65, metadata={"help": "lr x decay^(layers above)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    layer_decay: float = settings.layer_decay(0.65)
+    weight_decay: float = settings.weight_decay()
     warmup_steps: int = field(default=30, metadata={"help": "linear lr warm-up steps"})
     crop_size: int = field(default=0, metadata={"help": "square view size (0 = the checkpoint's image size)"})
     scale_range: tuple[float, ...] = field(default=(0.75, 1.5), metadata={"help": "training rescale range"})
     fpn_channels: int = field(default=64, metadata={"help": "feature pyramid width"})
     reduce_zero_label: bool = field(default=True, metadata={"help": "folders: mask 0 is ignored (ADE20K)"})
     class_names: str = field(default="", metadata={"help": "folders: file of class names"})
-    max_train: int = field(default=2000, metadata={"help": "training images used (0 = all)"})
-    max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
-    seed: int = field(default=0, metadata={"help": "random seed (subsets, initialisation, shuffling)"})
+    max_train: int = settings.max_train(2000)
+    max_eval: int = settings.max_eval()
+    seed: int = settings.seed()
 
 
 SEGMENT_FULL = SegmentSettings(
@@ -198,6 +199,102 @@ def _restricted(data: MaskedImages, limit: int, seed: int) -> MaskedImages:
     return MaskedImages(data.name, data.class_names, len(index), lambda i: data.get(index[i]))
 
 
+def check_settings(s: SegmentSettings) -> None:
+    """ValueError for an unknown protocol or an unusable rescale range, before any work."""
+    unknown = set(s.protocols) - set(PROTOCOLS)
+    if unknown or not s.protocols:
+        raise ValueError(f"unknown segmentation protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
+    if len(s.scale_range) != 2 or not 0 < s.scale_range[0] <= s.scale_range[1]:
+        raise ValueError(f"--scale-range needs two factors lo,hi with 0 < lo <= hi, got {s.scale_range}")
+
+
+@dataclass
+class SegmentSplits:
+    """Training and evaluation pairs; `class_names` come from `--class-names` or the training split."""
+
+    train_spec: str
+    train: MaskedImages
+    test: MaskedImages
+    class_names: list[str]
+
+
+def open_splits(
+    cfg: Config, data_spec: str, train_spec: str | None, background: Colour, s: SegmentSettings
+) -> SegmentSplits:
+    """Both splits, each a fixed random subset (`max_train`, `max_eval`); the evaluation split is read with the
+    training split's class names, so a folder's labels mean the same in both."""
+    names = read_lines(s.class_names) if s.class_names else None
+    train_spec = train_spec or default_train_spec(data_spec)
+    opened = (s.reduce_zero_label, names, background)
+    train = _restricted(open_segmentation(train_spec, cfg, *opened), s.max_train, s.seed)
+    names = names or train.class_names
+    opened = (s.reduce_zero_label, names, background)
+    test = _restricted(open_segmentation(data_spec, cfg, *opened), s.max_eval, s.seed)
+    return SegmentSplits(train_spec, train, test, names)
+
+
+@dataclass
+class ProtocolRun:
+    """What every protocol trains on and is scored with; unreadable pairs are counted per protocol."""
+
+    views: SegViews
+    test: MaskedImages
+    size: int
+    settings: SegmentSettings
+    device: torch.device
+    num_workers: int
+    train_skips: dict[str, Skips] = field(default_factory=dict)
+    test_skips: dict[str, Skips] = field(default_factory=dict)
+
+    def train_and_score(
+        self,
+        protocol: str,
+        predict: Callable[[torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        modules: nn.Module,
+    ) -> tuple[list[float], dict[str, float]]:
+        """(the training loss curve, the scores on the evaluation split) of one protocol."""
+        self.train_skips[protocol], self.test_skips[protocol] = Skips(), Skips()
+        curve = train_segmenter(
+            predict,
+            optimizer,
+            self.views,
+            steps,
+            self.settings.warmup_steps,
+            self.settings,
+            self.device,
+            self.num_workers,
+            self.train_skips[protocol],
+        )
+        modules.eval()
+        scores = score(predict, self.test, self.size, self.device, 64, self.num_workers, self.test_skips[protocol])
+        return curve, scores
+
+
+def linear_protocol(visual: VisionTower, num_classes: int, run: ProtocolRun) -> tuple[list[float], dict[str, float]]:
+    """A BatchNorm + 1x1 convolution head on the frozen last-block patch tokens."""
+    head = LinearHead(visual.embed_dim, num_classes).to(run.device).train()
+
+    def linear(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = patch_map(visual, images)
+        return F.interpolate(head(feats), images.shape[-2:], mode="bilinear", align_corners=False)
+
+    optimizer = torch.optim.AdamW(head.parameters(), lr=run.settings.linear_lr, weight_decay=1e-4)
+    return run.train_and_score("linear", linear, optimizer, run.settings.linear_steps, head)
+
+
+def fpn_protocol(visual: VisionTower, num_classes: int, run: ProtocolRun) -> tuple[list[float], dict[str, float]]:
+    """The ViT, a simple feature pyramid and a semantic-FPN head trained end to end (layer-decayed ViT lr)."""
+    s = run.settings
+    model = FPNSegmenter(visual, num_classes, s.fpn_channels).to(run.device).train()
+    optimizer = backbone_head_optimizer(
+        model.pyramid.vit, model.head_modules(), s.fpn_lr, s.weight_decay, s.layer_decay
+    )
+    return run.train_and_score("fpn", model, optimizer, s.fpn_steps, model)
+
+
 def run_segment(
     pretrained: Pretrained,
     data_spec: str,
@@ -210,71 +307,31 @@ def run_segment(
     """mIoU / mAcc / pixel accuracy of each protocol, as `<protocol>_<metric>`. Unreadable pairs are
     skipped; `dataset.skipped` counts those the first protocol met (the others read the same files)."""
     started = time.perf_counter()
-    s = resolve(SegmentSettings(), SEGMENT_FULL, data_spec, overrides)
-    unknown = set(s.protocols) - set(PROTOCOLS)
-    if unknown or not s.protocols:
-        raise ValueError(f"unknown segmentation protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
-    if len(s.scale_range) != 2 or not 0 < s.scale_range[0] <= s.scale_range[1]:
-        raise ValueError(f"--scale-range needs two factors lo,hi with 0 < lo <= hi, got {s.scale_range}")
+    s = settings.resolve(SegmentSettings(), SEGMENT_FULL, data_spec, overrides)
+    check_settings(s)
     torch.manual_seed(s.seed)
-    names = read_lines(s.class_names) if s.class_names else None
-    train_spec = train_spec or default_train_spec(data_spec)
-    opened = (s.reduce_zero_label, names, background)
-    train = _restricted(open_segmentation(train_spec, pretrained.config, *opened), s.max_train, s.seed)
-    names = names or train.class_names
-    opened = (s.reduce_zero_label, names, background)
-    test = _restricted(open_segmentation(data_spec, pretrained.config, *opened), s.max_eval, s.seed)
-    train_skips, test_skips = {p: Skips() for p in s.protocols}, {p: Skips() for p in s.protocols}
+    splits = open_splits(pretrained.config, data_spec, train_spec, background, s)
     size = s.crop_size or pretrained.image_size
-    views = SegViews(train, size, train=True, scale=(s.scale_range[0], s.scale_range[1]))
-    visual, num_classes = pretrained.model.visual, len(names)
+    views = SegViews(splits.train, size, train=True, scale=(s.scale_range[0], s.scale_range[1]))
+    run = ProtocolRun(views, splits.test, size, s, device, num_workers)
+    visual, num_classes = pretrained.model.visual, len(splits.class_names)
     metrics: dict[str, float] = {}
     curves: dict[str, list[float]] = {}
-    if "linear" in s.protocols:
-        head = LinearHead(visual.embed_dim, num_classes).to(device).train()
-
-        def linear(images: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                feats = patch_map(visual, images)
-            return F.interpolate(head(feats), images.shape[-2:], mode="bilinear", align_corners=False)
-
-        curves["linear"] = train_segmenter(
-            linear,
-            torch.optim.AdamW(head.parameters(), lr=s.linear_lr, weight_decay=1e-4),
-            views,
-            s.linear_steps,
-            s.warmup_steps,
-            s,
-            device,
-            num_workers,
-            train_skips["linear"],
-        )
-        head.eval()
-        scores = score(linear, test, size, device, 64, num_workers, test_skips["linear"])
-        metrics.update({f"linear_{k}": v for k, v in scores.items()})
-    if "fpn" in s.protocols:
-        model = FPNSegmenter(visual, num_classes, s.fpn_channels).to(device).train()
-        optimizer = backbone_head_optimizer(
-            model.pyramid.vit, model.head_modules(), s.fpn_lr, s.weight_decay, s.layer_decay
-        )
-        curves["fpn"] = train_segmenter(
-            model, optimizer, views, s.fpn_steps, s.warmup_steps, s, device, num_workers, train_skips["fpn"]
-        )
-        model.eval()
-        metrics.update(
-            {f"fpn_{k}": v for k, v in score(model, test, size, device, 64, num_workers, test_skips["fpn"]).items()}
-        )
+    for protocol, train_protocol in (("linear", linear_protocol), ("fpn", fpn_protocol)):
+        if protocol in s.protocols:
+            curves[protocol], scores = train_protocol(visual, num_classes, run)
+            metrics.update({f"{protocol}_{k}": v for k, v in scores.items()})
     first = s.protocols[0]  # every protocol reads the same files: report what the first one met
     skipped = Skips()
-    skipped.merge(train_skips[first].as_dict())
-    skipped.merge(test_skips[first].as_dict())
+    skipped.merge(run.train_skips[first].as_dict())
+    skipped.merge(run.test_skips[first].as_dict())
     dataset = {
         "spec": data_spec,
-        "train": train_spec,
-        "num_train": len(train) - len(train_skips[first]),
-        "num_images": len(test) - len(test_skips[first]),
+        "train": splits.train_spec,
+        "num_train": len(splits.train) - len(run.train_skips[first]),
+        "num_images": len(splits.test) - len(run.test_skips[first]),
         "num_classes": num_classes,
-        "class_names": names,
+        "class_names": splits.class_names,
         "crop_size": size,
         "skipped": skipped.as_dict(),
     }

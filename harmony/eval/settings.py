@@ -3,17 +3,49 @@
 Each protocol has a settings dataclass whose field defaults are sized for the built-in data on a CPU
 (minutes with a tiny model); a second instance holds the paper-sized values used for real datasets.
 `resolve` picks the base from the data spec and applies the caller's overrides; `add_flags` turns the
-fields into `--flag`s so the CLI and the Python API take the same knobs under the same names.
+fields into `--flag`s so the CLI and the Python API take the same knobs under the same names. The knobs several
+protocols share (subset sizes, seed, the fine-tuning optimiser's decays) are declared once here, so each means
+and reads the same everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping
-from dataclasses import fields, replace
+from dataclasses import field, fields, replace
 from typing import Any, TypeVar
 
 S = TypeVar("S")
+
+
+def setting(default: Any, help: str) -> Any:
+    """A settings field: its default and the help text of its `--flag`."""
+    return field(default=default, metadata={"help": help})
+
+
+def max_train(default: int) -> Any:
+    """`max_train`: the size of the fixed random subset of the training split a protocol uses."""
+    return setting(default, "training images used (0 = all)")
+
+
+def max_eval() -> Any:
+    """`max_eval`: the size of the fixed random subset of the evaluation split (all by default)."""
+    return setting(0, "evaluation images used (0 = all)")
+
+
+def seed() -> Any:
+    """`seed`: the protocol's one random seed."""
+    return setting(0, "random seed (subsets, initialisation, shuffling)")
+
+
+def layer_decay(default: float) -> Any:
+    """`layer_decay`: a trained ViT's lr shrinks by this factor per layer below the head."""
+    return setting(default, "lr x decay^(layers above)")
+
+
+def weight_decay() -> Any:
+    """`weight_decay` of the AdamW that trains a backbone with its head."""
+    return setting(0.05, "AdamW weight decay")
 
 
 def is_builtin(spec: str) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from harmony.data.rgb import WHITE
+from harmony.core.colors import WHITE
 from harmony.eval.attention import ATTENTION_FULL, AttentionSettings, run_attention
 from harmony.eval.detect import DETECT_FULL, DetectSettings, run_detect
 from harmony.eval.finetune import FINETUNE_FULL, FinetuneSettings, run_finetune

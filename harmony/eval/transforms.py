@@ -7,7 +7,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from harmony.data.rgb import WHITE, to_rgb
+from harmony.core.colors import WHITE
+from harmony.data.rgb import to_rgb
 
 
 def to_uint8_tensor(image: Image.Image, background: tuple[int, int, int] = WHITE) -> torch.Tensor:
@@ -16,9 +17,8 @@ def to_uint8_tensor(image: Image.Image, background: tuple[int, int, int] = WHITE
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def eval_transform(image: Image.Image, size: int, resize_ratio: float = 1.0) -> torch.Tensor:
-    """Deterministic evaluation view: resize the short side to size / ratio, centre-crop `size`."""
+def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
+    """Deterministic evaluation view: resize the short side to `size`, centre-crop `size` x `size`."""
     img = to_uint8_tensor(image)
-    short = round(size / resize_ratio)
-    img = TF.resize(img, [short], antialias=True)
+    img = TF.resize(img, [size], antialias=True)
     return TF.center_crop(img, [size, size])

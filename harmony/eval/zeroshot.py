@@ -20,12 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harmony.data.rgb import WHITE
+from harmony.core.colors import WHITE
+from harmony.eval import settings
 from harmony.eval.datasets import extract, open_labelled, subset
 from harmony.eval.images import Colour, Skips
 from harmony.eval.metrics import per_class_recall, topk_accuracy
 from harmony.eval.report import make_result
-from harmony.eval.settings import resolve
 from harmony.loading import Pretrained
 from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
@@ -52,7 +52,7 @@ class ZeroShotSettings:
             "'' = the class folder names, _ and - read as spaces"
         },
     )
-    max_eval: int = field(default=0, metadata={"help": "evaluation images used (0 = all)"})
+    max_eval: int = settings.max_eval()
     batch_size: int = field(default=256, metadata={"help": "image batch"})
 
 
@@ -134,7 +134,7 @@ def run_zeroshot(
     """Top-1/top-5 of zero-shot classification. Explicit `prompt_names` / `prompt_templates` lists beat
     the `classnames` / `templates` settings (which name a set or a file)."""
     started = time.perf_counter()
-    s = resolve(ZeroShotSettings(), ZEROSHOT_FULL, data_spec, overrides)
+    s = settings.resolve(ZeroShotSettings(), ZEROSHOT_FULL, data_spec, overrides)
     model, tokenizer = pretrained.model, pretrained.tokenizer
     if tokenizer is None or not model.has_text:
         raise ValueError(
