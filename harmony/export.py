@@ -105,6 +105,11 @@ def timm_state_dict(visual: VisionTower) -> dict[str, torch.Tensor]:
     return state
 
 
+def _mlp_ratio(vit: nn.Module, width: int) -> float:
+    """The blocks' MLP width over the model width (timm's `mlp_ratio`)."""
+    return vit.state_dict()["blocks.0.mlp.fc1.weight"].shape[0] / width
+
+
 def native_vision(model: ImageTextModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """open_clip's own ViT (`vision_cfg`, `visual.*` weights) holding our vision tower exactly: used for sizes
     timm has no name for (or another resolution), whose timm trunk open_clip could only build from a timm
@@ -116,7 +121,7 @@ def native_vision(model: ImageTextModel) -> tuple[dict[str, Any], dict[str, torc
         "layers": spec.depth,
         "width": spec.embed_dim,
         "head_width": spec.embed_dim // spec.num_heads,
-        "mlp_ratio": vit.blocks[0].mlp.fc1.out_features / spec.embed_dim,
+        "mlp_ratio": _mlp_ratio(vit, spec.embed_dim),
         "patch_size": spec.patch_size,
         "no_ln_pre": True,
         "pool_type": "tok",
