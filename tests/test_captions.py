@@ -48,3 +48,11 @@ def test_a_set_of_one_caption_is_named_by_inspect_and_training(
     args = ["train", "--preset", "clip-tiny-test", "--data", str(tmp_path / "same.csv"), "--max-steps", "1"]
     assert main([*args, "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress", "--workers", "0"]) == 0
     assert "all 4 captions of the first batch read 'a photo'" in capsys.readouterr().out
+
+
+def test_utf16_and_cp1252_caption_files_read_as_text(tmp_path: Path) -> None:
+    from harmony.data.shard_reader import caption_of
+
+    assert caption_of({"txt": "a café".encode("utf-16")}) == "a café"
+    assert caption_of({"txt": "a café".encode("cp1252")}) == "a café"
+    assert caption_of({"txt": "\ufeffa café".encode()}) == "a café"

@@ -86,7 +86,7 @@ def test_one_pass_over_broken_shards_counts_exactly(tmp_path: Path) -> None:
     usable, skips = broken_shards(tmp_path / "shards")
     source = ShardSource(str(tmp_path / "shards"))
     assert len(source.urls) == 3
-    assert source.epoch_size == 8 + 2  # with an image and a caption by name; the truncated shard: what it holds
+    assert source.epoch_size == 9 + 2  # an image and a caption file by name; the truncated shard: what it holds
     result = scan(in_order(source, MAX_PIXELS), limit=0, keep=100)
     assert {s.key for s in result.samples} == usable
     assert result.skipped == skips
@@ -228,10 +228,10 @@ def test_dotted_keys_json_captions_and_blank_captions_read_alike_everywhere(
     ]
     write_tar(folder / "d-1.tar", [*as_json, ("n0.jpg", image_bytes(9)), ("n0.txt", b"\x00\x00 \x1b")])
     source = ShardSource(str(folder))
-    assert source.counts == [4, 4] and source.epoch_size == 8
+    assert source.counts == [4, 5] and source.epoch_size == 9  # counted by name: the blank caption is found later
     assert main(["data", "inspect", str(folder), "--preset", "clip-tiny-test", "--out", ""]) == 0
     out = capsys.readouterr().out
-    assert "8 usable samples" in out and "8 usable" in out.split("\n", 1)[1]
+    assert "9 samples with an image and a caption file" in out and "9 samples: 8 usable" in out
     cfg = tiny("clip-tiny-test", f"data_spec={folder}", "train.batch_size=8", "data.pin_memory=false")
     (batch,) = build_train_data(cfg, view_maker_for(cfg), DistInfo()).batches(0)
     assert batch["global"].shape[1] == 8 and batch["data_errors"].sum() == 1  # the blank caption

@@ -91,3 +91,17 @@ def test_the_plan_deals_each_usable_sample_to_one_part() -> None:
     assert len(covered) == 64 and set(covered.values()) == {1}
     assert proportional(10, [3, 3, 0, 1]) == [4, 4, 0, 2] and sum(proportional(7, [1, 1, 1])) == 7
     assert [layout.slot(p) for p in range(0, 32, 4)] == [0, 2, 1, 3, 0, 2, 1, 3]
+
+
+def test_a_stats_file_that_overcounts_is_said(tmp_path: Path) -> None:
+    """img2dataset's `_stats.json` sizes the epoch without reading the shard; when it claims more samples than
+    the shard holds, the shortfall is counted and named instead of passing silently."""
+    import json
+
+    shards(tmp_path / "s", [10, 10, 12])
+    (tmp_path / "s" / "e-00000_stats.json").write_text(json.dumps({"successes": 14}))
+    cfg = config(tmp_path / "s", "train.batch_size=8", "data.num_workers=0")
+    data = build_train_data(cfg, view_maker_for(cfg), DistInfo())
+    assert data.source.epoch_size == 36 and data.steps_per_epoch == 4
+    batches = list(data.batches(0))
+    assert len(batches) == 4 and data.skipped["shard"] == 1

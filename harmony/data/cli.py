@@ -139,7 +139,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     cfg = build_config(args.preset, [f"data_spec={args.spec}", *keys, *args.overrides])
     source = open_source(args.spec, cfg)
     if isinstance(source, ShardSource):
-        print(f"{args.spec}: {len(source.urls)} shard(s), {source.epoch_size} usable samples (an image and a caption)")
+        print(f"{args.spec}: {len(source.urls)} shard(s), {source.epoch_size} samples with an image and a caption file")
     else:
         print(f"{args.spec}: {len(source)} samples")
     result = scan(in_order(source, cfg.data.max_image_pixels), args.limit, args.samples)

@@ -31,6 +31,7 @@ from harmony.data.decode import IMAGE_FILE_SUFFIXES, open_image, orientation, up
 from harmony.data.errors import SKIP_REASONS, DataError, SampleError
 from harmony.data.guard import describe_skips
 from harmony.data.rgb import to_rgb
+from harmony.data.shard_reader import decode_text
 from harmony.data.shards import ShardWriter
 from harmony.typed import ConfigError
 
@@ -73,14 +74,6 @@ def readable(name: str) -> str:
     """A file or folder name as text: names that are not UTF-8 on disk (Python keeps their bytes as
     surrogates, which cannot be written as UTF-8) are read as Windows-1252, like captions."""
     return decode_text(name.encode("utf-8", "surrogateescape"))
-
-
-def decode_text(data: bytes) -> str:
-    """UTF-8 (a BOM is dropped), else Windows-1252, the usual non-UTF-8 encoding of exported text."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", errors="replace")
 
 
 def folder_pairs(root: Path, caption_template: str = "") -> list[Pending]:

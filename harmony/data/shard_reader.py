@@ -7,7 +7,7 @@ the first dot of the file name, so `0001.seg.png` belongs to sample `0001`), exc
 no image or no caption in a group whose names hold dots in their keys (`img.001.jpg`, `img.001.txt`,
 `img.002.jpg`, ...): those are regrouped at the last dot (samples `img.001`, `img.002`). A sample is usable
 when it has an image (`IMAGE_EXTENSIONS`) and a caption: `key.txt`, else the `caption` field of `key.json`
-(img2dataset writes both), with whitespace and control characters stripped.
+(img2dataset writes both), decoded by `decode_text`, control characters and surrounding whitespace removed.
 """
 
 from __future__ import annotations
@@ -58,8 +58,19 @@ def clean_caption(text: str) -> str:
     return "".join(" " if unicodedata.category(c) == "Cc" else c for c in text).strip()
 
 
+def decode_text(data: bytes) -> str:
+    """Caption bytes as text: UTF-16 when they start with its byte-order mark, else UTF-8 (a BOM is dropped),
+    else Windows-1252, the usual encoding of text exported by older tools."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
+
+
 def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return decode_text(value) if isinstance(value, bytes) else str(value)
 
 
 def caption_of(sample: Sample) -> str:
@@ -203,9 +214,16 @@ def read_shard(url: str, read: Iterable[str] | None = None) -> Iterator[Sample |
         yield SampleError("shard", f"shard '{url}' is unreadable or truncated: {describe(exc)}")
 
 
-def count_usable(url: str) -> int:
-    """Usable samples of a local shard (the captions are read, images only named): img2dataset's
-    `{shard}_stats.json` count when present, else counted. A truncated shard counts what can be read."""
+def named_sample(sample: Sample) -> bool:
+    """Whether a sample's member names promise an image and a caption: what a shard's count counts (from tar
+    headers alone) and what the loader's split of a pass indexes. Such a sample may still turn out unusable
+    (an empty caption, a broken image): it is then skipped and replaced."""
+    return image_extension(sample) is not None and any(e in sample for e in CAPTION_EXTENSIONS)
+
+
+def count_samples(url: str) -> int:
+    """The `named_sample`s of a local shard, from its tar headers (nothing is read but names): img2dataset's
+    `{shard}_stats.json` count when present. A truncated shard counts what can be read."""
     stats = Path(url).with_name(Path(url).stem + "_stats.json")
     if stats.is_file():
         try:
@@ -214,6 +232,4 @@ def count_usable(url: str) -> int:
                 return successes
         except (OSError, ValueError):
             pass
-    return sum(
-        1 for s in read_shard(url, CAPTION_EXTENSIONS) if not isinstance(s, SampleError) and not header_problem(s)
-    )
+    return sum(1 for s in read_shard(url, read=()) if not isinstance(s, SampleError) and named_sample(s))

@@ -34,10 +34,11 @@ from harmony.data.shard_reader import (
     IMAGE_EXTENSIONS,
     Sample,
     caption_of,
-    count_usable,
+    count_samples,
     header_problem,
     image_extension,
     is_remote,
+    named_sample,
     read_shard,
 )
 
@@ -135,7 +136,7 @@ class ShardSource:
         self.spec, self.resample = spec, resample
         self.urls = expand_urls(spec)
         remote = any(is_remote(u) for u in self.urls)
-        self.counts: list[int] | None = None if remote else [count_usable(u) for u in self.urls]
+        self.counts: list[int] | None = None if remote else [count_samples(u) for u in self.urls]
         if not epoch_size and self.counts is None:
             raise DataError(
                 f"data spec '{self.spec}' is remote: set data.epoch_size to the number of samples per epoch"
@@ -190,9 +191,11 @@ def first_problem(urls: list[str]) -> str:
 
 
 def segment_samples(segment: Segment) -> Iterator[Sample | SampleError]:
-    """A part's share of one shard (`shard_plan.Segment`): its usable samples [lo, hi), the unusable ones
-    among them as SampleError, and what follows the last one only for the part that owns the shard's end."""
-    index = 0  # usable samples of the shard before the current one
+    """A part's share of one shard (`shard_plan.Segment`): its samples [lo, hi) among the shard's
+    `named_sample`s (those of them that prove unusable as SampleError), the others met among them, and what
+    follows the last one only for the part that owns the shard's end; that part also says when the shard holds
+    fewer samples than counted (an outdated `_stats.json`)."""
+    index = 0  # named samples of the shard before the current item
     for item in read_shard(segment.url):
         if isinstance(item, SampleError):
             if segment.owns_end:
@@ -200,10 +203,15 @@ def segment_samples(segment: Segment) -> Iterator[Sample | SampleError]:
             return
         if index >= segment.hi and not segment.owns_end:
             return
-        problem = header_problem(item)
         if segment.lo <= index < segment.hi or (index >= segment.hi and segment.owns_end):
-            yield problem or item
-        index += problem is None
+            yield header_problem(item) or item
+        index += named_sample(item)
+    if segment.owns_end and index < segment.hi:
+        yield SampleError(
+            "shard",
+            f"shard '{segment.url}' holds {index} samples with an image and a caption, fewer than the {segment.hi} "
+            "counted for it (is its _stats.json outdated?): delete the stats file so that the shard is counted",
+        )
 
 
 def mixing_rng(seed: int, epoch: int, pass_no: int, part: int | None = None) -> random.Random:
@@ -238,8 +246,8 @@ def numbered(number: int, items: Iterator[T]) -> Iterator[tuple[int, T]]:
 
 def strided_samples(urls: list[str], layout: Layout, part: int, rng: random.Random) -> Iterator[ShardItem]:
     """One pass over `urls` read by every part alike (OPEN_SHARDS at once, interleaved by `rng`), keeping the
-    samples whose place among the pass's usable samples `layout` deals to `part` (an unusable sample goes with
-    the next usable one; a shard's read error to part `shard number % parts`); then a PassEnd."""
+    samples whose place among the pass's `named_sample`s `layout` deals to `part` (any other goes with the next
+    one of those; a shard's read error to part `shard number % parts`); then a PassEnd."""
     shards = (numbered(number, read_shard(url)) for number, url in enumerate(urls))
     position = 0
     for number, item in interleave(shards, OPEN_SHARDS, rng):
@@ -247,10 +255,9 @@ def strided_samples(urls: list[str], layout: Layout, part: int, rng: random.Rand
             if number % layout.parts == part:
                 yield item
             continue
-        problem = header_problem(item)
         if layout.slot(position) == part:
-            yield problem or item
-        position += problem is None
+            yield header_problem(item) or item
+        position += named_sample(item)
     yield PassEnd(tuple(urls))
 
 
