@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from harmony.check.plan import PARTS, plan_for
 from harmony.check.report import markdown, targets
 from harmony.check.runner import INTERRUPTED, Part, run_parts
-from harmony.config import ConfigError
-from harmony.outputs import OutputError, check_output_dir
+from harmony.core.errors import ConfigError, run_reported
+from harmony.outputs import check_output_dir
 
 DEFAULT_DEADLINE_S = 480.0
 
@@ -95,11 +95,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harmony.check")
     _add_gpu_parser(parser.add_subparsers(dest="check_target", required=True))
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        print(f"harmony: error: {exc}", file=sys.stderr)
-        return 2
-    except OutputError as exc:
-        print(f"harmony: error: {exc}", file=sys.stderr)
-        return 1
+    return run_reported(lambda: int(args.func(args)))

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from harmony.core.device import resolve_device
 from harmony.core.distributed import DistInfo
 from harmony.presets import build_config
-from harmony.train.step import Stepper, resolve_device
+from harmony.train.step import Stepper
 
 # Fused attention kernels; the math fallback decomposes into bmm/softmax and shows none of them.
 FUSED_SDPA = {

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
+from harmony.core.errors import ConfigError
 from harmony.data.errors import SampleError
 from harmony.data.rgb import WHITE
 from harmony.eval.datasets import open_labelled, pick, shapes_dataset
@@ -118,7 +119,7 @@ def run_attention(
     started = time.perf_counter()
     s = resolve(AttentionSettings(), ATTENTION_FULL, data_spec, overrides)
     if s.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {s.num_images}")
+        raise ConfigError(f"--num-images must be at least 1, got {s.num_images}")
     model, size = pretrained.model, pretrained.image_size
     builtin = data_spec.startswith("builtin:")
     labelled = open_labelled(data_spec, pretrained.config, background)

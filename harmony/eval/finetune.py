@@ -22,6 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from torch import nn
 
+from harmony.core.errors import ConfigError
 from harmony.data.rgb import WHITE
 from harmony.eval.datasets import (
     EvalViews,
@@ -78,7 +79,7 @@ FINETUNE_FULL = FinetuneSettings(
 def classifier_from(visual: VisionTower, num_classes: int, drop_path: float, pool: str) -> VisionTransformer:
     """A trainable timm ViT classifier initialised from the tower; only the head starts fresh."""
     if pool not in ("avg", "token"):
-        raise ValueError(f"pool must be 'avg' or 'token', not '{pool}'")
+        raise ConfigError(f"pool must be 'avg' or 'token', not '{pool}'")
     src = visual.vit
     spec = VISION_SIZES[visual.size_name]
     model = VisionTransformer(
@@ -188,7 +189,7 @@ def run_finetune(
     started = time.perf_counter()
     s = resolve(FinetuneSettings(), FINETUNE_FULL, data_spec, overrides)
     if len(s.crop_scale) != 2 or not 0 < s.crop_scale[0] <= s.crop_scale[1] <= 1:
-        raise ValueError(f"--crop-scale needs two area fractions lo,hi with 0 < lo <= hi <= 1, got {s.crop_scale}")
+        raise ConfigError(f"--crop-scale needs two area fractions lo,hi with 0 < lo <= hi <= 1, got {s.crop_scale}")
     torch.manual_seed(s.seed)
     train_spec = train_spec or default_train_spec(data_spec)
     train = subset(open_labelled(train_spec, pretrained.config, background), s.max_train, s.seed)

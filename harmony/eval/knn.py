@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from harmony.core.errors import ConfigError
 from harmony.data.rgb import WHITE
 from harmony.eval.datasets import check_same_classes, default_train_spec, open_labelled, subset
 from harmony.eval.features import cached_summaries
@@ -36,7 +37,7 @@ KNN_FULL = KnnSettings(max_train=0)
 def check_ks(ks: tuple[int, ...]) -> None:
     """A non-positive (or no) k is a settings error, refused before any work."""
     if not ks or any(k < 1 for k in ks):
-        raise ValueError(f"--ks needs positive numbers of neighbours, got {','.join(map(str, ks)) or 'none'}")
+        raise ConfigError(f"--ks needs positive numbers of neighbours, got {','.join(map(str, ks)) or 'none'}")
 
 
 def neighbour_counts(ks: tuple[int, ...], num_train: int) -> list[int]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harmony.core.errors import ConfigError
 from harmony.data.rgb import WHITE
 from harmony.eval.datasets import check_same_classes, default_train_spec, open_labelled, pick, subset
 from harmony.eval.features import cached_summaries, linear_input
@@ -60,7 +61,7 @@ def head_specs(s: LinearSettings, available_blocks: int) -> list[HeadSpec]:
     """The sweep grid; block counts above what the cache holds are capped (and deduplicated)."""
     for p in s.pooling:
         if p not in POOLINGS:
-            raise ValueError(f"pooling '{p}' is not one of {POOLINGS}")
+            raise ConfigError(f"pooling '{p}' is not one of {POOLINGS}")
     blocks = sorted({min(n, available_blocks) for n in s.n_last_blocks})
     return [HeadSpec(n, p, lr) for n in blocks for p in s.pooling for lr in s.lrs]
 

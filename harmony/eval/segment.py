@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harmony.core.errors import ConfigError
 from harmony.data.errors import DataError
 from harmony.data.rgb import WHITE
 from harmony.eval.datasets import default_train_spec, pick
@@ -213,9 +214,9 @@ def run_segment(
     s = resolve(SegmentSettings(), SEGMENT_FULL, data_spec, overrides)
     unknown = set(s.protocols) - set(PROTOCOLS)
     if unknown or not s.protocols:
-        raise ValueError(f"unknown segmentation protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
+        raise ConfigError(f"unknown segmentation protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
     if len(s.scale_range) != 2 or not 0 < s.scale_range[0] <= s.scale_range[1]:
-        raise ValueError(f"--scale-range needs two factors lo,hi with 0 < lo <= hi, got {s.scale_range}")
+        raise ConfigError(f"--scale-range needs two factors lo,hi with 0 < lo <= hi, got {s.scale_range}")
     torch.manual_seed(s.seed)
     names = read_lines(s.class_names) if s.class_names else None
     train_spec = train_spec or default_train_spec(data_spec)
