@@ -43,7 +43,7 @@ def _pct(x: float) -> str:
 
 
 def targets(plan: Plan, results: dict[str, PartResult]) -> list[Target]:
-    """The issue's acceptance targets against the figures that were measured."""
+    """The acceptance targets against the figures that were measured."""
     runs = _ok_runs(results)
     found: list[Target] = []
     for method, floor in (("clip", 0.40), ("harmony", 0.35)):
