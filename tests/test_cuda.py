@@ -8,6 +8,7 @@ selects them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,17 @@ KNOWN = {
 }
 
 pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def one_thread_on_the_cpu() -> Iterator[None]:
+    """The tiny-test models run faster on one CPU thread than on two (no OpenMP hand-offs), and far
+    faster while other processes share the cores."""
+    threads = torch.get_num_threads()
+    if DEVICE == "cpu":
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _param(check: DeviceCheck) -> object:

@@ -49,7 +49,6 @@ def part_env(plan: Plan, work: Path, seconds: float, record: Record) -> None:
     import torch
 
     from harmony.core.checkpoint import git_revision
-    from harmony.train.bench import peak_tflops
 
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -62,6 +61,8 @@ def part_env(plan: Plan, work: Path, seconds: float, record: Record) -> None:
     }
     device = _device(plan)
     if device.type == "cuda":
+        from harmony.train.bench import peak_tflops
+
         props = torch.cuda.get_device_properties(device)
         info.update(
             gpu=props.name,
@@ -94,7 +95,8 @@ def part_cuda_tests(plan: Plan, work: Path, seconds: float, record: Record) -> N
     device, each in a worker process under a time limit; one row per check."""
     from harmony.check.device_checks import device_checks, run_checks, worker_command
 
-    _device(plan)
+    if plan.device != "cpu":  # (this process need not load torch for the CPU: the workers do)
+        _device(plan)
     methods = [m for m in plan.test_methods.split(",") if m]
     names = [c.name for c in device_checks(plan.device, methods)]
     unknown = sorted(set(plan.test_checks) - set(names))
