@@ -3,7 +3,8 @@
 Each command's parser lives in its own module and is imported only when that command runs (a static
 table below names them), so `harmony --help` and `harmony presets` answer without loading torch.
 Every user mistake (bad config, bad data, bad checkpoint, unwritable output) ends in one line on
-stderr and a non-zero exit: 2 for configuration and usage errors, 1 for the others.
+stderr and a non-zero exit: 2 for configuration and usage errors, 1 for the others (the table is in
+`harmony.core.errors`); any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from harmony.typed import ConfigError
+from harmony.core.errors import run_reported
 
 # name -> (one-line help, "module:function" that adds the command's parser to the subparsers)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -106,22 +107,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"harmony: error: {message}", file=sys.stderr)
-    return code
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Failures the user can act on, reported in one line (imported on demand: they pull in torch)."""
-    from harmony.core.checkpoint import CheckpointError
-    from harmony.data.errors import DataError
-    from harmony.outputs import OutputError
-    from harmony.repro.runner import ReproError
-    from harmony.train.step import TrainingError
-
-    return (DataError, CheckpointError, TrainingError, ReproError, OutputError)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -137,20 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extras]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extras)}")
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        return _fail(str(exc), 2)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-    except BrokenPipeError:
-        # the reader went away (`harmony presets | head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except Exception as exc:
-        if isinstance(exc, _user_errors()):
-            return _fail(str(exc), 1)
-        raise
+    return run_reported(lambda: int(args.func(args) or 0))
 
 
 if __name__ == "__main__":

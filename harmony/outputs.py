@@ -7,9 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-
-class OutputError(OSError):
-    """An output path that cannot be written; the message names the path and why."""
+from harmony.core.errors import OutputError
 
 
 def _first_existing(path: Path) -> Path:

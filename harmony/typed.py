@@ -10,10 +10,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-
-class ConfigError(ValueError):
-    """A configuration mistake the user can fix; the message names the key."""
-
+from harmony.core.errors import ConfigError
 
 NONE_WORDS = {"null", "none", "~", "off"}
 

@@ -134,5 +134,5 @@ def test_bench_overrides_after_the_options_reach_the_measured_step(tmp_path: Pat
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_bench_on_a_missing_cuda_device_is_one_line() -> None:
     proc = run_cli("bench", "--preset", "clip-tiny-test", "--device", "cuda", "--batch-size", "2")
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
-    assert "no CUDA device" in proc.stderr
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "no usable CUDA device" in proc.stderr

@@ -1,62 +1,51 @@
-"""The CUDA path, checked on a GPU: `pytest -m cuda` (part of `harmony check gpu`).
+"""The pytest view of the CUDA-path checks listed in the package (`harmony.check.device_checks`), which
+`harmony check gpu` runs as its `cuda-tests` part.
 
-Skipped where no GPU is. `HARMONY_CHECK_DEVICE=cpu` runs the same tests on a CPU with the tiny-test
-model: that is what the CPU rehearsal of `harmony check gpu --device cpu` does, so these bodies run
-in the ordinary test suite too. `HARMONY_CHECK_SIZE` picks the model size (default: `tiny` on a GPU),
-`HARMONY_CHECK_METHODS` (comma-separated) the methods of the bf16 test (default: every method).
+On a GPU they run at the `tiny` size; without one they run on the CPU at the tiny-test size, so every
+check (and every line of `harmony.check.probes`) runs in the ordinary test suite. `pytest -m cuda`
+selects them.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from harmony.check import probes
-from harmony.presets import method_names
+from harmony.check.device_checks import DeviceCheck, device_checks
 
-DEVICE = os.environ.get("HARMONY_CHECK_DEVICE", "cuda")
-SIZE = os.environ.get("HARMONY_CHECK_SIZE", "tiny" if DEVICE == "cuda" else "tiny-test")
-METHODS = [m for m in os.environ.get("HARMONY_CHECK_METHODS", "").split(",") if m] or method_names()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZE = "tiny" if DEVICE == "cuda" else "tiny-test"
+# Known misses of a check on this device, with the figure that misses
+KNOWN = {
+    ("cpu", "bf16_step_matches_fp32[simsiam]"): (
+        "CPU bf16 at tiny-test: SimSiam's loss, a negative cosine, is near 0 at the start (0.056), so bf16's "
+        "absolute rounding of it (0.007) is 13 % of it against the 5 % relative bound"
+    ),
+}
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device"),
-]
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_bf16_step_matches_fp32(method: str) -> None:
-    probes.precision_matches_fp32(f"{method}-{SIZE}", DEVICE, "bf16")
+pytestmark = pytest.mark.cuda
 
 
-def test_fp16_with_the_loss_scaler_matches_fp32() -> None:
-    probes.precision_matches_fp32(f"harmony-{SIZE}", DEVICE, "fp16")
+@pytest.fixture(autouse=True)
+def one_thread_on_the_cpu() -> Iterator[None]:
+    """The tiny-test models run faster on one CPU thread than on two (no OpenMP hand-offs), and far
+    faster while other processes share the cores."""
+    threads = torch.get_num_threads()
+    if DEVICE == "cpu":
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("method", ["harmony", "siglip", "mocov3"])
-def test_gradient_accumulation_matches_the_whole_batch(method: str) -> None:
-    probes.accumulation_matches_whole_batch(f"{method}-{SIZE}", DEVICE, "bf16" if DEVICE == "cuda" else "fp32")
+def _param(check: DeviceCheck) -> object:
+    reason = KNOWN.get((DEVICE, check.name))
+    marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+    return pytest.param(check, id=check.name, marks=marks)
 
 
-def test_fused_adamw_matches_plain_adamw() -> None:
-    probes.fused_adamw_matches_reference(f"harmony-{SIZE}", DEVICE)
-
-
-def test_both_towers_use_fused_attention() -> None:
-    found = probes.attention_kernels(f"harmony-{SIZE}", DEVICE, "bf16" if DEVICE == "cuda" else "fp32")
-    assert set(found) == {"vision", "text"}
-
-
-def test_compiled_student_trains_like_eager() -> None:
-    probes.compile_matches_eager(f"harmony-{SIZE}", DEVICE)
-
-
-def test_non_finite_step_is_skipped_on_the_device() -> None:
-    probes.nonfinite_step_is_skipped(f"harmony-{SIZE}", DEVICE)
-
-
-def test_resume_is_exact_and_the_checkpoint_exports(tmp_path: Path) -> None:
-    probes.resume_and_export(f"harmony-{SIZE}", DEVICE, tmp_path)
+@pytest.mark.parametrize("check", [_param(c) for c in device_checks(DEVICE)])
+def test_device_check(check: DeviceCheck, tmp_path: Path) -> None:
+    check.run(SIZE, DEVICE, tmp_path)

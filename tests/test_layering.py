@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1] / "harmony"
 
 # lowest first; a unit may import units of strictly lower layers (and itself)
 LAYERS: list[set[str]] = [
-    {"core", "typed", "outputs"},  # shared helpers: collectives, ramps, colours, config typing, output checks
+    {"core"},  # shared helpers: the user-facing errors, devices, collectives, ramps, colours, checkpoint files
+    {"typed", "outputs"},  # config typing, output checks
     {"models"},  # towers and heads, plain arguments
     {"objective_config"},  # the objectives' config sections (torch-free)
     {"config"},

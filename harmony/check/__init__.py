@@ -1,11 +1,12 @@
 """`harmony check gpu`: one command that checks the CUDA path and fills the performance table.
 
 Parts (each in its own process with its own time limit, under one overall deadline, 8 minutes by
-default): `env` (versions, GPU, peak TFLOP/s), `cuda-tests` (`pytest -m cuda`), `bench` (CLIP and
-Harmony training steps: time, memory, TFLOP/s, MFU), `data` (the loader's images/s), `train` (a
-short real run: loss terms finite and falling, data-wait share). Writes `report.md` and
-`report.json` with each part ok / failed / skipped and the acceptance targets met / not met, and
-exits 1 unless every part is ok (130 after Ctrl-C, with the report of what ran). `--device cpu` is the rehearsal at tiny sizes (run by the tests).
+default): `env` (versions, GPU, peak TFLOP/s), `cuda-tests` (the CUDA-path checks listed in the
+package, `harmony.check.device_checks`), `bench` (CLIP and Harmony training steps: time, memory,
+TFLOP/s, MFU), `data` (the loader's images/s), `train` (a short real run: loss terms finite and
+falling, data-wait share). Writes `report.md` and `report.json` with each part ok / failed / skipped
+and the acceptance targets met / not met, and exits 1 unless every part is ok (130 after Ctrl-C, with
+the report of what ran). `--device cpu` is the rehearsal at tiny sizes (run by the tests).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from collections.abc import Sequence
 from harmony.check.plan import PARTS, plan_for
 from harmony.check.report import markdown, targets
 from harmony.check.runner import INTERRUPTED, Part, run_parts
-from harmony.config import ConfigError
-from harmony.outputs import OutputError, check_output_dir
+from harmony.core.errors import ConfigError, run_reported
+from harmony.outputs import check_output_dir
 
 DEFAULT_DEADLINE_S = 480.0
 
 
 def cmd_check_gpu(args: argparse.Namespace) -> int:
-    out = check_output_dir(args.out).resolve()  # parts run in other folders (pytest in the repository)
+    out = check_output_dir(args.out).resolve()
     plan = plan_for(args.device)
     wanted = ["env", *(p for p in args.parts.split(",") if p and p != "env")] if args.parts else list(PARTS)
     unknown = [p for p in wanted if p not in PARTS]
@@ -95,11 +96,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harmony.check")
     _add_gpu_parser(parser.add_subparsers(dest="check_target", required=True))
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        print(f"harmony: error: {exc}", file=sys.stderr)
-        return 2
-    except OutputError as exc:
-        print(f"harmony: error: {exc}", file=sys.stderr)
-        return 1
+    return run_reported(lambda: int(args.func(args)))

@@ -13,24 +13,35 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harmony.check.plan import Plan, usable_cores
 
+if TYPE_CHECKING:
+    import torch
+
 Record = Callable[[dict[str, Any]], None]
-REPO = Path(__file__).resolve().parents[2]
 
 
 class PartFailed(RuntimeError):
     """The part ran and found something wrong; the message is the report's error line."""
+
+
+def _device(plan: Plan) -> torch.device:
+    """The plan's device; cuda on a machine without it fails the part with the one message for it."""
+    from harmony.core.device import resolve_device
+    from harmony.core.errors import ConfigError
+
+    try:
+        return resolve_device(plan.device)
+    except ConfigError as exc:
+        raise PartFailed(str(exc)) from None
 
 
 def part_env(plan: Plan, work: Path, seconds: float, record: Record) -> None:
@@ -38,7 +49,6 @@ def part_env(plan: Plan, work: Path, seconds: float, record: Record) -> None:
     import torch
 
     from harmony.core.checkpoint import git_revision
-    from harmony.train.bench import peak_tflops
 
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -49,10 +59,10 @@ def part_env(plan: Plan, work: Path, seconds: float, record: Record) -> None:
         "cpu_cores": usable_cores(),
         "device": plan.device,
     }
-    if plan.device == "cuda":
-        if not torch.cuda.is_available():
-            raise PartFailed("no CUDA device is visible (torch.cuda.is_available() is False)")
-        device = torch.device("cuda", 0)
+    device = _device(plan)
+    if device.type == "cuda":
+        from harmony.train.bench import peak_tflops
+
         props = torch.cuda.get_device_properties(device)
         info.update(
             gpu=props.name,
@@ -80,62 +90,28 @@ def _driver_version() -> str | None:
     return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else None
 
 
-_RESULT = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)")
-
-
 def part_cuda_tests(plan: Plan, work: Path, seconds: float, record: Record) -> None:
-    """`pytest -m cuda tests/test_cuda.py` on the plan's device; one row per test."""
-    test_file = REPO / "tests" / "test_cuda.py"
-    if not test_file.is_file():
-        raise PartFailed(f"{test_file} not found: run `harmony check gpu` from a clone of the repository")
-    junit = work / "cuda-tests.xml"
-    env = {
-        **os.environ,
-        "HARMONY_CHECK_DEVICE": plan.device,
-        "HARMONY_CHECK_SIZE": plan.test_size,
-        "HARMONY_CHECK_METHODS": plan.test_methods,
-    }
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-    cmd += ["-k", plan.test_filter] if plan.test_filter else []
-    log = work / "cuda-tests.log"
-    junit.unlink(missing_ok=True)  # a report left by an earlier check must not stand in for this one
-    with open(log, "w") as out:
-        try:
-            proc = subprocess.run(
-                [*cmd, str(test_file)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                timeout=max(seconds - 10, 1), check=False,
-            )  # fmt: skip
-            code: int | None = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = None
-    tests = _junit_results(junit) if junit.is_file() else _log_results(log)
-    record({"tests": tests, "pytest_exit": code})
-    failed = [t["name"] for t in tests if t["outcome"] in ("failed", "error")]
-    if code is None:
-        raise PartFailed(f"pytest ran out of its {seconds - 10:.0f} s after {len(tests)} tests")
-    if failed or code != 0:
-        raise PartFailed(f"{len(failed)} of {len(tests)} cuda tests failed: {', '.join(failed) or f'exit {code}'}")
-    if not tests or all(t["outcome"] == "skipped" for t in tests):
-        raise PartFailed("every cuda test was skipped (is the GPU visible to pytest?)")
+    """The CUDA-path checks of `harmony.check.device_checks` (the plan's subset, or every one) on the plan's
+    device, each in a worker process under a time limit; one row per check."""
+    from harmony.check.device_checks import device_checks, run_checks, worker_command
 
-
-def _junit_results(path: Path) -> list[dict[str, str]]:
-    rows = []
-    for case in ElementTree.parse(path).getroot().iter("testcase"):
-        outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            node = case.find(tag)
-            if node is not None:
-                outcome = {"failure": "failed"}.get(tag, tag)
-                message = (node.get("message") or "").splitlines()[0][:300] if node.get("message") else ""
-        rows.append({"name": case.get("name", "?"), "outcome": outcome, "message": message})
-    return rows
-
-
-def _log_results(path: Path) -> list[dict[str, str]]:
-    """Test outcomes from pytest's -v lines (when it was stopped before writing its XML)."""
-    found = (_RESULT.match(line) for line in path.read_text(errors="replace").splitlines())
-    return [{"name": m[1].split("::")[-1], "outcome": m[2].lower(), "message": ""} for m in found if m]
+    if plan.device != "cpu":  # (this process need not load torch for the CPU: the workers do)
+        _device(plan)
+    methods = [m for m in plan.test_methods.split(",") if m]
+    names = [c.name for c in device_checks(plan.device, methods)]
+    unknown = sorted(set(plan.test_checks) - set(names))
+    if unknown:
+        raise PartFailed(f"the plan names checks that do not exist: {', '.join(unknown)}")
+    names = [n for n in names if not plan.test_checks or n in plan.test_checks]
+    worker = worker_command(plan.device, plan.test_size, methods, work)
+    rows = run_checks(names, worker, seconds - 5, plan.check_seconds, work, lambda rows: record({"tests": rows}))
+    record({"tests": rows})
+    failed = [r["name"] for r in rows if r["outcome"] == "failed"]
+    if failed:
+        raise PartFailed(f"{len(failed)} of {len(rows)} cuda checks failed: {', '.join(failed)}")
+    skipped = [r["name"] for r in rows if r["outcome"] != "passed"]
+    if skipped:
+        raise PartFailed(f"{len(skipped)} of {len(rows)} cuda checks did not run (out of time): {', '.join(skipped)}")
 
 
 def bench_runs(plan: Plan, compiled: bool) -> list[tuple[str, str, int, bool]]:

@@ -25,9 +25,10 @@ class Plan:
     device: str
     small: str  # the model size of the loader, training and largest-batch runs (ViT-S/16)
     large: str  # the second size of the performance table (ViT-B/16)
-    test_size: str  # the model size of the `cuda` tests
-    test_methods: str  # comma-separated methods for the bf16 test ("" = every method)
-    test_filter: str  # pytest -k expression ("" = every cuda test)
+    test_size: str  # the model size of the CUDA-path checks (`harmony.check.device_checks`)
+    test_methods: str  # comma-separated methods for the bf16 check ("" = every method)
+    test_checks: tuple[str, ...]  # the checks to run by name (() = every check)
+    check_seconds: float  # the time limit of one check (a hung one is stopped, the next ones still run)
     bench_batch: int
     bench_max_batches: tuple[int, ...]  # tried largest first for the small size; the first that fits is kept
     bench_steps: int
@@ -36,7 +37,7 @@ class Plan:
     workers: int  # loader workers of the data part and the training run
     data_batches: int
     data_batch: int
-    data_jpegs: int  # photo-like JPEGs (~500x400 px) written for the per-path loader profile (issue 18)
+    data_jpegs: int  # photo-like JPEGs (~500x400 px) written for the per-path loader profile
     train_steps: int
     train_batch: int
     train_log_every: int
@@ -49,7 +50,7 @@ class Plan:
     @classmethod
     def from_file(cls, path: Path) -> Plan:
         data: dict[str, Any] = json.loads(path.read_text())
-        for key in ("bench_max_batches", "train_overrides"):
+        for key in ("test_checks", "bench_max_batches", "train_overrides"):
             data[key] = tuple(data[key])
         return cls(**data)
 
@@ -67,7 +68,8 @@ def gpu_plan() -> Plan:
         large="vit-b16",
         test_size="tiny",
         test_methods="",
-        test_filter="",
+        test_checks=(),
+        check_seconds=100.0,  # compiling takes the longest
         bench_batch=32,
         bench_max_batches=(128, 96, 64),
         bench_steps=10,
@@ -86,17 +88,18 @@ def gpu_plan() -> Plan:
 
 
 def cpu_plan() -> Plan:
-    """The rehearsal: every part and code path of the GPU plan at tiny sizes, for the test suite."""
+    """The rehearsal: every part of the GPU plan end to end at tiny sizes, for the test suite."""
     return Plan(
         device="cpu",
         small="tiny-test",
         large="tiny-test",
         test_size="tiny-test",
         test_methods="clip,harmony",
-        # tests/test_gpu_check.py runs these two probes in-process; the rehearsal need not repeat them
-        test_filter="not compiled_student and not resume",
+        # two of the checks prove the part end to end; the test suite runs every check on the CPU (tests/test_cuda.py)
+        test_checks=("fused_adamw_matches_plain_adamw", "non_finite_step_is_skipped_on_the_device"),
+        check_seconds=60.0,
         bench_batch=2,
-        bench_max_batches=(4,),
+        bench_max_batches=(),  # the largest-batch search is tested with stand-in runs (tests/test_gpu_check.py)
         bench_steps=1,
         bench_warmup=1,
         bench_compile=False,

@@ -1,9 +1,9 @@
-"""The checks behind the `cuda`-marked tests, written once for any device.
+"""The probes behind the CUDA-path checks (`harmony.check.device_checks`), written once for any device.
 
-`tests/test_cuda.py` calls them on a GPU (a small model), and the CPU rehearsal of `harmony check
-gpu --device cpu` runs the very same test file on a CPU (the tiny-test model), so no line here rots
-while no GPU is around. Each check raises `ProbeFailed` (an AssertionError: pytest shows it as a
-failed test) with a message that names the figure and the bound, and returns its figures.
+`harmony check gpu` runs them on a GPU (a small model), and the test suite runs the same list on a CPU
+(the tiny-test model, `tests/test_cuda.py`), so no line here rots while no GPU is around. Each probe
+raises `ProbeFailed` (an AssertionError: pytest shows it as a failed test) with a message that names
+the figure and the bound, and returns its figures.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from harmony.core.device import resolve_device
 from harmony.core.distributed import DistInfo
 from harmony.presets import build_config
-from harmony.train.step import Stepper, resolve_device
+from harmony.train.step import Stepper
 
 # Fused attention kernels; the math fallback decomposes into bmm/softmax and shows none of them.
 FUSED_SDPA = {

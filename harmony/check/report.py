@@ -43,7 +43,7 @@ def _pct(x: float) -> str:
 
 
 def targets(plan: Plan, results: dict[str, PartResult]) -> list[Target]:
-    """The issue's acceptance targets against the figures that were measured."""
+    """The acceptance targets against the figures that were measured."""
     runs = _ok_runs(results)
     found: list[Target] = []
     for method, floor in (("clip", 0.40), ("harmony", 0.35)):
@@ -141,8 +141,8 @@ def markdown(plan: Plan, results: list[PartResult], command: str) -> str:
     )
     tests = by_name["cuda-tests"].data.get("tests", []) if "cuda-tests" in by_name else []
     if tests:
-        lines += ["## cuda tests", ""]
-        lines += _table(["test", "outcome", "message"], [[t["name"], t["outcome"], t["message"]] for t in tests])
+        lines += ["## cuda checks", ""]
+        lines += _table(["check", "outcome", "message"], [[t["name"], t["outcome"], t["message"]] for t in tests])
     runs = by_name["bench"].data.get("runs", []) if "bench" in by_name else []
     if runs:
         head = ["preset", "batch", "mode", "precision", "step ms", "img/s", "peak MiB", "GFLOP/step", "TFLOP/s", "MFU"]

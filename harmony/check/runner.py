@@ -37,7 +37,7 @@ class PartResult:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the part's whole process group (its workers and subprocesses too), then SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -55,7 +55,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             return
 
 
-def _tail(path: Path, lines: int = 1) -> str:
+def tail(path: Path, lines: int = 1) -> str:
     if not path.is_file():
         return ""
     text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
@@ -74,12 +74,12 @@ def run_part(part: Part, seconds: float, work: Path) -> PartResult:
             code: int | None = proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             code = None
-            _stop(proc)
+            stop_group(proc)
         except BaseException:  # Ctrl-C: take the part's processes down too
-            _stop(proc)
+            stop_group(proc)
             raise
         else:
-            _stop(proc)  # a part's leftover children (loader workers) end with it
+            stop_group(proc)  # a part's leftover children (loader workers) end with it
     elapsed = time.monotonic() - start
     written: dict[str, Any] = {}
     if out.is_file():
@@ -91,7 +91,7 @@ def run_part(part: Part, seconds: float, work: Path) -> PartResult:
     if code is None:
         return PartResult(part.name, "failed", elapsed, f"timed out after {seconds:.0f} s (log: {log})", data)
     if code != 0:
-        reason = written.get("error") or _tail(log) or f"exit status {code}"
+        reason = written.get("error") or tail(log) or f"exit status {code}"
         if code < 0:
             reason = f"killed by signal {-code}; {reason}"
         return PartResult(part.name, "failed", elapsed, f"{reason} (log: {log})", data)

@@ -1,2 +1,3 @@
 """The bottom layer: helpers every other package may use and that import no other `harmony` package
-(process-group collectives, ramps, colour parsing, the checkpoint file format)."""
+(the user-facing errors and their exit codes, the device choice, process-group collectives, ramps,
+colour parsing, the checkpoint file format)."""

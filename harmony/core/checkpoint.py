@@ -17,13 +17,11 @@ from typing import Any
 
 import torch
 
+from harmony.core.errors import CheckpointError
+
 FORMAT = "harmony-checkpoint"
 VERSION = 1
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says which file and why."""
 
 
 def git_revision() -> str:

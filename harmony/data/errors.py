@@ -1,13 +1,12 @@
-"""The two kinds of data failure: `DataError` stops the run with one line the user can act on (bad spec,
-no files, nothing readable); `SampleError` skips one sample and counts it under a reason."""
+"""The two kinds of data failure: `DataError` (from `harmony.core.errors`) stops the run with one line the
+user can act on (bad spec, no files, nothing readable); `SampleError` skips one sample and counts it under a
+reason."""
 
 from __future__ import annotations
 
+from harmony.core.errors import DataError as DataError
+
 SKIP_REASONS = ("image", "caption", "shard")
-
-
-class DataError(ValueError):
-    """A data problem the user can fix (bad spec, no files); the message says what and where."""
 
 
 class SampleError(ValueError):

@@ -187,10 +187,9 @@ def check_args(args: argparse.Namespace) -> list[int]:
             raise ConfigError(f"{flag} must be >= 0, got {value}")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise ConfigError(f"--device takes cpu, cuda or cuda:N, got {args.device!r}")
-    import torch
+    from harmony.core.device import resolve_device
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    resolve_device(args.device)  # cuda on a machine without it: the one-line ConfigError
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     if not args.batches and not args.seconds > 0:

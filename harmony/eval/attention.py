@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 
 from harmony.core.colors import WHITE
+from harmony.core.errors import ConfigError
 from harmony.data.errors import SampleError
 from harmony.data.shapes import ShapesSample
 from harmony.eval.datasets import open_labelled, pick, shapes_dataset
@@ -194,7 +195,7 @@ def run_attention(
     started = time.perf_counter()
     s = resolve(AttentionSettings(), ATTENTION_FULL, data_spec, overrides)
     if s.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {s.num_images}")
+        raise ConfigError(f"--num-images must be at least 1, got {s.num_images}")
     builtin = data_spec.startswith("builtin:")
     labelled = open_labelled(data_spec, pretrained.config, background)
     shapes = shapes_dataset(data_spec, pretrained.config) if builtin else None

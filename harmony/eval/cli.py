@@ -12,30 +12,15 @@ are skipped, counted in the JSON (`dataset.skipped`) and reported in one stderr 
 from __future__ import annotations
 
 import argparse
-import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from harmony.core.colors import parse_background
+from harmony.core.errors import ConfigError
 from harmony.eval.report import report_skips, result_table, write_result
 from harmony.eval.settings import add_flags, overrides_from, parse_value
 from harmony.eval.suite import PROTOCOLS, run_label, run_suite, run_task
 from harmony.outputs import check_output_dir, check_output_file
-
-if TYPE_CHECKING:
-    import torch
-
-
-def _device(name: str) -> torch.device:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this machine has no usable CUDA device (use --device cpu or auto)")
-    return torch.device(name)
 
 
 def _background(text: str) -> tuple[int, int, int]:
@@ -51,30 +36,8 @@ def _workers(text: str) -> int:
     return int(text)
 
 
-def _errors_as_messages(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A protocol's ValueError (no text tower, class mismatch, bad setting) ends the command with a
-    one-line message and exit status 2 instead of a traceback; harmony's own data, checkpoint and
-    config errors go on to `harmony.cli.main`, which reports them with their own exit codes."""
-    from harmony.core.checkpoint import CheckpointError
-    from harmony.data.sources import DataError
-    from harmony.outputs import OutputError
-    from harmony.typed import ConfigError
-
-    @functools.wraps(command)
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (DataError, CheckpointError, ConfigError, OutputError):
-            raise
-        except (ValueError, TypeError) as exc:
-            print(f"harmony eval: error: {exc}", file=sys.stderr)
-            return 2
-
-    return wrapped
-
-
-@_errors_as_messages
 def cmd_task(args: argparse.Namespace) -> int:
+    from harmony.core.device import resolve_device
     from harmony.loading import load
 
     protocol = PROTOCOLS[args.eval_task]
@@ -82,7 +45,7 @@ def cmd_task(args: argparse.Namespace) -> int:
     maps = Path(args.maps) if getattr(args, "maps", None) else (out.with_suffix("") if out else None)
     if args.eval_task == "attention":
         maps = check_output_dir(maps or Path("attention_maps"), "--maps" if getattr(args, "maps", None) else "--out")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     pretrained = load(args.checkpoint, weights=args.weights, device=device)
     extra: dict[str, Any] = {}
     for name in ("image_root", "train_image_root"):
@@ -118,8 +81,11 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, text = item.partition("=")
         task, dot, name = key.partition(".")
         if not (sep and dot) or task not in PROTOCOLS or not hasattr(PROTOCOLS[task].defaults, name):
-            raise ValueError(f"--set '{item}' is not <task>.<setting>=<value> for a known task and setting")
-        out.setdefault(task, {})[name] = parse_value(getattr(PROTOCOLS[task].defaults, name), text)
+            raise ConfigError(f"--set '{item}' is not <task>.<setting>=<value> for a known task and setting")
+        try:
+            out.setdefault(task, {})[name] = parse_value(getattr(PROTOCOLS[task].defaults, name), text)
+        except ConfigError as exc:
+            raise ConfigError(f"--set '{item}': {exc}") from None
     return out
 
 
@@ -129,24 +95,24 @@ def parse_data_for(items: list[str]) -> dict[str, str]:
     for item in items:
         task, sep, spec = item.partition("=")
         if not sep or not spec.strip() or task not in PROTOCOLS:
-            raise ValueError(f"--data-for '{item}' is not <task>=<data spec> for a known task ({','.join(PROTOCOLS)})")
+            raise ConfigError(f"--data-for '{item}' is not <task>=<data spec> for a known task ({','.join(PROTOCOLS)})")
         out[task] = spec.strip()
     return out
 
 
-@_errors_as_messages
 def cmd_all(args: argparse.Namespace) -> int:
+    from harmony.core.device import resolve_device
     from harmony.eval.summary import headline_rows, markdown_table, write_report
     from harmony.loading import load
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(PROTOCOLS)
     unknown = [t for t in tasks if t not in PROTOCOLS]
     if unknown or not tasks:
-        raise ValueError(f"--tasks names unknown task(s) {unknown or 'none'}; known: {','.join(PROTOCOLS)}")
+        raise ConfigError(f"--tasks names unknown task(s) {unknown or 'none'}; known: {','.join(PROTOCOLS)}")
     settings = parse_sets(args.set)
     data_for = parse_data_for(args.data_for)
     out = check_output_dir(args.out)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     runs, taken = {}, set[str]()
     for checkpoint in args.checkpoint:
         label = run_label(Path(checkpoint), taken)

@@ -129,13 +129,13 @@ def fingerprint(root: Path, files: list[tuple[Path, int]]) -> str:
 
 
 def check_same_classes(train: LabelledImages, test: LabelledImages, train_spec: str, spec: str) -> None:
-    """ValueError naming the differing class folders when the two splits' classes differ (the labels,
+    """DataError naming the differing class folders when the two splits' classes differ (the labels,
     indices into the class list, would mean different things)."""
     if train.class_names == test.class_names:
         return
     only_train = sorted(set(train.class_names) - set(test.class_names))
     only_test = sorted(set(test.class_names) - set(train.class_names))
-    raise ValueError(
+    raise DataError(
         f"'{train_spec}' and '{spec}' have different classes: only in training {only_train or 'none'}, "
         f"only in evaluation {only_test or 'none'} (an empty folder counts as a class)"
     )

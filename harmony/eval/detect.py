@@ -210,7 +210,7 @@ def run_detect(
     train = opened.restricted(s.max_train, s.seed)
     test = open_detection(data_spec, pretrained.config, image_root, background).restricted(s.max_eval, s.seed)
     if train.class_names != test.class_names:
-        raise ValueError(f"'{train_spec}' and '{data_spec}' have different categories")
+        raise DataError(f"'{train_spec}' and '{data_spec}' have different categories")
     native = _native_size(train, train_spec)
     train_sizes = tuple(size or native for size in s.train_sizes)
     model = build_mask_rcnn(pretrained.model.visual, len(train.class_names), s, train_sizes)

@@ -23,6 +23,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from harmony.core.colors import WHITE
+from harmony.core.errors import ConfigError
 from harmony.eval import settings
 from harmony.eval.datasets import EvalViews, LabelledImages, extract, labelled_splits
 from harmony.eval.images import Colour, SkippingLoader, Skips
@@ -70,7 +71,7 @@ FINETUNE_FULL = FinetuneSettings(
 def classifier_from(visual: VisionTower, num_classes: int, drop_path: float, pool: str) -> VisionTransformer:
     """A trainable timm ViT classifier initialised from the tower; only the head starts fresh."""
     if pool not in ("avg", "token"):
-        raise ValueError(f"pool must be 'avg' or 'token', not '{pool}'")
+        raise ConfigError(f"pool must be 'avg' or 'token', not '{pool}'")
     src = visual.vit
     spec = VISION_SIZES[visual.size_name]
     model = VisionTransformer(
@@ -180,7 +181,7 @@ def run_finetune(
     started = time.perf_counter()
     s = settings.resolve(FinetuneSettings(), FINETUNE_FULL, data_spec, overrides)
     if len(s.crop_scale) != 2 or not 0 < s.crop_scale[0] <= s.crop_scale[1] <= 1:
-        raise ValueError(f"--crop-scale needs two area fractions lo,hi with 0 < lo <= hi <= 1, got {s.crop_scale}")
+        raise ConfigError(f"--crop-scale needs two area fractions lo,hi with 0 < lo <= hi <= 1, got {s.crop_scale}")
     torch.manual_seed(s.seed)
     splits = labelled_splits(pretrained.config, data_spec, train_spec, background, s.max_train, s.max_eval, s.seed)
     train = splits.train

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from harmony.core.colors import WHITE
+from harmony.core.errors import ConfigError
 from harmony.eval import settings
 from harmony.eval.datasets import labelled_splits
 from harmony.eval.features import cached_summaries
@@ -36,7 +37,7 @@ KNN_FULL = KnnSettings(max_train=0)
 def check_ks(ks: tuple[int, ...]) -> None:
     """A non-positive (or no) k is a settings error, refused before any work."""
     if not ks or any(k < 1 for k in ks):
-        raise ValueError(f"--ks needs positive numbers of neighbours, got {','.join(map(str, ks)) or 'none'}")
+        raise ConfigError(f"--ks needs positive numbers of neighbours, got {','.join(map(str, ks)) or 'none'}")
 
 
 def neighbour_counts(ks: tuple[int, ...], num_train: int) -> list[int]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harmony.core.colors import WHITE
+from harmony.core.errors import ConfigError
 from harmony.eval import settings
 from harmony.eval.datasets import labelled_splits, pick
 from harmony.eval.features import cached_summaries, linear_input
@@ -60,7 +61,7 @@ def head_specs(s: LinearSettings, available_blocks: int) -> list[HeadSpec]:
     """The sweep grid; block counts above what the cache holds are capped (and deduplicated)."""
     for p in s.pooling:
         if p not in POOLINGS:
-            raise ValueError(f"pooling '{p}' is not one of {POOLINGS}")
+            raise ConfigError(f"pooling '{p}' is not one of {POOLINGS}")
     blocks = sorted({min(n, available_blocks) for n in s.n_last_blocks})
     return [HeadSpec(n, p, lr) for n in blocks for p in s.pooling for lr in s.lrs]
 

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from harmony.core.colors import WHITE
+from harmony.core.errors import CheckpointError, ConfigError
 from harmony.data.errors import SampleError
 from harmony.eval.captions import CaptionedImages, TableColumns, open_captioned
 from harmony.eval.datasets import pick
@@ -106,11 +107,11 @@ def run_retrieval(
     started = time.perf_counter()
     s = resolve(RetrievalSettings(), RETRIEVAL_FULL, data_spec, overrides)
     if pretrained.tokenizer is None or not pretrained.model.has_text:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint '{pretrained.path}' has no text tower ({pretrained.weights}); retrieval needs one"
         )
     if not s.ks or any(k < 1 for k in s.ks):
-        raise ValueError(f"--ks needs positive recall cut-offs, got {','.join(map(str, s.ks)) or 'none'}")
+        raise ConfigError(f"--ks needs positive recall cut-offs, got {','.join(map(str, s.ks)) or 'none'}")
     columns = TableColumns(s.image_key, s.caption_key, s.separator)
     data = open_captioned(data_spec, pretrained.config, s.captions_per_image, image_root, s.split, columns, background)
     index = pick(len(data), s.max_images)

@@ -22,6 +22,7 @@ from torch import nn
 
 from harmony.config import Config
 from harmony.core.colors import WHITE
+from harmony.core.errors import ConfigError
 from harmony.data.errors import DataError
 from harmony.eval import settings
 from harmony.eval.datasets import default_train_spec, pick
@@ -203,9 +204,9 @@ def check_settings(s: SegmentSettings) -> None:
     """ValueError for an unknown protocol or an unusable rescale range, before any work."""
     unknown = set(s.protocols) - set(PROTOCOLS)
     if unknown or not s.protocols:
-        raise ValueError(f"unknown segmentation protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
+        raise ConfigError(f"unknown segmentation protocol(s) {sorted(unknown)}; use {PROTOCOLS}")
     if len(s.scale_range) != 2 or not 0 < s.scale_range[0] <= s.scale_range[1]:
-        raise ValueError(f"--scale-range needs two factors lo,hi with 0 < lo <= hi, got {s.scale_range}")
+        raise ConfigError(f"--scale-range needs two factors lo,hi with 0 < lo <= hi, got {s.scale_range}")
 
 
 @dataclass

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import field, fields, replace
 from typing import Any, TypeVar
 
+from harmony.core.errors import ConfigError
+
 S = TypeVar("S")
 
 
@@ -75,19 +77,22 @@ def _coerce(default: Any, value: Any) -> Any:
 def _scalar(kind: type, text: str) -> Any:
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"'{text}' is not a boolean")
+            raise ConfigError(f"'{text}' is not a boolean")
         return text.lower() in ("true", "1", "yes")
-    return kind(text.strip())
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise ConfigError(f"cannot read '{text.strip()}' as {kind.__name__}") from None
 
 
 def parse_value(default: Any, text: str) -> Any:
     """Text -> the type of a setting's default: for tuple settings a comma-separated list of one or
-    more values (`5` -> (5,), `5,7` -> (5, 7)); a string setting keeps the text whole."""
+    more values (`5` -> (5,), `5,7` -> (5, 7)); a string setting keeps the text whole. ConfigError otherwise."""
     if isinstance(default, tuple):
         kind = type(default[0]) if default else str
         values = tuple(_scalar(kind, part) for part in text.split(",") if part.strip())
         if not values:
-            raise ValueError(f"'{text}' holds no value (give one or a comma-separated list)")
+            raise ConfigError(f"'{text}' holds no value (give one or a comma-separated list)")
         return values
     return _scalar(type(default), text)
 
@@ -98,7 +103,7 @@ def _parser_for(default: Any) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             return parse_value(default, text)
-        except ValueError as exc:
+        except ConfigError as exc:
             kind = type(default[0] if isinstance(default, tuple) and default else default).__name__
             what = f"{kind} list" if isinstance(default, tuple) else kind
             raise argparse.ArgumentTypeError(f"expected {what}: {exc}") from None

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from harmony.core.colors import WHITE
+from harmony.core.errors import ConfigError
 from harmony.eval.attention import ATTENTION_FULL, AttentionSettings, run_attention
 from harmony.eval.detect import DETECT_FULL, DetectSettings, run_detect
 from harmony.eval.finetune import FINETUNE_FULL, FinetuneSettings, run_finetune
@@ -117,7 +118,7 @@ def run_suite(
     skipped for a vision-only checkpoint."""
     unknown = [t for t in tasks if t not in PROTOCOLS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {list(PROTOCOLS)}")
+        raise ConfigError(f"unknown task(s) {unknown}; known: {list(PROTOCOLS)}")
     results: dict[str, dict[str, Any]] = {}
     for task in tasks:
         if PROTOCOLS[task].needs_text and not pretrained.model.has_text:

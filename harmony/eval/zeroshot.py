@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from harmony.core.colors import WHITE
+from harmony.core.errors import CheckpointError, ConfigError
 from harmony.eval import settings
 from harmony.eval.datasets import extract, open_labelled, subset
 from harmony.eval.images import Colour, Skips
@@ -87,10 +88,10 @@ def template_set(name: str) -> list[str]:
     if name in named:
         return list(named[name])
     if not Path(name).is_file():
-        raise ValueError(f"templates '{name}' is neither a named set ({', '.join(named)}) nor a file")
+        raise ConfigError(f"templates '{name}' is neither a named set ({', '.join(named)}) nor a file")
     templates = read_lines(name)
     if not all("{}" in t for t in templates):
-        raise ValueError(f"every template in '{name}' needs a '{{}}' for the class name")
+        raise ConfigError(f"every template in '{name}' needs a '{{}}' for the class name")
     return templates
 
 
@@ -101,7 +102,7 @@ def class_name_set(name: str) -> list[str]:
     if name == "imagenet":
         return list(meta.IMAGENET_CLASSNAMES)
     if not Path(name).is_file():
-        raise ValueError(f"classnames '{name}' is neither the named set imagenet nor a file")
+        raise ConfigError(f"classnames '{name}' is neither the named set imagenet nor a file")
     return read_lines(name)
 
 
@@ -137,7 +138,7 @@ def run_zeroshot(
     s = settings.resolve(ZeroShotSettings(), ZEROSHOT_FULL, data_spec, overrides)
     model, tokenizer = pretrained.model, pretrained.tokenizer
     if tokenizer is None or not model.has_text:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint '{pretrained.path}' has no text tower ({pretrained.weights}); zero-shot needs one"
         )
     data = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval)
@@ -146,7 +147,7 @@ def run_zeroshot(
     else:
         names = class_name_set(s.classnames) if s.classnames else [prompt_name(n) for n in data.class_names]
     if len(names) != len(data.class_names):
-        raise ValueError(f"{len(names)} class names given for a dataset with {len(data.class_names)} classes")
+        raise ConfigError(f"{len(names)} class names given for a dataset with {len(data.class_names)} classes")
     prompts = list(prompt_templates or template_set(s.templates))
     weights = class_embeddings(model, tokenizer, names, prompts, device)
     skips = Skips()

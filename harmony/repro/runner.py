@@ -20,11 +20,9 @@ from typing import Any
 
 import torch
 
+from harmony.core.device import resolve_device
+from harmony.core.errors import ReproError
 from harmony.repro.suite import Suite
-
-
-class ReproError(RuntimeError):
-    """A method failed to train or evaluate; the message names it and where its log is."""
 
 
 def _train_command(suite: Suite, preset: str, run_dir: Path, fresh: bool) -> list[str]:
@@ -152,9 +150,7 @@ def run_repro(suite: Suite, out: Path, with_ablations: bool = False, device: str
     """Train, evaluate and report every method of `suite` under `out`; returns the report path."""
     from harmony.repro.report import write_report
 
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps(asdict(suite), indent=2) + "\n")
     runs: dict[str, dict[str, Any]] = {}

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 
 from harmony.config import Config
+from harmony.core.device import resolve_device
 from harmony.core.distributed import DistInfo
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.presets import build_config, split_preset
 from harmony.train.flops import ComponentFlops
 from harmony.train.memory import SavedActivations
-from harmony.train.step import Stepper, resolve_device
+from harmony.train.step import Stepper
 from harmony.train.task import PretrainTask
 
 # Dense bf16 peak TFLOP/s by device name, for MFU.
@@ -258,7 +259,7 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     presets = presets_to_run(args)
     for preset in presets:  # a wrong preset or override is one line here (ConfigError), not a worker's traceback
         bench_config(preset, args.overrides, args.device, args.batch_size, ks[0])
-    resolve_device(args.device)  # likewise `--device cuda` on a machine without one (TrainingError)
+    resolve_device(args.device)  # likewise `--device cuda` on a machine without one (ConfigError)
     results = with_ratios([run_isolated(p, args, k) for p in presets for k in ks])
     print(format_results(results))
     if len(ks) > 1:

@@ -16,6 +16,7 @@ import torch
 
 from harmony.config import Config, dump_yaml, to_dict, upgrade_keys
 from harmony.core import checkpoint as ckpt
+from harmony.core.device import resolve_device
 from harmony.core.distributed import DistInfo, all_reduce_mean, all_reduce_sum, full, init_distributed, shutdown
 from harmony.data.guard import describe_skips
 from harmony.data.loader import build_train_data
@@ -23,7 +24,7 @@ from harmony.data.views import ViewMaker
 from harmony.train.logger import MetricsLogger
 from harmony.train.preemption import StopRequest
 from harmony.train.runfolder import claim
-from harmony.train.step import Stepper, TrainingError, resolve_device
+from harmony.train.step import Stepper, TrainingError
 from harmony.typed import changed_keys
 
 

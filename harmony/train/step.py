@@ -12,26 +12,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harmony.config import Config
 from harmony.core.distributed import DistInfo, average_gradients
+from harmony.core.errors import TrainingError
 from harmony.objectives.base import StepInfo
 from harmony.objectives.registry import make_tokenizer
 from harmony.train.accumulate import accumulated_step
 from harmony.train.optim import build_optimizer, clip_gradients, set_schedule
 from harmony.train.schedules import Schedules
 from harmony.train.task import PretrainTask
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. repeated non-finite losses); the message says what to try."""
-
-
-def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError("train.device=cuda but no CUDA device is available; use --device cpu")
-        return torch.device("cuda", dist.local_rank if dist else 0)
-    return torch.device(name)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
