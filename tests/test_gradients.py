@@ -155,7 +155,7 @@ def test_one_teacher_pass_serves_every_objective() -> None:
         hooks.append(
             module.register_forward_hook(lambda m, args, out, name=name: calls[name].append(tuple(args[0].shape)))
         )
-    task(b, StepInfo(0, 8))
+    task.step_losses(b, StepInfo(0, 8))
     for h in hooks:
         h.remove()
     B = 4
