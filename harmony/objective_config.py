@@ -1,4 +1,4 @@
-"""The config sections of the objectives: one dataclass per registered objective (its `config_type`), the
+"""The config sections of the objectives: one dataclass per registered objective (`objectives.<key>`), the
 `objectives:` block that holds them, and the head/decoder shapes they share. Torch-free, below `harmony.config`,
 so configs load without the models. Adding an objective: its section here, a field in `ObjectivesConfig`."""
 
@@ -38,7 +38,7 @@ def one_logit_scale(init: float, cap: float) -> dict[str, tuple[str, object]]:
     return {f"{what} (its init)": ("logit_scale_init", init), f"{what} (its cap)": ("logit_scale_max", cap)}
 
 
-# An objective is switched off by leaving it out (`objectives.mae=null`). Each section is the `config_type`
+# An objective is switched off by leaving it out (`objectives.mae=null`). Each section is the config
 # of one registered objective (`harmony.objectives`) and carries its own checks.
 
 

@@ -75,7 +75,7 @@ def test_cut_captions_give_the_losses_and_gradients_of_padded_ones(preset: str) 
         assert (batch["text"].shape[1] < 77) == trim
         task.zero_grad(set_to_none=True)
         torch.manual_seed(1)
-        loss, metrics = task(batch, StepInfo(10, 8))
+        loss, metrics = task.step_losses(batch, StepInfo(10, 8))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
         results.append(({k: float(v) for k, v in metrics.items() if v.numel() == 1}, grads))

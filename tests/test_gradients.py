@@ -8,7 +8,7 @@ import torch
 from harmony.data.sources import BuiltinSource
 from harmony.data.views import ViewMaker, collate
 from harmony.models.tokenizer import CaptionTokenizer
-from harmony.objectives.base import StepInfo
+from harmony.objectives.base import Encoded, StepInfo
 from harmony.objectives.registry import needs_for_config
 from harmony.train.task import PretrainTask
 from tests.conftest import tiny
@@ -34,6 +34,17 @@ def grads_of(task: PretrainTask, objective: str, batch: dict[str, torch.Tensor])
     out = task.objectives[objective](enc, batch, step)
     out.loss.backward()
     return {n for n, p in task.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+@pytest.mark.parametrize("method", ["harmony", "dino", "flip", "slip", "byol"])
+def test_the_table_of_outputs_says_what_the_passes_compute(method: str) -> None:
+    """`Encoded`'s table gives exactly the per-sample outputs the passes compute for the needs, and which of them
+    carry a gradient (what gradient accumulation caches, and differentiates); these methods read every output."""
+    task, batch = make_task_and_batch(f"{method}-tiny-test", batch_size=2)
+    outputs = task.encode(batch).batched()
+    assert set(outputs) == Encoded.batched_keys(task.needs)
+    for key, value in outputs.items():
+        assert value.requires_grad == Encoded.row(key).trained, key
 
 
 def prefixes(names: set[str]) -> set[str]:
@@ -155,7 +166,7 @@ def test_one_teacher_pass_serves_every_objective() -> None:
         hooks.append(
             module.register_forward_hook(lambda m, args, out, name=name: calls[name].append(tuple(args[0].shape)))
         )
-    task(b, StepInfo(0, 8))
+    task.step_losses(b, StepInfo(0, 8))
     for h in hooks:
         h.remove()
     B = 4

@@ -155,23 +155,21 @@ def test_checkpoint_from_another_config_is_refused(tmp_path: Path, clip_checkpoi
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from harmony.train.loop import Trainer
     from harmony.train.step import TrainingError
-    from harmony.train.task import PretrainTask
+    from harmony.train.task import PretrainTask, StepLosses
 
     cfg = tiny(
         "clip-tiny-test", "train.max_steps=12", "train.log_every=1", "train.save_every=2", "train.max_bad_steps=3"
     )
     trainer = Trainer(cfg, tmp_path, progress=False)
-    forward = PretrainTask.forward
+    step_losses = PretrainTask.step_losses
     calls = {"n": 0}
 
-    def poisoned(
-        self: PretrainTask, batch: dict[str, torch.Tensor], step: object
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def poisoned(self: PretrainTask, batch: dict[str, torch.Tensor], step: object) -> StepLosses:
         calls["n"] += 1
-        loss, metrics = forward(self, batch, step)  # type: ignore[arg-type]
-        return (loss * float("nan") if calls["n"] > 4 else loss), metrics
+        loss, metrics = step_losses(self, batch, step)  # type: ignore[arg-type]
+        return StepLosses(loss * float("nan") if calls["n"] > 4 else loss, metrics)
 
-    monkeypatch.setattr(PretrainTask, "forward", poisoned)
+    monkeypatch.setattr(PretrainTask, "step_losses", poisoned)
     with pytest.raises(TrainingError, match="3 consecutive non-finite steps"):
         trainer.fit()
     good = ckpt.load(tmp_path / "checkpoints" / "last.pt")

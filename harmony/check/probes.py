@@ -223,9 +223,9 @@ def nonfinite_step_is_skipped(preset: str, device: str) -> dict[str, Any]:
     moments = [s["exp_avg"].clone() for s in stepper.optimizer.state.values()]
     model = stepper.model
 
-    def poisoned(b: dict[str, torch.Tensor], info: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, metrics = model(b, info)
-        return loss * float("nan"), metrics
+    def poisoned(method: Any, *args: Any) -> Any:  # the whole step's pass (K = 1), its loss made NaN
+        whole = model(method, *args)
+        return whole._replace(loss=whole.loss * float("nan"))
 
     stepper.model = poisoned  # type: ignore[assignment]
     stepper.train_step(dict(batch))

@@ -9,7 +9,6 @@ K ranks x B samples give the same gradients as 1 rank x K*B samples (tests check
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,25 +127,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(tensor) / world_size()
-
-
-def average_gradients(params: Sequence[torch.Tensor]) -> None:
-    """Average the gradients of `params` over ranks in place (what DDP does in its backward), in one flat
-    buffer per dtype; parameters without a gradient are left without one (on every rank alike)."""
-    if world_size() == 1:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is not None:
-            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= world_size()
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

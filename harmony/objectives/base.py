@@ -8,11 +8,14 @@ unweighted loss plus metrics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypedDict, TypeVar
+import functools
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Any, ClassVar, TypedDict, TypeVar, get_type_hints
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from harmony.config import Config
 from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
@@ -30,74 +33,81 @@ class BlockMasks:
     aspect_min: float
 
 
+# how the values two objectives give a `Needs` field combine (`Needs.union`): the larger count, or the union of
+# the sets / of the flags; a recipe (`shared_recipe`) is the value of the objectives that use it, which must agree
+LARGER = {"merge": max}
+UNION = {"merge": operator.or_}
+
+
+def shared_recipe(used_with: str, conflict: str) -> dict[str, Any]:
+    """The merge rule of a recipe that every objective using it (`used_with` set) must agree on: one pass serves
+    them all, so a difference is refused with `conflict`."""
+    return {"merge": lambda mine, theirs: mine or theirs, "used_with": used_with, "conflict": conflict}
+
+
 @dataclass
 class Needs:
     """The views and forward passes one objective reads; the task and the data layer serve their union.
 
-    `num_global` global crops are made; `block_masks` asks the data layer for iBOT masks on each of them
-    (and the student for a mask token); `keep_ratio` / `text_mask_prob` are the MAE-style patch dropping
-    and caption masking recipes; `embeddings` asks for the CLIP embeddings of crop 0 and the caption, taken
-    from crop 0's patch-dropped pass when `embeddings_dropped` (FLIP) and from its clean pass otherwise."""
+    `num_global` global crops are made; `global_crops` runs every one of them through the student in one
+    stacked pass, through iBOT's block masks when `block_masks` asks the data layer for them (and the student
+    for a mask token), unmasked otherwise (DINO); `clean_crops` are the crops the student also sees without
+    masks. `keep_ratio` / `text_mask_prob` are the MAE-style patch dropping and caption masking recipes;
+    `embeddings` asks for the CLIP embeddings of crop 0 and the caption, taken from crop 0's patch-dropped
+    pass when `embeddings_dropped` (FLIP) and from its clean pass otherwise. Each field's metadata says how the
+    values of two objectives combine (`union`)."""
 
-    num_global: int = 1
-    clean_crops: set[int] = field(default_factory=set)
-    masked_crops: bool = False
-    local_crops: int = 0
-    dropped_crops: set[int] = field(default_factory=set)
-    keep_ratio: float = 0.0
-    teacher_crops: set[int] = field(default_factory=set)
-    text_clean: bool = False
-    text_masked: bool = False
-    teacher_text: bool = False
-    text_mask_prob: float = 0.0
-    block_masks: BlockMasks | None = None
-    embeddings: bool = False
-    embeddings_dropped: bool = False
+    num_global: int = field(default=1, metadata=LARGER)
+    clean_crops: set[int] = field(default_factory=set, metadata=UNION)
+    global_crops: bool = field(default=False, metadata=UNION)
+    local_crops: int = field(default=0, metadata=LARGER)
+    dropped_crops: set[int] = field(default_factory=set, metadata=UNION)
+    keep_ratio: float = field(
+        default=0.0,
+        metadata=shared_recipe(
+            "dropped_crops", "two objectives drop patches with different keep ratios; they must share one"
+        ),
+    )
+    teacher_crops: set[int] = field(default_factory=set, metadata=UNION)
+    text_clean: bool = field(default=False, metadata=UNION)
+    text_masked: bool = field(default=False, metadata=UNION)
+    teacher_text: bool = field(default=False, metadata=UNION)
+    text_mask_prob: float = field(
+        default=0.0,
+        metadata=shared_recipe(
+            "text_masked", "two objectives mask captions with different probabilities; they must share one"
+        ),
+    )
+    block_masks: BlockMasks | None = field(
+        default=None,
+        metadata=shared_recipe(
+            "block_masks", "two objectives ask for different iBOT block masks; they must share one recipe"
+        ),
+    )
+    embeddings: bool = field(default=False, metadata=UNION)
+    embeddings_dropped: bool = field(
+        default=False,
+        metadata=shared_recipe(
+            "embeddings",
+            "two objectives read the image embedding, one of the full image and one of the patch-dropped image",
+        ),
+    )
 
     def union(self, other: Needs) -> Needs:
-        if self.dropped_crops and other.dropped_crops and self.keep_ratio != other.keep_ratio:
-            raise ValueError("two objectives drop patches with different keep ratios; they must share one")
-        if self.text_masked and other.text_masked and self.text_mask_prob != other.text_mask_prob:
-            raise ValueError("two objectives mask captions with different probabilities; they must share one")
-        if self.block_masks and other.block_masks and self.block_masks != other.block_masks:
-            raise ValueError("two objectives ask for different iBOT block masks; they must share one recipe")
-        if self.embeddings and other.embeddings and self.embeddings_dropped != other.embeddings_dropped:
-            raise ValueError(
-                "two objectives read the image embedding, one of the full image and one of the patch-dropped image"
-            )
-        return Needs(
-            num_global=max(self.num_global, other.num_global),
-            clean_crops=self.clean_crops | other.clean_crops,
-            masked_crops=self.masked_crops or other.masked_crops,
-            local_crops=max(self.local_crops, other.local_crops),
-            dropped_crops=self.dropped_crops | other.dropped_crops,
-            keep_ratio=self.keep_ratio or other.keep_ratio,
-            teacher_crops=self.teacher_crops | other.teacher_crops,
-            text_clean=self.text_clean or other.text_clean,
-            text_masked=self.text_masked or other.text_masked,
-            teacher_text=self.teacher_text or other.teacher_text,
-            text_mask_prob=self.text_mask_prob or other.text_mask_prob,
-            block_masks=self.block_masks or other.block_masks,
-            embeddings=self.embeddings or other.embeddings,
-            embeddings_dropped=self.embeddings_dropped or other.embeddings_dropped,
-        )
+        """What serves both: each field merged by its rule; a recipe both use must be the same."""
+        merged = {}
+        for spec in fields(self):
+            mine, theirs = getattr(self, spec.name), getattr(other, spec.name)
+            used_with = spec.metadata.get("used_with")
+            if used_with and getattr(self, used_with) and getattr(other, used_with) and mine != theirs:
+                raise ValueError(spec.metadata["conflict"])
+            merged[spec.name] = spec.metadata["merge"](mine, theirs)
+        return Needs(**merged)
 
-    def output_keys(self) -> set[str]:
-        """The flat names (`Encoded.batched`) of the per-sample outputs `PretrainTask.encode` makes for these needs."""
-        keys = {"images"} | {f"clean.{g}" for g in self.clean_crops} | {f"dropped.{g}" for g in self.dropped_crops}
-        flags = {
-            "masked": self.masked_crops,
-            "local": self.local_crops > 0,
-            "teacher": bool(self.teacher_crops),
-            "text": self.text_clean,
-            "text_masked": self.text_masked,
-            "teacher_text": self.teacher_text,
-            "image_embed": self.embeddings,
-            "text_embed": self.embeddings,
-            "teacher_image_embed": self.embeddings and self.teacher_text and bool(self.teacher_crops),
-            "teacher_text_embed": self.embeddings and self.teacher_text and bool(self.teacher_crops),
-        }
-        return keys | {name for name, wanted in flags.items() if wanted}
+    @classmethod
+    def union_of(cls, parts: Iterable[Needs]) -> Needs:
+        """The union of any number of needs (nothing asked: the defaults)."""
+        return functools.reduce(cls.union, parts, cls())
 
     @property
     def needs_text(self) -> bool:
@@ -149,73 +159,68 @@ class MissingPassError(RuntimeError):
     """An objective read an output of a forward pass that no enabled objective's `Needs` asked for."""
 
 
+class Output:
+    """One row of the table of `Encoded` outputs: the `Needs` fields that must all be set for the task to compute
+    it (`made_by`); its sample dimension (`batch_dim`), or `shared` when one value serves every sample (not cached
+    by gradient accumulation); whether it is a dict crop -> tensor over the crops of its first `made_by` field
+    (`per_crop`; flat names `clean.0`, ...); whether gradients flow back into it (`trained`: not the input
+    images, not the teacher's outputs)."""
+
+    def __init__(
+        self, *made_by: str, batch_dim: int = 0, shared: bool = False, per_crop: bool = False, trained: bool = True
+    ) -> None:
+        self.made_by = made_by
+        self.batch_dim = batch_dim
+        self.shared = shared
+        self.per_crop = per_crop
+        self.trained = trained
+
+    def made_for(self, needs: Needs) -> bool:
+        """Whether the passes serving `needs` compute this output."""
+        return all(getattr(needs, name) for name in self.made_by)
+
+
 class Encoded:
     """Outputs of the shared forward passes of one step (token tensors are [B, 1 + N, D], CLS first).
 
-    Every attribute is typed as present, so objectives read them without checks; one that the union of
-    `Needs` did not ask for raises `MissingPassError` naming the `Needs` field that produces it. `has(name)`
-    says whether an output was computed. `BATCH_DIM` gives each batched output's sample dimension."""
+    Each field is typed as present, so objectives read them without checks, and annotated with its `Output`
+    row: one that the union of `Needs` did not ask for raises `MissingPassError` naming the `Needs` fields that
+    produce it; `has(name)` says whether an output was computed. Per-sample outputs come first, in the order
+    gradient accumulation caches them (`batched`)."""
 
-    images: torch.Tensor  # normalised global crops [G, B, 3, H, W]
-    grid: tuple[int, int]
-    pos_embed: torch.Tensor  # the student's position table for the global grid [1, 1 + N, D]
-    clean: dict[int, torch.Tensor]  # crop -> [B, 1 + N, D]
-    masked: torch.Tensor  # [G, B, 1 + N, D]
-    local: torch.Tensor  # [L, B, 1 + n, D]
-    dropped: dict[int, torch.Tensor]  # crop -> [B, 1 + K, D]
-    teacher: torch.Tensor  # [G', B, 1 + N, D], no grad
-    text: torch.Tensor  # [B, T, W] clean caption, student
-    text_masked: torch.Tensor  # [B, T, W] masked caption, student
-    teacher_text: torch.Tensor  # [B, T, W] clean caption, teacher
-    image_embed: torch.Tensor  # student joint-space embedding of crop 0 [B, E]
-    text_embed: torch.Tensor  # [B, E]
-    teacher_image_embed: torch.Tensor
-    teacher_text_embed: torch.Tensor
-    logit_scale: torch.Tensor  # exp(logit_scale), 0-d
+    images: Annotated[Tensor, Output("num_global", batch_dim=1, trained=False)]  # normalised globals [G, B, 3, H, W]
+    global_crops: Annotated[Tensor, Output("global_crops", batch_dim=1)]  # [G, B, 1 + N, D], iBOT-masked if masks
+    local: Annotated[Tensor, Output("local_crops", batch_dim=1)]  # [L, B, 1 + n, D]
+    teacher: Annotated[Tensor, Output("teacher_crops", batch_dim=1, trained=False)]  # [G', B, 1 + N, D], no grad
+    text: Annotated[Tensor, Output("text_clean")]  # [B, T, W] clean caption, student
+    text_masked: Annotated[Tensor, Output("text_masked")]  # [B, T, W] masked caption, student
+    teacher_text: Annotated[Tensor, Output("teacher_text", trained=False)]  # [B, T, W] clean caption, teacher
+    image_embed: Annotated[Tensor, Output("embeddings")]  # student joint-space embedding of crop 0 [B, E]
+    text_embed: Annotated[Tensor, Output("embeddings")]  # [B, E]
+    teacher_image_embed: Annotated[Tensor, Output("embeddings", "teacher_text", "teacher_crops", trained=False)]
+    teacher_text_embed: Annotated[Tensor, Output("embeddings", "teacher_text", "teacher_crops", trained=False)]
+    clean: Annotated[dict[int, Tensor], Output("clean_crops", per_crop=True)]  # crop -> [B, 1 + N, D]
+    dropped: Annotated[dict[int, Tensor], Output("dropped_crops", per_crop=True)]  # crop -> [B, 1 + K, D]
+    grid: Annotated[tuple[int, int], Output("num_global", shared=True)]  # patch grid (gh, gw)
+    pos_embed: Annotated[Tensor, Output("dropped_crops", shared=True)]  # student position table [1, 1 + N, D]
+    logit_scale: Annotated[Tensor, Output("embeddings", shared=True)]  # exp(logit_scale), 0-d
 
-    PRODUCED_BY: ClassVar[dict[str, str]] = {
-        "images": "num_global",
-        "pos_embed": "dropped_crops",
-        "masked": "masked_crops",
-        "local": "local_crops",
-        "teacher": "teacher_crops",
-        "text": "text_clean",
-        "text_masked": "text_masked",
-        "teacher_text": "teacher_text",
-        "image_embed": "embeddings",
-        "text_embed": "embeddings",
-        "teacher_image_embed": "teacher_text and teacher_crops with embeddings",
-        "teacher_text_embed": "teacher_text and teacher_crops with embeddings",
-        "logit_scale": "embeddings",
-    }
-    BATCH_DIM: ClassVar[dict[str, int]] = {
-        "images": 1,
-        "masked": 1,
-        "local": 1,
-        "teacher": 1,
-        "text": 0,
-        "text_masked": 0,
-        "teacher_text": 0,
-        "image_embed": 0,
-        "text_embed": 0,
-        "teacher_image_embed": 0,
-        "teacher_text_embed": 0,
-    }
+    OUTPUTS: ClassVar[dict[str, Output]]  # the table: every field's row, in field order
 
     def __init__(self, **outputs: Any) -> None:
         self.grid = (0, 0)
         self.clean = {}
         self.dropped = {}
         for name, value in outputs.items():
-            if name not in self.PRODUCED_BY and name not in ("grid", "clean", "dropped"):
+            if name not in self.OUTPUTS:
                 raise TypeError(f"Encoded has no output {name!r}")
             setattr(self, name, value)
 
     def __getattr__(self, name: str) -> Any:  # only reached for outputs that were never set
-        if name in self.PRODUCED_BY:
+        if name in self.OUTPUTS:
             raise MissingPassError(
                 f"Encoded.{name} was not computed: the objective reading it must ask for it in its Needs "
-                f"({self.PRODUCED_BY[name]})"
+                f"({' and '.join(self.OUTPUTS[name].made_by)})"
             )
         raise AttributeError(name)
 
@@ -225,27 +230,47 @@ class Encoded:
 
     def batched(self) -> dict[str, torch.Tensor]:
         """Every computed per-sample output under a flat name (`clean.0`, `teacher`, ...): what gradient
-        accumulation caches and concatenates (along `batch_dim(name)`)."""
-        out = {name: getattr(self, name) for name in self.BATCH_DIM if self.has(name)}
-        out |= {f"clean.{g}": t for g, t in self.clean.items()} | {f"dropped.{g}": t for g, t in self.dropped.items()}
+        accumulation caches and concatenates (along their rows' `batch_dim`)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, row in self.OUTPUTS.items():
+            if row.shared or not self.has(name):
+                continue
+            value = getattr(self, name)
+            out |= {f"{name}.{g}": t for g, t in value.items()} if row.per_crop else {name: value}
         return out
+
+    @classmethod
+    def batched_keys(cls, needs: Needs) -> set[str]:
+        """The flat names (`batched`) of the per-sample outputs the passes serving `needs` compute."""
+        keys: set[str] = set()
+        for name, row in cls.OUTPUTS.items():
+            if not row.shared and row.made_for(needs):
+                keys |= {f"{name}.{g}" for g in getattr(needs, row.made_by[0])} if row.per_crop else {name}
+        return keys
 
     @classmethod
     def from_batched(cls, outputs: dict[str, torch.Tensor], **shared: Any) -> Encoded:
         """The inverse of `batched`, plus the outputs shared by all samples (`grid`, `logit_scale`, `pos_embed`)."""
         enc = cls(**shared)
         for key, value in outputs.items():
-            kind, _, crop = key.partition(".")
+            name, _, crop = key.partition(".")
             if crop:
-                getattr(enc, kind)[int(crop)] = value
+                getattr(enc, name)[int(crop)] = value
             else:
                 setattr(enc, key, value)
         return enc
 
     @classmethod
-    def batch_dim(cls, key: str) -> int:
-        """The sample dimension of the flat output `key`."""
-        return 0 if "." in key else cls.BATCH_DIM[key]
+    def row(cls, key: str) -> Output:
+        """The table row of the flat output `key` (`clean.0` is a row of `clean`)."""
+        return cls.OUTPUTS[key.partition(".")[0]]
+
+
+Encoded.OUTPUTS = {
+    name: hint.__metadata__[0]
+    for name, hint in get_type_hints(Encoded, include_extras=True).items()
+    if isinstance(getattr(hint, "__metadata__", (None,))[0], Output)
+}
 
 
 @dataclass
@@ -273,22 +298,24 @@ class ModelDims:
 class Objective(nn.Module):
     """Base class of every pre-training objective: a plug-in found through the registry.
 
-    A subclass declares `key` (its section under `objectives.` in the config), `config_type` (that
-    section's dataclass in `harmony.config`, which carries the section's own checks), `needs_for`
-    (the views and passes it reads, from its section alone, so the data layer needs no modules),
-    `build` (the objective with its heads/decoders, sized from `ModelDims`) and `forward(encoded,
-    batch, step) -> LossOutput` (unweighted loss + metrics). It may own EMA'd heads (`ema_pairs`),
-    per-step state (`after_step`), frozen parameters, and names its parts for the FLOP breakdown
-    (`flop_parts`). Decorate it with `@register` to plug it in.
+    A subclass declares `key` (its section under `objectives.` in the config, a dataclass in
+    `harmony.objective_config` that carries the section's own checks), `needs_for` (the views and passes it
+    reads, from its section alone, so the data layer needs no modules), `build` when it owns modules sized
+    from `ModelDims` (the default passes the section alone) and `forward(encoded, batch, step) -> LossOutput`
+    (unweighted loss + metrics). It may own EMA'd heads (`ema_pairs`), per-step state (`after_step`), frozen
+    parameters, and names its parts for the FLOP breakdown (`flop_parts`). Decorate it with `@register` to
+    plug it in.
     """
 
     key: ClassVar[str] = ""
-    config_type: ClassVar[type] = object
     # True when the loss couples the samples of a batch (a contrast over the batch, BatchNorm in a head): with
     # gradient accumulation it is computed once on the whole batch's cached tower outputs (GradCache), while a
     # per-sample loss runs inside each micro-batch
     batch_coupled: ClassVar[bool] = False
-    cfg: Any
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
 
     @classmethod
     def needs_for(cls, section: Any) -> Needs:
@@ -297,8 +324,8 @@ class Objective(nn.Module):
 
     @classmethod
     def build(cls, section: Any, dims: ModelDims) -> Objective:
-        """The objective and its modules for `section`."""
-        raise NotImplementedError
+        """The objective and its modules for `section` (sized from `dims` where a subclass says how)."""
+        return cls(section)
 
     def needs(self) -> Needs:
         return self.needs_for(self.cfg)

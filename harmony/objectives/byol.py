@@ -38,7 +38,6 @@ class BYOLObjective(TargetProjectorObjective):
     """BYOL between the two clean global crops: online projector + predictor against the EMA target."""
 
     key = "byol"
-    config_type = BYOLConfig
 
     def __init__(self, cfg: BYOLConfig, embed_dim: int) -> None:
         super().__init__(cfg)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from harmony.core.distributed import gather_no_grad, gather_with_grad, rank
 from harmony.core.ramps import cosine_ramp
 from harmony.objective_config import ClipConfig
-from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, Needs, Objective, StepInfo, register
 from harmony.objectives.centering import soft_cross_entropy
 
 
@@ -34,6 +34,14 @@ def clip_hard_loss(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor
     """Symmetric InfoNCE; local row i is paired with global column offset + i."""
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device) + offset
     return 0.5 * (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels))
+
+
+def hard_contrast(enc: Encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits_per_image, logits_per_text, L_hard) of the student's embeddings: local rows against the columns of
+    every rank, gathered with gradient."""
+    image, text = enc.image_embed, enc.text_embed
+    lpi, lpt = contrastive_logits(image, text, gather_with_grad(image), gather_with_grad(text), enc.logit_scale)
+    return lpi, lpt, clip_hard_loss(lpi, lpt, offset=rank() * image.shape[0])
 
 
 def soft_targets(
@@ -63,12 +71,7 @@ class ClipObjective(Objective):
     with soft targets from the EMA teachers' embeddings (`alpha` ramps hard -> soft)."""
 
     key = "clip"
-    config_type = ClipConfig
     batch_coupled = True
-
-    def __init__(self, cfg: ClipConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
 
     @classmethod
     def needs_for(cls, section: ClipConfig) -> Needs:
@@ -77,19 +80,13 @@ class ClipObjective(Objective):
             clean_crops={0}, text_clean=True, teacher_crops={0} if soft else set(), teacher_text=soft, embeddings=True
         )
 
-    @classmethod
-    def build(cls, section: ClipConfig, dims: ModelDims) -> ClipObjective:
-        return cls(section)
-
     def alpha(self, step: StepInfo) -> float:
         if not self.cfg.soft_targets:
             return 1.0
         return cosine_ramp(self.cfg.alpha_start, self.cfg.alpha_end, step.epoch / max(self.cfg.alpha_epochs, 1e-12))
 
     def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
-        image, text = enc.image_embed, enc.text_embed
-        lpi, lpt = contrastive_logits(image, text, gather_with_grad(image), gather_with_grad(text), enc.logit_scale)
-        hard = clip_hard_loss(lpi, lpt, offset=rank() * image.shape[0])
+        lpi, lpt, hard = hard_contrast(enc)
         metrics = {"clip_hard": hard.detach(), "logit_scale": enc.logit_scale.detach()}
         alpha = self.alpha(step)
         if not self.cfg.soft_targets:

@@ -9,13 +9,14 @@ linearly over the first epochs (`warmup_temperature`).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from torch import nn
 
 from harmony.core.ramps import linear_ramp
 from harmony.models.heads import DINOHead
 from harmony.objective_config import HeadConfig
-from harmony.objectives.base import Objective, StepInfo
+from harmony.objectives.base import ModelDims, Objective, StepInfo
 from harmony.objectives.centering import Center
 
 
@@ -26,10 +27,15 @@ def warmup_temperature(start: float, end: float, warmup_epochs: float, step: Ste
 
 
 class SelfDistillation(Objective):
-    """Base of the objectives that distil an EMA teacher head into a student head."""
+    """Base of the objectives that distil an EMA teacher head into a student head. By default the heads read
+    the vision tower's tokens and are shaped by `model.head`: the constructor takes (section, head, width)."""
 
     student_head: DINOHead
     teacher_head: DINOHead
+
+    @classmethod
+    def build(cls, section: Any, dims: ModelDims) -> Objective:
+        return cls(section, dims.head, dims.vision_width)  # type: ignore[call-arg]
 
     def make_heads(self, in_dim: int, head: HeadConfig) -> None:
         """The student head and its frozen EMA copy (built in this order: the copy draws no random numbers)."""

@@ -9,10 +9,9 @@ forward), as the paper does without its optional unmasked tuning.
 
 from __future__ import annotations
 
-from harmony.core.distributed import gather_with_grad, rank
 from harmony.objective_config import FLIPConfig
-from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
-from harmony.objectives.clip import clip_hard_loss, contrastive_logits
+from harmony.objectives.base import Batch, Encoded, LossOutput, Needs, Objective, StepInfo, register
+from harmony.objectives.clip import hard_contrast
 
 
 @register
@@ -20,12 +19,7 @@ class FLIPObjective(Objective):
     """CLIP's hard image-text contrast with the image embedding of the patch-dropped crop 0."""
 
     key = "flip"
-    config_type = FLIPConfig
     batch_coupled = True
-
-    def __init__(self, cfg: FLIPConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
 
     @classmethod
     def needs_for(cls, section: FLIPConfig) -> Needs:
@@ -37,12 +31,5 @@ class FLIPObjective(Objective):
             embeddings_dropped=True,
         )
 
-    @classmethod
-    def build(cls, section: FLIPConfig, dims: ModelDims) -> FLIPObjective:
-        return cls(section)
-
     def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
-        image, text = enc.image_embed, enc.text_embed
-        lpi, lpt = contrastive_logits(image, text, gather_with_grad(image), gather_with_grad(text), enc.logit_scale)
-        loss = clip_hard_loss(lpi, lpt, offset=rank() * image.shape[0])
-        return LossOutput(loss, {"logit_scale": enc.logit_scale.detach()})
+        return LossOutput(hard_contrast(enc)[2], {"logit_scale": enc.logit_scale.detach()})

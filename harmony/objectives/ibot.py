@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from harmony.objective_config import HeadConfig, IBOTConfig
-from harmony.objectives.base import Batch, BlockMasks, Encoded, LossOutput, ModelDims, Needs, StepInfo, register
+from harmony.objectives.base import Batch, BlockMasks, Encoded, LossOutput, Needs, StepInfo, register
 from harmony.objectives.centering import Center, mean_entropy, sharpen, soft_cross_entropy
 from harmony.objectives.distill import SelfDistillation
 
@@ -46,11 +46,9 @@ class IBOTObjective(SelfDistillation):
     the EMA teacher's centred, sharpened distributions on the clean global crops, CLS and masked patches."""
 
     key = "ibot"
-    config_type = IBOTConfig
 
     def __init__(self, cfg: IBOTConfig, head: HeadConfig, embed_dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.make_heads(embed_dim, head)
         self.cls_center = Center(head.out_dim, cfg.center_momentum)
         self.patch_center = Center(head.out_dim, cfg.center_momentum) if cfg.patch_loss else None
@@ -67,12 +65,8 @@ class IBOTObjective(SelfDistillation):
                 section.mask_aspect_min,
             )
         return Needs(
-            num_global=2, masked_crops=True, local_crops=section.local_crops, teacher_crops={0, 1}, block_masks=masks
+            num_global=2, global_crops=True, local_crops=section.local_crops, teacher_crops={0, 1}, block_masks=masks
         )
-
-    @classmethod
-    def build(cls, section: IBOTConfig, dims: ModelDims) -> IBOTObjective:
-        return cls(section, dims.head, dims.vision_width)
 
     def frozen_parameters(self, step: StepInfo) -> list[torch.nn.Parameter]:
         if step.epoch < self.cfg.freeze_last_layer_epochs:
@@ -80,8 +74,8 @@ class IBOTObjective(SelfDistillation):
         return []
 
     def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
-        bsz = enc.masked.shape[1]
-        student_cls = [enc.masked[:, :, 0]]
+        bsz = enc.global_crops.shape[1]
+        student_cls = [enc.global_crops[:, :, 0]]
         if enc.has("local"):
             student_cls.append(enc.local[:, :, 0])
         cls_tokens = torch.cat(student_cls, dim=0)  # [V, B, D]
@@ -89,7 +83,7 @@ class IBOTObjective(SelfDistillation):
         rows = [cls_tokens.flatten(0, 1)]
         if self.cfg.patch_loss:
             index = batch["ibot_index"]
-            rows.append(enc.masked[:, :, 1:].flatten(0, 2)[index])
+            rows.append(enc.global_crops[:, :, 1:].flatten(0, 2)[index])
         out = self.student_head(torch.cat(rows))
         student_cls_logits = out[: num_views * bsz].view(num_views, bsz, -1)
 

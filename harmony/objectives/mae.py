@@ -44,11 +44,9 @@ class MAEObjective(Objective):
     the removed ones."""
 
     key = "mae"
-    config_type = MAEConfig
 
     def __init__(self, cfg: MAEConfig, encoder_dim: int, patch_size: int) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.patch_size = patch_size
         d = cfg.decoder
         self.decoder = MAEDecoder(encoder_dim, patch_size, width=d.width, depth=d.depth, heads=d.heads)

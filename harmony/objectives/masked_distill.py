@@ -12,7 +12,7 @@ import torch
 
 from harmony.models.decoders import MaskedFeatureDecoder
 from harmony.objective_config import HeadConfig, MaskedDistillConfig
-from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, Needs, StepInfo, register
 from harmony.objectives.centering import Center, sharpen, soft_cross_entropy
 from harmony.objectives.distill import SelfDistillation
 
@@ -28,11 +28,9 @@ class MaskedDistillObjective(SelfDistillation):
     the removed ones, the EMA teacher head's distribution on the full image."""
 
     key = "masked_distill"
-    config_type = MaskedDistillConfig
 
     def __init__(self, cfg: MaskedDistillConfig, head: HeadConfig, dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         if dim % cfg.decoder_heads:
             raise ValueError(
                 f"objectives.masked_distill.decoder_heads={cfg.decoder_heads} does not divide the width {dim}"
@@ -44,10 +42,6 @@ class MaskedDistillObjective(SelfDistillation):
     @classmethod
     def needs_for(cls, section: MaskedDistillConfig) -> Needs:
         return Needs(dropped_crops={0}, keep_ratio=section.keep_ratio, teacher_crops={0})
-
-    @classmethod
-    def build(cls, section: MaskedDistillConfig, dims: ModelDims) -> MaskedDistillObjective:
-        return cls(section, dims.head, dims.vision_width)
 
     def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
         decoder: list[torch.nn.Module] = [self.decoder]

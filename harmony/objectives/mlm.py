@@ -26,11 +26,9 @@ class MLMObjective(Objective):
     """Masked language modelling on the student text tower's reading of the masked caption."""
 
     key = "mlm"
-    config_type = MLMConfig
 
     def __init__(self, cfg: MLMConfig, text_width: int, vocab_size: int) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         d = cfg.decoder
         self.decoder = MLMDecoder(text_width, vocab_size, width=d.width, depth=d.depth, heads=d.heads)
 

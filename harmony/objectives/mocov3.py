@@ -41,7 +41,6 @@ class MoCoV3Objective(TargetProjectorObjective):
     """MoCo v3 between the two clean global crops: student queries against EMA-teacher keys."""
 
     key = "mocov3"
-    config_type = MoCoV3Config
 
     def __init__(self, cfg: MoCoV3Config, embed_dim: int) -> None:
         super().__init__(cfg)

@@ -41,10 +41,7 @@ def build_objectives(cfg: Config, vocab_size: int) -> dict[str, Objective]:
 
 def needs_for_config(cfg: Config) -> Needs:
     """The union of the enabled objectives' needs, computed without building any module."""
-    needs = Needs()
-    for cls, section in enabled_sections(cfg):
-        needs = needs.union(cls.needs_for(section))
-    return needs
+    return Needs.union_of(cls.needs_for(section) for cls, section in enabled_sections(cfg))
 
 
 def make_tokenizer(cfg: Config) -> CaptionTokenizer | None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from harmony.core.distributed import gather_with_grad, rank
 from harmony.objective_config import SigLIPConfig
-from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, Needs, Objective, StepInfo, register
 
 
 def sigmoid_logits(
@@ -43,22 +43,16 @@ class SigLIPObjective(Objective):
     with the model's logit scale and a bias owned here."""
 
     key = "siglip"
-    config_type = SigLIPConfig
     batch_coupled = True
 
     def __init__(self, cfg: SigLIPConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         # shape [1], not a scalar: FSDP cannot shard 0-d parameters
         self.logit_bias = nn.Parameter(torch.full((1,), float(cfg.logit_bias_init)))
 
     @classmethod
     def needs_for(cls, section: SigLIPConfig) -> Needs:
         return Needs(clean_crops={0}, text_clean=True, embeddings=True)
-
-    @classmethod
-    def build(cls, section: SigLIPConfig, dims: ModelDims) -> SigLIPObjective:
-        return cls(section)
 
     def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         image = enc.image_embed

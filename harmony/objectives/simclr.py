@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from harmony.core.distributed import gather_with_grad, rank
 from harmony.models.heads import SimCLRProjector
 from harmony.objective_config import SimCLRConfig
-from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, StepInfo, register
+from harmony.objectives.crop_pair import CropPairObjective
 
 
 def simclr_loss(
@@ -31,25 +32,14 @@ def simclr_loss(
 
 
 @register
-class SimCLRObjective(Objective):
+class SimCLRObjective(CropPairObjective):
     """SLIP's SimCLR: NT-Xent between the projected CLS tokens of the two clean global crops."""
 
     key = "simclr"
-    config_type = SimCLRConfig
-    batch_coupled = True
 
     def __init__(self, cfg: SimCLRConfig, embed_dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.projector = SimCLRProjector(embed_dim, cfg.hidden_dim, cfg.out_dim)
-
-    @classmethod
-    def needs_for(cls, section: SimCLRConfig) -> Needs:
-        return Needs(num_global=2, clean_crops={0, 1})
-
-    @classmethod
-    def build(cls, section: SimCLRConfig, dims: ModelDims) -> SimCLRObjective:
-        return cls(section, dims.vision_width)
 
     def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
         return {"heads": [self.projector]}

@@ -15,7 +15,8 @@ from torch import nn
 
 from harmony.models.heads import batchnorm_mlp
 from harmony.objective_config import SimSiamConfig
-from harmony.objectives.base import Batch, Encoded, LossOutput, ModelDims, Needs, Objective, StepInfo, register
+from harmony.objectives.base import Batch, Encoded, LossOutput, StepInfo, register
+from harmony.objectives.crop_pair import CropPairObjective
 
 
 def simsiam_loss(p_a: torch.Tensor, p_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
@@ -34,28 +35,17 @@ def output_std(z: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class SimSiamObjective(Objective):
+class SimSiamObjective(CropPairObjective):
     """SimSiam between the two clean global crops of the student; no teacher."""
 
     key = "simsiam"
-    config_type = SimSiamConfig
-    batch_coupled = True
 
     def __init__(self, cfg: SimSiamConfig, embed_dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.projector = batchnorm_mlp(embed_dim, cfg.hidden_dim, cfg.out_dim, num_layers=3, output_norm="affine")
         self.predictor = batchnorm_mlp(
             cfg.out_dim, cfg.predictor_hidden_dim, cfg.out_dim, num_layers=2, output_norm="none"
         )
-
-    @classmethod
-    def needs_for(cls, section: SimSiamConfig) -> Needs:
-        return Needs(num_global=2, clean_crops={0, 1})
-
-    @classmethod
-    def build(cls, section: SimSiamConfig, dims: ModelDims) -> SimSiamObjective:
-        return cls(section, dims.vision_width)
 
     def flop_parts(self) -> dict[str, list[nn.Module]]:
         return {"heads": [self.projector, self.predictor]}

@@ -8,24 +8,21 @@ The target projector follows the online one with the towers' momentum (`ema_pair
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 from torch import nn
 
-from harmony.objectives.base import ModelDims, Needs, Objective
+from harmony.objectives.base import Needs
+from harmony.objectives.crop_pair import CropPairObjective
 
 
-class TargetProjectorObjective(Objective):
+class TargetProjectorObjective(CropPairObjective):
     """Base of the projector + predictor methods with an EMA target projector (batch-coupled: BatchNorm heads)."""
 
-    batch_coupled = True
     projector: nn.Module
     predictor: nn.Module
     target_projector: nn.Module
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__()
-        self.cfg = cfg
 
     def set_heads(self, projector: nn.Module, predictor: nn.Module) -> None:
         """The online heads and the target copy of the projector (a copy draws no random numbers)."""
@@ -34,11 +31,8 @@ class TargetProjectorObjective(Objective):
 
     @classmethod
     def needs_for(cls, section: Any) -> Needs:
-        return Needs(num_global=2, clean_crops={0, 1}, teacher_crops={0, 1})
-
-    @classmethod
-    def build(cls, section: Any, dims: ModelDims) -> Objective:
-        return cls(section, dims.vision_width)  # type: ignore[call-arg]
+        """The two clean crops, and the teacher's pass over both (the targets)."""
+        return dataclasses.replace(super().needs_for(section), teacher_crops={0, 1})
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.target_projector, self.projector)]

@@ -32,11 +32,9 @@ class TextDistillObjective(SelfDistillation):
     teacher head's centred, sharpened distribution on the clean one, at the masked tokens."""
 
     key = "text_distill"
-    config_type = TextDistillConfig
 
     def __init__(self, cfg: TextDistillConfig, text_width: int) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.make_heads(text_width, cfg.head)
         self.center = Center(cfg.head.out_dim, cfg.center_momentum)
 

@@ -31,6 +31,9 @@ def shard_units(task: PretrainTask) -> list[nn.Module]:
 
 
 def shard_task(task: PretrainTask) -> None:
+    """One FSDP unit per `shard_units` module, and the task as the root unit for the parameters left (projections,
+    the logit scale): FSDP gathers those around the task's `forward` only, which is why every pass of a step goes
+    through it (`harmony.train.task.call_pass`)."""
     from torch.distributed.fsdp import fully_shard
 
     for unit in shard_units(task):

@@ -11,11 +11,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from harmony.config import Config
-from harmony.core.distributed import DistInfo, average_gradients
+from harmony.core.distributed import DistInfo
 from harmony.core.errors import TrainingError
 from harmony.objectives.base import StepInfo
 from harmony.objectives.registry import make_tokenizer
-from harmony.train.accumulate import accumulated_step
+from harmony.train.accumulate import Accumulator
 from harmony.train.optim import build_optimizer, clip_gradients, set_schedule
 from harmony.train.schedules import Schedules
 from harmony.train.task import PretrainTask
@@ -39,9 +39,9 @@ def accumulation_steps(cfg: Config, dist: DistInfo) -> int:
 
 
 class Stepper:
-    """Owns the task and its optimiser; `train_step(batch)` runs forward, backward (in `train.accum_steps`
-    micro-batches when asked, exactly: `harmony.train.accumulate`), clipping, the update, the logit-scale
-    clamp, and the once-per-step EMA/centre advance."""
+    """Owns the task, its accumulator and its optimiser; `train_step(batch)` runs forward and backward (in
+    `train.accum_steps` micro-batches, exactly: `harmony.train.accumulate`), clipping, the update, the
+    logit-scale clamp, and the once-per-step EMA/centre advance."""
 
     def __init__(self, cfg: Config, device: torch.device, dist: DistInfo) -> None:
         self.cfg, self.device, self.dist = cfg, device, dist
@@ -54,8 +54,8 @@ class Stepper:
         self.step = 0
         self.bad_steps = torch.zeros((), dtype=torch.long, device=device)
         self.bad_in_a_row = torch.zeros((), dtype=torch.long, device=device)
-        self.model: torch.nn.Module = self.task
-        self.accum_steps = accumulation_steps(cfg, dist)
+        self.model: torch.nn.Module = self.task  # what the passes go through: the task, or DDP around it
+        self.accumulator = Accumulator(self.task, accumulation_steps(cfg, dist), device, self.amp_dtype, self.scaler)
         self.set_span(steps_per_epoch=1, total_steps=1)
         self._prepare()
 
@@ -65,8 +65,9 @@ class Stepper:
         self.schedules = Schedules.from_config(self.cfg, steps_per_epoch, total_steps)
 
     def _prepare(self) -> None:
-        """Distribute the task (DDP over the whole task: one forward call per step computes every
-        student pass; or FSDP units per tower), then build the optimiser over the final parameters."""
+        """Distribute the task (DDP over the whole task, every pass going through it, which averages the
+        gradients whatever `train.accum_steps` is: `harmony.train.accumulate`; or FSDP units per tower), then build
+        the optimiser over the final parameters."""
         if self.dist.world_size > 1:
             if self.fsdp:
                 from harmony.train.sharding import shard_task
@@ -79,6 +80,7 @@ class Stepper:
                     self.task,
                     device_ids=[self.device.index] if self.device.type == "cuda" else None,
                     forward_sync_buffers=False,
+                    find_unused_parameters=self.accumulator.last_backward_is_partial,
                 )
         if self.cfg.train.compile:
             # in place: parameter names (EMA pairs, checkpoints, export) stay those of the eager module
@@ -86,6 +88,11 @@ class Stepper:
         trainable = self.task.student_modules()
         self.params = [p for p in trainable.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(trainable, self.cfg.optim)
+
+    @property
+    def strategy(self) -> str:
+        """How the optimiser state is kept, and saved: "fsdp" (sharded) or "plain"."""
+        return "fsdp" if self.fsdp else "plain"
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly (a collective under FSDP: call it on every rank)."""
@@ -98,7 +105,7 @@ class Stepper:
         return {
             "step": self.step,
             "bad_steps": int(self.bad_steps),
-            "strategy": "fsdp" if self.fsdp else "plain",
+            "strategy": self.strategy,
             "model": model,
             "optimizer": optim,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -115,10 +122,9 @@ class Stepper:
         `CheckpointError`, state saved under the other `train.strategy` (FSDP vs plain)."""
         from harmony.core.checkpoint import CheckpointError, check_state_keys, load_state_strict
 
-        strategy = "fsdp" if self.fsdp else "plain"
-        if state.get("strategy", "plain") != strategy:
+        if state.get("strategy", "plain") != self.strategy:
             raise CheckpointError(
-                f"{what} holds {state.get('strategy', 'plain')} optimiser state; this run is {strategy} "
+                f"{what} holds {state.get('strategy', 'plain')} optimiser state; this run is {self.strategy} "
                 "(resume with the same train.strategy, or start a new run from its weights)"
             )
         if self.fsdp:
@@ -137,10 +143,6 @@ class Stepper:
         self.step = int(state["step"])
         self.bad_steps.fill_(int(state.get("bad_steps", 0)))
 
-    def _autocast(self) -> torch.autocast:
-        amp = self.amp_dtype
-        return torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None)
-
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimiser step. A non-finite loss or gradient skips the update on the device (fused
         AdamW's `found_inf`, as the fp16 loss scaler does), so no step waits for the host; the
@@ -148,26 +150,7 @@ class Stepper:
         info = StepInfo(self.step, self.steps_per_epoch)
         set_schedule(self.optimizer, self.schedules.lr(self.step), self.schedules.weight_decay(self.step))
         self.optimizer.zero_grad(set_to_none=True)
-        if self.accum_steps == 1:
-            with self._autocast():
-                loss, metrics = self.model(batch, info)
-            self.scaler.scale(loss).backward()
-        else:
-            # DDP's reducer only works inside its own forward: accumulate on the task, then average once
-            ddp = isinstance(self.model, DistributedDataParallel)
-            call = self.task if ddp else self.model
-            loss, metrics = accumulated_step(
-                call,
-                batch,
-                info,
-                self.accum_steps,
-                self._autocast,
-                self.scaler.scale,
-                self.device,
-                self.task.has_coupled,
-            )
-            if ddp:
-                average_gradients(self.params)
+        loss, metrics = self.accumulator.step(self.model, batch, info)
         self.scaler.unscale_(self.optimizer)
         optim = self.cfg.optim
         grad_norm = clip_gradients(self.params, optim.clip_grad, optim.clip_mode, sharded=self.fsdp)

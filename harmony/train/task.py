@@ -1,21 +1,28 @@
-"""The pre-training task: student, EMA teacher, objectives; one call returns the weighted loss terms.
+"""The pre-training task: student, EMA teacher, objectives; its passes return the weighted loss terms.
 
 The task unions what the enabled objectives need and runs each distinct forward pass once per step:
 
-- student, global resolution: the iBOT-masked global crops and any clean crops (CLIP, SimCLR) in ONE
-  batched call (clean crops carry an all-false mask; without iBOT masks the clean pass is reused);
+- student, global resolution: every global crop (through iBOT's block masks when they are on) and any clean
+  crops (CLIP, SimCLR) in ONE batched call (clean crops carry an all-false mask; without iBOT masks the
+  global crops' tokens serve as the clean ones);
 - student, local resolution: all local crops in one call;
 - student, MAE-dropped: all dropped crops in one call (shared by MAE and MaskCLIP);
 - teacher: the clean global crops once, under no_grad (serves iBOT, soft CLIP and MaskCLIP targets);
 - student text: clean and masked captions in one call; teacher text: the clean caption once.
 
-The training loop around it knows nothing about any single objective.
+A step is one pass (`step_losses`), or, with exact gradient accumulation (`harmony.train.accumulate`), a cache
+pass per micro-batch (`cache_outputs`), the batch-coupled losses on the whole batch (`coupled_losses`) and a
+graph pass per micro-batch (`micro_losses`). DDP's gradient reducer and FSDP's parameter gathering hook a
+module's `forward` only, so `forward(pass, *args)` runs any of them: call a pass through the wrapped task with
+`call_pass(model, PretrainTask.<pass>, *args)`, typed as the pass returns. The training loop around it knows
+nothing about any single objective.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
 import torch
 from timm.layers import DropPath
@@ -30,26 +37,53 @@ from harmony.models.tokenizer import CaptionTokenizer
 from harmony.objectives.base import Batch, Encoded, Needs, Objective, StepInfo
 from harmony.objectives.registry import build_objectives
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
-def union_needs(objectives: dict[str, Objective]) -> Needs:
-    needs = Needs()
-    for objective in objectives.values():
-        needs = needs.union(objective.needs())
-    return needs
+
+class StepLosses(NamedTuple):
+    """The weighted total loss of a pass's objectives and the metrics (each unweighted term as `loss_<name>`).
+    Passes return named tuples: DDP finds the tensors of its outputs in them."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+class MicroLosses(NamedTuple):
+    """A micro-batch's per-sample losses, each weighed by the micro-batch's share of the whole batch (None when
+    every objective is batch-coupled), their metrics, and the outputs the coupled pass has gradients for."""
+
+    loss: torch.Tensor | None
+    metrics: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+
+
+def call_pass(
+    model: nn.Module, method: Callable[Concatenate[PretrainTask, P], R], *args: P.args, **kwargs: P.kwargs
+) -> R:
+    """`method(task, *args, **kwargs)` run through `model`'s forward: the task, or DDP around it (module doc)."""
+    return cast(R, model(method, *args, **kwargs))
+
+
+def _with_loss(loss: torch.Tensor | None, metrics: dict[str, torch.Tensor]) -> StepLosses:
+    """The losses of a pass that must have an objective."""
+    if loss is None:
+        raise ValueError("no objective is enabled")
+    return StepLosses(loss, metrics)
 
 
 class PretrainTask(nn.Module):
     """Student (and EMA teacher) towers plus the enabled objectives, found through the registry.
 
-    `needs` is the union of what the objectives read; `encode` runs each distinct forward pass once;
-    `forward` hands the shared outputs to every objective and sums their weighted losses."""
+    `needs` is the union of what the objectives read; `encode` runs each distinct forward pass once; the passes
+    (module doc) hand the shared outputs to the objectives and sum their weighted losses."""
 
     def __init__(self, cfg: Config, tokenizer: CaptionTokenizer | None) -> None:
         super().__init__()
         self.cfg = cfg
         vocab = tokenizer.vocab_size if tokenizer is not None else 0
         objectives = build_objectives(cfg, vocab)
-        self.needs = needs = union_needs(objectives)
+        self.needs = needs = Needs.union_of(objective.needs() for objective in objectives.values())
         if needs.needs_text and tokenizer is None:
             raise ValueError("a text objective is enabled but no tokenizer was given")
         self.uses_masks = needs.block_masks is not None
@@ -63,20 +97,16 @@ class PretrainTask(nn.Module):
                 del teacher.visual_projection, teacher.text_projection, teacher.logit_scale
             self.teacher = teacher
         self.objectives = nn.ModuleDict(objectives)
-        # gradient accumulation: what the batch-coupled objectives read (cached for the whole batch), and the
-        # passes its caching phase runs (only those, unless the student is stochastic: then every pass, so the
-        # random draws match the graph pass)
-        coupled = {k: o for k, o in objectives.items() if o.batch_coupled}
-        self.has_coupled = bool(coupled)
-        self.coupled_needs = union_needs(coupled)
-        self.coupled_keys = self.coupled_needs.output_keys()
-        self.cache_needs = self.coupled_needs if self.deterministic_student() else needs
         self._ema_cache: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------
 
     def weights(self) -> dict[str, float]:
         return {name: float(getattr(self.cfg.objectives, name).weight) for name in self.objectives}
+
+    def enabled(self) -> dict[str, Objective]:
+        """The objectives by config key, typed (`objectives` is their `ModuleDict`: parameters, state)."""
+        return cast(dict[str, Objective], dict(self.objectives.items()))
 
     def student_modules(self) -> nn.ModuleDict:
         """Everything the optimiser trains (student towers, student heads, decoders)."""
@@ -90,8 +120,8 @@ class PretrainTask(nn.Module):
             pairs: list[tuple[nn.Module, nn.Module]] = []
             if self.teacher is not None:
                 pairs.append((self.teacher, self.student))
-            for objective in self.objectives.values():
-                pairs.extend(objective.ema_pairs())  # type: ignore[operator]
+            for objective in self.enabled().values():
+                pairs.extend(objective.ema_pairs())
             for teacher, student in pairs:
                 source = dict(student.named_parameters())
                 for name, param in teacher.named_parameters():
@@ -106,11 +136,11 @@ class PretrainTask(nn.Module):
         teachers, students = self.ema_parameter_pairs()
         if teachers:
             torch._foreach_lerp_(teachers, students, 1.0 - momentum)
-        for objective in self.objectives.values():
-            objective.after_step()  # type: ignore[operator]
+        for objective in self.enabled().values():
+            objective.after_step()
 
     def frozen_parameters(self, step: StepInfo) -> list[nn.Parameter]:
-        return [p for o in self.objectives.values() for p in o.frozen_parameters(step)]  # type: ignore[operator]
+        return [p for o in self.enabled().values() for p in o.frozen_parameters(step)]
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -124,25 +154,25 @@ class PretrainTask(nn.Module):
         masks = batch.get("ibot_mask")
         clean = sorted(needs.clean_crops)
 
-        # Student, global resolution: masked crops (if any) + clean crops, one call.
+        # Student, global resolution: every global crop (iBOT-masked if masks) + clean crops, one call.
         inputs, input_masks = [], []
-        if needs.masked_crops:
+        if needs.global_crops:
             inputs.append(images.flatten(0, 1))
             input_masks.append(masks.flatten(0, 1) if masks is not None else None)
-        separate_clean = clean if (masks is not None or not needs.masked_crops) else []
+        separate_clean = clean if (masks is not None or not needs.global_crops) else []
         if separate_clean:
             inputs.append(images[separate_clean].flatten(0, 1))
             input_masks.append(torch.zeros_like(masks[separate_clean]).flatten(0, 1) if masks is not None else None)
         if inputs:
             mask = torch.cat(input_masks) if input_masks[0] is not None else None  # type: ignore[arg-type]
             tokens = student.visual(torch.cat(inputs), mask=mask)
-            if needs.masked_crops:
-                enc.masked = tokens[: num_global * bsz].unflatten(0, (num_global, bsz))
+            if needs.global_crops:
+                enc.global_crops = tokens[: num_global * bsz].unflatten(0, (num_global, bsz))
                 tokens = tokens[num_global * bsz :]
             for i, g in enumerate(separate_clean):
                 enc.clean[g] = tokens[i * bsz : (i + 1) * bsz]
-            if not separate_clean and enc.has("masked"):
-                enc.clean = {g: enc.masked[g] for g in clean}
+            if not separate_clean and enc.has("global_crops"):
+                enc.clean = {g: enc.global_crops[g] for g in clean}
 
         if needs.local_crops:
             local = normalize(batch["local"])
@@ -189,53 +219,56 @@ class PretrainTask(nn.Module):
                 enc.teacher_image_embed = teacher.image_embedding(enc.teacher[0])
                 enc.teacher_text_embed = teacher.text_embedding(enc.teacher_text, batch["text"])
 
-    def forward(
-        self, batch: Batch, step: StepInfo, phase: str = "step", **inputs: Any
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | Any:
-        """One training step's forward: (weighted total loss, metrics incl. each unweighted loss term as
-        `loss_<name>`). The other phases serve exact gradient accumulation (`harmony.train.accumulate`);
-        they go through `forward` so DDP/FSDP hooks see every call:
+    def forward(self, method: Callable[Concatenate[PretrainTask, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the pass `method` of this task: the one entry the DDP and FSDP wrappers hook (module doc)."""
+        return method(self, *args, **kwargs)
 
-        - "cache": the outputs the batch-coupled objectives read, as flat tensors (`Encoded.batched`);
-        - "coupled": those objectives' losses on cached whole-batch outputs (`outputs=`);
-        - "micro": a micro-batch's encode and its per-sample losses, each weighed by its share of the whole
-          batch (`full=`); returns (loss or None, metrics, the micro-batch's outputs)."""
-        if phase == "step":
-            return self.losses(self.encode(batch), batch, step)
-        if phase == "cache":
-            outputs = self.encode(batch, self.cache_needs).batched()
-            return {k: v for k, v in outputs.items() if k in self.coupled_keys}
-        if phase == "coupled":
-            enc = Encoded.from_batched(inputs["outputs"], **self._shared_outputs(inputs["outputs"]["images"]))
-            return self.losses(enc, batch, step, coupled=True)
-        if phase == "micro":
-            enc = self.encode(batch)
-            loss, metrics = self.losses(enc, batch, step, coupled=False, full=inputs["full"])
-            return loss, metrics, enc.batched()
-        raise ValueError(f"unknown task phase {phase!r}")
+    def step_losses(self, batch: Batch, step: StepInfo) -> StepLosses:
+        """One training step's forward on the whole batch, every objective."""
+        return _with_loss(*self.losses(self.encode(batch), batch, step))
+
+    def cache_outputs(self, batch: Batch, needs: Needs, keys: Collection[str]) -> dict[str, torch.Tensor]:
+        """The flat outputs `keys` (`Encoded.batched`) of the passes serving `needs`: what gradient accumulation
+        caches of each micro-batch, without a graph, for the batch-coupled objectives."""
+        return {key: value for key, value in self.encode(batch, needs).batched().items() if key in keys}
+
+    def coupled_losses(
+        self, batch: Batch, step: StepInfo, outputs: dict[str, torch.Tensor], needs: Needs
+    ) -> StepLosses:
+        """The batch-coupled objectives' losses on the whole batch's cached `outputs`; the outputs every sample
+        shares that their `needs` ask for are recomputed here, with their graph."""
+        enc = Encoded.from_batched(outputs, **self._shared_outputs(outputs["images"], needs))
+        return _with_loss(*self.losses(enc, batch, step, coupled=True))
+
+    def micro_losses(self, micro: Batch, full: Batch, step: StepInfo, keys: Sequence[str]) -> MicroLosses:
+        """A micro-batch's encode and its per-sample objectives' losses, each weighed by its share of the whole
+        batch `full`, with its outputs `keys` (those the coupled pass has gradients for), in that order."""
+        enc = self.encode(micro)
+        loss, metrics = self.losses(enc, micro, step, coupled=False, full=full)
+        outputs = enc.batched()
+        return MicroLosses(loss, metrics, {key: outputs[key] for key in keys})
 
     def losses(
         self, enc: Encoded, batch: Batch, step: StepInfo, coupled: bool | None = None, full: Batch | None = None
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """Weighted sum and metrics of the objectives (only the batch-coupled ones, or only the others, when
-        `coupled` is given); with `full`, each loss and metric is weighed by the micro-batch's share."""
+        """Weighted sum (None without objectives) and metrics of the objectives (only the batch-coupled ones, or
+        only the others, when `coupled` is given); with `full`, each loss and metric is weighed by the micro-batch's
+        share."""
         weights = self.weights()
         total: torch.Tensor | None = None
         metrics: dict[str, torch.Tensor] = {}
-        for name, objective in self.objectives.items():
+        for name, objective in self.enabled().items():
             if coupled is not None and objective.batch_coupled != coupled:
                 continue
             out = objective(enc, batch, step)
             loss, extra = out.loss, out.metrics
             if full is not None:
-                share = objective.micro_batch_share(batch, full)  # type: ignore[operator]
+                share = objective.micro_batch_share(batch, full)
                 loss, extra = share * loss, {k: share * v for k, v in extra.items()}
             term = weights[name] * loss
             total = term if total is None else total + term
             metrics[f"loss_{name}"] = loss.detach()
             metrics.update(extra)
-        if total is None and coupled is None:
-            raise ValueError("no objective is enabled")
         return total, metrics
 
     def deterministic_student(self) -> bool:
@@ -248,12 +281,12 @@ class PretrainTask(nn.Module):
                 return False
         return True
 
-    def _shared_outputs(self, images: torch.Tensor) -> dict[str, Any]:
-        """The outputs every sample shares, recomputed with their graph for the whole-batch phase."""
+    def _shared_outputs(self, images: torch.Tensor, needs: Needs) -> dict[str, Any]:
+        """The outputs every sample shares that `needs` ask for, recomputed with their graph."""
         grid = self.student.visual.grid(images.shape[-2], images.shape[-1])
         shared: dict[str, Any] = {"grid": grid}
-        if self.coupled_needs.embeddings:
+        if needs.embeddings:
             shared["logit_scale"] = self.student.scale()
-        if self.coupled_needs.dropped_crops:
+        if needs.dropped_crops:
             shared["pos_embed"] = self.student.visual.position_table(grid)
         return shared
