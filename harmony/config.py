@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import yaml
 
+from harmony.models.sizes import TEXT_SIZES, VISION_SIZES, TextSize, VisionSize
 from harmony.objective_config import HeadConfig, ObjectivesConfig
 from harmony.typed import NONE_WORDS, ConfigError, from_dict, merge, to_dict
 
@@ -22,8 +23,14 @@ __all__ = ["Config", "ConfigError", "dump_yaml", "from_dict", "set_override", "t
 
 @dataclass
 class ModelConfig:
+    """`vision` / `text` name a size (`harmony.models.sizes`); a model started from another library's weights
+    (`model.init`) records that source's architecture in `vision_arch` / `text_arch`, which then decide (and
+    `vision` / `text` only name the source)."""
+
     vision: str = "tiny-test"
     text: str = "tiny-test"
+    vision_arch: VisionSize | None = None
+    text_arch: TextSize | None = None
     embed_dim: int = 512
     context_length: int = 77
     drop_path_rate: float = 0.0
@@ -32,6 +39,13 @@ class ModelConfig:
     # 0.02. The jax scheme leaves the early plateau of small ViTs far sooner (docs/tuning.md).
     vision_init: Literal["jax", "timm"] = "jax"
     head: HeadConfig = field(default_factory=HeadConfig)
+
+    def vision_spec(self) -> VisionSize:
+        """The vision tower's architecture: `vision_arch`, else the named size."""
+        return self.vision_arch or VISION_SIZES[self.vision]
+
+    def text_spec(self) -> TextSize:
+        return self.text_arch or TEXT_SIZES[self.text]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,13 +236,12 @@ def set_override(cfg: Config, assignment: str) -> Config:
 def validate(cfg: Config) -> None:
     """Semantic checks beyond types, each naming its key."""
     from harmony.core.colors import parse_background
-    from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
 
-    if cfg.model.vision not in VISION_SIZES:
+    if cfg.model.vision_arch is None and cfg.model.vision not in VISION_SIZES:
         raise ConfigError(
             f"config key 'model.vision' must be one of {', '.join(VISION_SIZES)}, got {cfg.model.vision!r}"
         )
-    if cfg.model.text not in TEXT_SIZES:
+    if cfg.model.text_arch is None and cfg.model.text not in TEXT_SIZES:
         raise ConfigError(f"config key 'model.text' must be one of {', '.join(TEXT_SIZES)}, got {cfg.model.text!r}")
     positive = {
         "train.batch_size": cfg.train.batch_size,

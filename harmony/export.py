@@ -34,7 +34,6 @@ from harmony.config import ConfigError
 from harmony.core.checkpoint import CheckpointError
 from harmony.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from harmony.models.pair import ImageTextModel
-from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
 from harmony.models.vision import VisionTower
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ class TimmArch:
 
 def timm_arch(visual: VisionTower) -> TimmArch:
     """The size's timm name when it has one, else a base name with every dimension as a kwarg."""
-    spec = VISION_SIZES[visual.size_name]
+    spec = visual.spec
     kwargs: dict[str, Any] = {}
     if spec.timm_name is None:
         kwargs = {
@@ -115,7 +114,7 @@ def native_vision(model: ImageTextModel) -> tuple[dict[str, Any], dict[str, torc
     timm has no name for (or another resolution), whose timm trunk open_clip could only build from a timm
     config folder named by absolute path. The patch embedding's bias, a constant added to every patch token,
     moves into the patch rows of the position table (open_clip's patch convolution has none)."""
-    vit, spec = model.visual.vit, VISION_SIZES[model.visual.size_name]
+    vit, spec = model.visual.vit, model.visual.spec
     vision_cfg = {
         "image_size": image_size(model.visual),
         "layers": spec.depth,
@@ -252,7 +251,7 @@ def export_timm(model: ImageTextModel, out: Path, provenance: dict[str, Any] | N
         },
         "python": _python_call(arch.model_name, arch.kwargs, overlay),
         "classifier_head": head_note,
-        "harmony": {**(provenance or {}), "vision": model.visual.size_name},
+        "harmony": dict(provenance or {}),
     }
     sidecar.write_text(json.dumps(recipe, indent=2) + "\n")
     return [out, sidecar]
@@ -263,7 +262,7 @@ def open_clip_model_config(model: ImageTextModel, native: bool, logit_bias: floa
     bias-free projection, or (`native`) as open_clip's own ViT; the text tower pooled at end-of-text."""
     text = model.text
     assert text is not None
-    spec = TEXT_SIZES[text.size_name]
+    spec = text.spec
     bias = {} if logit_bias is None else {"init_logit_bias": logit_bias}
     vision_cfg = (
         native_vision(model)[0]
@@ -323,7 +322,7 @@ def export_open_clip(
             "interpolation": "bilinear",
             "resize_mode": "shortest",
         },
-        "harmony": {**(provenance or {}), "vision": model.visual.size_name, "text": model.text.size_name},
+        "harmony": dict(provenance or {}),
     }
     (out / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return [out / OPEN_CLIP_WEIGHTS, out / OPEN_CLIP_CONFIG]
@@ -364,6 +363,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         "weights": pretrained.weights,
         "step": pretrained.step,
         "method": pretrained.config.name,
+        "vision": pretrained.config.model.vision,
+        "text": pretrained.config.model.text if pretrained.model.has_text else None,
     }
     if args.format == "timm":
         written = export_timm(pretrained.model, out, provenance)
