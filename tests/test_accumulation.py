@@ -164,12 +164,31 @@ def test_reduced_precision_accumulates_like_the_whole_batch(precision: str) -> N
 
 
 @pytest.mark.slow
-def test_a_compiled_student_accumulates_like_the_eager_one() -> None:
-    eager, _ = train("clip-tiny-test", 2, 2)
-    compiled, _ = train("clip-tiny-test", 2, 2, "train.compile=true")
+def test_a_compiled_student_accumulates_like_the_eager_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train.compile=true` with K = 2: the caching pass (no gradient) and the graph pass of each micro-batch go
+    through the compiled student and give the eager numbers and names. Compiled with `aot_eager`: TorchDynamo's
+    capture and AOTAutograd's forward and backward graphs, what accumulation meets, without inductor's C++
+    build (inductor's own kernels against eager: tests/test_gpu_check.py)."""
+    aot_eager, graphs = torch._dynamo.lookup_backend("aot_eager"), []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        graphs.append(graph)
+        return aot_eager(graph, inputs)
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda module, *a, **kw: compile_module(module, *a, **{**kw, "backend": backend})
+    )
+    eager, eager_state = train("clip-tiny-test", 2, 2)
+    try:
+        compiled, compiled_state = train("clip-tiny-test", 2, 2, "train.compile=true")
+    finally:
+        torch._dynamo.reset()  # the compiled frames are this test's alone
+    assert len(graphs) == 2  # the caching pass and the graph pass, each compiled once for both steps
     for want, got in zip(eager, compiled):
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+    assert set(compiled_state) == set(eager_state)
 
 
 def test_accumulation_must_divide_each_ranks_batch() -> None:
