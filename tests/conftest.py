@@ -29,6 +29,11 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
+# `harmony train` settings of the runs that change a resumable setting part way (accumulation steps, caption
+# padding) and compare with the same uninterrupted four steps (`one_rank("train", *RESUMABLE, "--max-steps", "4")`)
+RESUMABLE = ("--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0", "--no-progress")
+RESUMABLE += ("model.context_length=77", "train.log_every=1")
+
 
 def tiny(preset: str = "harmony-tiny-test", *overrides: str) -> Config:
     return build_config(preset, list(overrides))
@@ -94,7 +99,8 @@ def in_process(
         os.chdir(saved_cwd)
         torch.set_num_threads(saved_threads)
         for sig, handler in saved_handlers.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler not set from Python, which a run does not replace
+                signal.signal(sig, handler)
         torch.set_rng_state(saved_rng)
     return subprocess.CompletedProcess(["harmony", *args], code, out.getvalue(), err.getvalue())
 

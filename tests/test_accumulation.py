@@ -8,7 +8,6 @@ optimiser step. Any of these wrong changes the losses or the parameters below.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,8 @@ from harmony.data.sources import BuiltinSource
 from harmony.data.views import DERIVED, ViewMaker, add_indices, collate, split_batch
 from harmony.presets import build_config
 from harmony.train.step import Stepper
-from tests.conftest import Cli, TwoRanks
+from tests.conftest import RESUMABLE, Cli, TwoRanks
+from tests.test_distributed import LOSSES, records
 from tests.two_ranks import HARMONY_RUN
 
 Batch = dict[str, torch.Tensor]
@@ -204,25 +204,23 @@ def test_accumulation_must_divide_each_ranks_batch() -> None:
 
 
 @pytest.mark.slow
-def test_accum_steps_flag_reaches_the_run_and_resume_continues_exactly(tmp_path: Path, cli: Cli) -> None:
-    common = ("--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0", "--no-progress")
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    ref = cli("train", *common, "--out", str(whole), "--max-steps", "4", "train.log_every=1")
-    assert ref.returncode == 0, ref.stderr
-    first = cli("train", *common, "--out", str(split), "--max-steps", "2", "--accum-steps", "2", "train.log_every=1")
+def test_accum_steps_flag_reaches_the_run_and_resume_continues_exactly(
+    tmp_path: Path, cli: Cli, one_rank: Callable[..., Path]
+) -> None:
+    split = tmp_path / "split"
+    first = cli("train", *RESUMABLE, "--out", str(split), "--max-steps", "2", "--accum-steps", "2")
     assert first.returncode == 0, first.stderr
     assert "accum_steps: 2" in (split / "config.yaml").read_text()
     # K may change on resume (the numbers do not depend on it), without --force
-    second = cli("train", *common, "--out", str(split), "--resume", "auto", "--max-steps", "4", "--accum-steps", "4")
+    second = cli("train", *RESUMABLE, "--out", str(split), "--resume", "auto", "--max-steps", "4", "--accum-steps", "4")
     assert second.returncode == 0, second.stderr
     assert "train.accum_steps: 2 -> 4" in second.stdout
-    rows = {r["step"]: r for r in map(json.loads, (split / "metrics.jsonl").read_text().splitlines())}
-    refs = {r["step"]: r for r in map(json.loads, (whole / "metrics.jsonl").read_text().splitlines())}
+    rows, refs = records(split), records(one_rank("train", *RESUMABLE, "--max-steps", "4"))
     assert sorted(rows) == [1, 2, 3, 4]
     for step in range(1, 5):
-        for key in ("loss", "loss_clip", "loss_ibot", "loss_mae", "loss_mlm", "loss_text_distill"):
+        for key in LOSSES:
             assert rows[step][key] == pytest.approx(refs[step][key], rel=1e-4, abs=1e-5), (step, key)
-    bad = cli("train", *common, "--out", str(tmp_path / "bad"), "--batch-size", "8", "--accum-steps", "3")
+    bad = cli("train", *RESUMABLE, "--out", str(tmp_path / "bad"), "--batch-size", "8", "--accum-steps", "3")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "train.accum_steps" in bad.stderr
 
@@ -234,8 +232,6 @@ def test_two_ranks_accumulating_equal_one_rank_with_the_whole_batch(
 ) -> None:
     """2 gloo ranks x K = 2 (micro-batches of 2) against 1 process x K = 1, global batch 8: the gather over
     ranks of the cached embeddings, the manual gradient average (DDP) or FSDP's reduce-scatter per backward."""
-    from tests.test_distributed import LOSSES, records
-
     a, b = records(one_rank(*HARMONY_RUN)), records(two_ranks.folder(f"{strategy}_accumulating") / "run")
     for step in range(1, 6):
         for key in LOSSES:
