@@ -130,7 +130,6 @@ def test_a_run_records_its_padding_and_may_change_it_on_resume(
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "data.caption_padding" in bad.stderr
 
 
-@pytest.mark.slow
 def test_ranks_cutting_to_different_lengths_give_the_one_process_numbers(
     two_ranks: TwoRanks, one_rank: Callable[..., Path]
 ) -> None:
