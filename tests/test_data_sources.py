@@ -18,7 +18,7 @@ from harmony.data.decode import open_image
 from harmony.data.errors import DataError, SampleError
 from harmony.data.inspect import in_order, scan
 from harmony.data.sources import ShardSource, caption_of, decode_sample, expand_urls, open_source
-from tests.conftest import run_cli, tiny
+from tests.conftest import Cli, tiny
 
 MAX_PIXELS = DataConfig().max_image_pixels
 
@@ -199,9 +199,9 @@ def test_csv_problems_are_one_line_errors(tmp_path: Path) -> None:
         CsvSource(path, DataConfig(csv_separator="::"))
 
 
-def test_cli_reports_a_csv_without_its_columns_in_one_line(tmp_path: Path) -> None:
+def test_cli_reports_a_csv_without_its_columns_in_one_line(tmp_path: Path, cli: Cli) -> None:
     path, _ = write_csv(tmp_path)
-    proc = run_cli("data", "inspect", str(path), "--preset", "clip-tiny-test", "data.csv_caption_key=title")
+    proc = cli("data", "inspect", str(path), "--preset", "clip-tiny-test", "data.csv_caption_key=title")
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "no column 'title'" in proc.stderr
 

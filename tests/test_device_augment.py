@@ -34,7 +34,7 @@ from harmony.data.loader import build_train_data
 from harmony.data.shapes import ShapesDataset
 from harmony.data.views import collate, view_maker_for
 from harmony.train.loop import train
-from tests.conftest import run_cli, tiny
+from tests.conftest import Cli, tiny
 from tests.test_data_sources import broken_shards
 from tests.test_train import losses
 
@@ -366,18 +366,18 @@ def test_device_augment_setting() -> None:
     assert not isinstance(build_train_data(cfg, view_maker_for(cfg), DistInfo(), CPU).maker, PlanMaker)
 
 
-def test_bench_data_reports_both_paths(tmp_path: Path) -> None:
+def test_bench_data_reports_both_paths(tmp_path: Path, cli: Cli) -> None:
     spec = jpeg_csv(tmp_path / "jpegs", 16)
     out = tmp_path / "bench.json"
     args = ["--preset", "harmony-tiny-test", "--data", str(spec), "--workers", "0", "--batches", "1"]
-    proc = run_cli("bench", "data", *args, "--batch-size", "4", "--profile", "16", "--json", str(out))
+    proc = cli("bench", "data", *args, "--batch-size", "4", "--profile", "16", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "worker path" in proc.stdout and "device_augment path" in proc.stdout and "on cpu:" in proc.stdout
     figures = json.loads(out.read_text())
     assert set(figures["device_augment_ms_per_image"]) == {"read", "ship", "masks", "text", "collate"}
     assert {"decode", "crops"} <= set(figures["profile_ms_per_image"])
     assert figures["device_images_per_s"]["images_per_s"] > 0
-    bad = run_cli("bench", "data", "--preset", "clip-tiny-test", "--device", "tpu", "--profile", "4")
+    bad = cli("bench", "data", "--preset", "clip-tiny-test", "--device", "tpu", "--profile", "4")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--device" in bad.stderr
 
 

@@ -18,7 +18,7 @@ from harmony.cli import main
 from harmony.core import checkpoint as ckpt
 from harmony.train.preemption import StopRequest
 from harmony.train.runfolder import LOCK_FILE
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, Cli
 
 TRAIN = ["train", "--preset", "clip-tiny-test", "--workers", "0", "--no-progress", "train.log_every=2"]
 
@@ -146,7 +146,7 @@ def test_resume_of_an_empty_folder_needs_a_preset(tmp_path: Path, capsys: pytest
     assert "holds no run to continue; give --preset" in capsys.readouterr().err
 
 
-def test_ctrl_c_stops_after_the_step_saves_and_resume_continues(tmp_path: Path) -> None:
+def test_ctrl_c_stops_after_the_step_saves_and_resume_continues(tmp_path: Path, cli: Cli) -> None:
     cmd = [sys.executable, "-m", "harmony.cli", *TRAIN, "--workers", "1", "--out", str(tmp_path), "--max-steps", "400"]
     cmd += ["train.log_every=1"]
     proc = subprocess.Popen(
@@ -168,7 +168,7 @@ def test_ctrl_c_stops_after_the_step_saves_and_resume_continues(tmp_path: Path) 
     saved = ckpt.load(tmp_path / "checkpoints" / "last.pt")["step"]
     assert 3 <= saved < 400 and steps_logged(tmp_path)[-1] == saved
     resume = ["--workers", "1", "--resume", "auto", "--max-steps", str(saved + 2)]
-    resumed = run_cli(*TRAIN, "--out", str(tmp_path), *resume)
+    resumed = cli(*TRAIN, "--out", str(tmp_path), *resume)
     assert resumed.returncode == 0, resumed.stderr
     assert f"(step {saved})" in resumed.stdout
     assert saved in steps_logged(tmp_path) and steps_logged(tmp_path)[-1] == saved + 2
