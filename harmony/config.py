@@ -269,6 +269,18 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"config keys 'objectives.{name}' and 'objectives.{other}' cannot be combined: {why}")
     shared: dict[str, tuple[str, object]] = {}
     for name, section in sections.items():
+        weight = getattr(section, "weight", 1.0)
+        if weight <= 0:
+            raise ConfigError(
+                f"config key 'objectives.{name}.weight' must be positive, got {weight}: "
+                + ("a negative weight maximises the loss" if weight < 0 else "a zero weight trains nothing from it")
+                + f"; switch the objective off with objectives.{name}=null"
+            )
+        if cfg.train.batch_size < section.min_batch:
+            raise ConfigError(
+                f"config key 'train.batch_size' must be at least {section.min_batch} with objectives.{name}, got "
+                f"{cfg.train.batch_size}: {section.min_batch_reason}"
+            )
         section.check(f"objectives.{name}")
         probs |= {f"objectives.{name}.{sub}": value for sub, value in section.probabilities().items()}
         for sub, value in section.positives().items():
@@ -297,6 +309,23 @@ def validate(cfg: Config) -> None:
         for other, why in section.requires.items():
             if other not in sections:
                 raise ConfigError(f"config key 'objectives.{name}' needs 'objectives.{other}', {why}")
+
+
+def check_batch_per_process(cfg: Config, processes: int) -> None:
+    """Each process's share of the global batch against what the enabled objectives need per process."""
+    per_process = cfg.train.batch_size // max(processes, 1)
+    for name, section in cfg.objectives.sections().items():
+        if per_process < section.min_batch_per_process and processes == 1:
+            raise ConfigError(
+                f"config key 'train.batch_size' must be at least {section.min_batch_per_process} with "
+                f"objectives.{name}, got {cfg.train.batch_size}: {section.min_batch_reason}"
+            )
+        if per_process < section.min_batch_per_process:
+            raise ConfigError(
+                f"config key 'train.batch_size' ({cfg.train.batch_size}) gives each of the {processes} processes "
+                f"{per_process} image(s); objectives.{name} needs at least {section.min_batch_per_process} per "
+                f"process: {section.min_batch_reason}"
+            )
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -36,6 +36,9 @@ from harmony.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from harmony.models.pair import ImageTextModel
 from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
 from harmony.models.vision import VisionTower
+
+if TYPE_CHECKING:
+    from harmony.loading import Pretrained
 
 TIMM_NUM_CLASSES = 1000  # the head of timm's ViT names and of their default pretrained cfgs
 TIMM_DEFAULT_IMG_SIZE = 224  # timm's VisionTransformer default, kept by every `*_224` name
@@ -102,15 +105,69 @@ def timm_state_dict(visual: VisionTower) -> dict[str, torch.Tensor]:
     return state
 
 
-def open_clip_state_dict(model: ImageTextModel) -> dict[str, torch.Tensor]:
-    """Both towers under open_clip's CLIP names (the text tower already uses them)."""
+def _mlp_ratio(vit: nn.Module, width: int) -> float:
+    """The blocks' MLP width over the model width (timm's `mlp_ratio`)."""
+    return vit.state_dict()["blocks.0.mlp.fc1.weight"].shape[0] / width
+
+
+def native_vision(model: ImageTextModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """open_clip's own ViT (`vision_cfg`, `visual.*` weights) holding our vision tower exactly: used for sizes
+    timm has no name for (or another resolution), whose timm trunk open_clip could only build from a timm
+    config folder named by absolute path. The patch embedding's bias, a constant added to every patch token,
+    moves into the patch rows of the position table (open_clip's patch convolution has none)."""
+    vit, spec = model.visual.vit, VISION_SIZES[model.visual.size_name]
+    vision_cfg = {
+        "image_size": image_size(model.visual),
+        "layers": spec.depth,
+        "width": spec.embed_dim,
+        "head_width": spec.embed_dim // spec.num_heads,
+        "mlp_ratio": _mlp_ratio(vit, spec.embed_dim),
+        "patch_size": spec.patch_size,
+        "no_ln_pre": True,
+        "pool_type": "tok",
+        "final_ln_after_pool": False,
+        "norm_kwargs": {"eps": vit.norm.eps},
+    }
+    own = _cpu(vit.state_dict())
+    positions = own["pos_embed"][0].clone()
+    positions[1:] += own["patch_embed.proj.bias"]
+    state = {
+        "visual.conv1.weight": own["patch_embed.proj.weight"],
+        "visual.class_embedding": own["cls_token"].reshape(-1),
+        "visual.positional_embedding": positions,
+        "visual.ln_post.weight": own["norm.weight"],
+        "visual.ln_post.bias": own["norm.bias"],
+        "visual.proj": model.visual_projection.weight.detach().cpu().t().contiguous(),
+    }
+    names = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv": "attn.in_proj", "attn.proj": "attn.out_proj"}
+    names |= {"mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for i in range(spec.depth):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                key = f"visual.transformer.resblocks.{i}.{theirs}"
+                key = f"{key}_{kind}" if theirs == "attn.in_proj" else f"{key}.{kind}"
+                state[key] = own[f"blocks.{i}.{ours}.{kind}"]
+    return vision_cfg, state
+
+
+def open_clip_state_dict(
+    model: ImageTextModel, logit_bias: float | None = None, native: bool = False
+) -> dict[str, torch.Tensor]:
+    """Both towers under open_clip's CLIP names (the text tower already uses them), the image tower as a timm
+    trunk or, with `native`, as open_clip's own ViT; SigLIP's bias as open_clip's `logit_bias` where there is
+    one."""
     assert model.text is not None
-    state = {f"visual.trunk.{k}": v for k, v in _cpu(model.visual.vit.state_dict()).items()}
-    state["visual.head.proj.weight"] = model.visual_projection.weight.detach().cpu().contiguous()
+    if native:
+        state = native_vision(model)[1]
+    else:
+        state = {f"visual.trunk.{k}": v for k, v in _cpu(model.visual.vit.state_dict()).items()}
+        state["visual.head.proj.weight"] = model.visual_projection.weight.detach().cpu().contiguous()
     state.update(_cpu(model.text.state_dict()))
     state["text_projection"] = model.text_projection.detach().cpu().contiguous()
     # open_clip keeps a 0-d scale and does not clamp it: store ours clamped, as `model.scale()` uses it
     state["logit_scale"] = model.logit_scale.detach().cpu().clamp(max=math.log(model.logit_scale_max)).reshape(())
+    if logit_bias is not None:
+        state["logit_bias"] = torch.tensor(logit_bias)
     return state
 
 
@@ -201,22 +258,30 @@ def export_timm(model: ImageTextModel, out: Path, provenance: dict[str, Any] | N
     return [out, sidecar]
 
 
-def open_clip_model_config(model: ImageTextModel, timm_model_name: str) -> dict[str, Any]:
-    """open_clip's `model_cfg` for our pair: timm trunk, CLS pooling, bias-free projections, eos pooling."""
+def open_clip_model_config(model: ImageTextModel, native: bool, logit_bias: float | None = None) -> dict[str, Any]:
+    """open_clip's `model_cfg` for our pair: the image tower as a timm trunk by name with CLS pooling and a
+    bias-free projection, or (`native`) as open_clip's own ViT; the text tower pooled at end-of-text."""
     text = model.text
     assert text is not None
     spec = TEXT_SIZES[text.size_name]
-    return {
-        "embed_dim": model.visual_projection.out_features,
-        "quick_gelu": False,
-        "vision_cfg": {
+    bias = {} if logit_bias is None else {"init_logit_bias": logit_bias}
+    vision_cfg = (
+        native_vision(model)[0]
+        if native
+        else {
             "image_size": image_size(model.visual),
-            "timm_model_name": timm_model_name,
+            "timm_model_name": timm_arch(model.visual).model_name,
             "timm_model_pretrained": False,
             "timm_pool": "token",
             "timm_proj": "linear",
             "timm_proj_bias": False,
-        },
+        }
+    )
+    return {
+        "embed_dim": model.visual_projection.out_features,
+        **bias,
+        "quick_gelu": False,
+        "vision_cfg": vision_cfg,
         "text_cfg": {
             "context_length": text.context_length,
             "vocab_size": text.vocab_size,
@@ -230,30 +295,21 @@ def open_clip_model_config(model: ImageTextModel, timm_model_name: str) -> dict[
     }
 
 
-def export_open_clip(model: ImageTextModel, out: Path, provenance: dict[str, Any] | None = None) -> list[Path]:
-    """Write an open_clip `local-dir:` folder with both towers.
-
-    open_clip builds timm trunks by name only, so a size without a timm name (or trained at another
-    resolution) gets a timm config folder `out/timm` that open_clip reaches by its absolute path.
-    """
+def export_open_clip(
+    model: ImageTextModel, out: Path, provenance: dict[str, Any] | None = None, logit_bias: float | None = None
+) -> list[Path]:
+    """Write an open_clip `local-dir:` folder with both towers. It holds everything it needs, so it may be
+    copied or moved: a size timm names at its default resolution keeps the timm trunk (its weights load into
+    timm unchanged); any other goes in as open_clip's own ViT (`native_vision`)."""
     import open_clip
 
     if model.text is None:
-        raise ExportError("--format open_clip needs a text tower; these weights have none (try --weights student)")
-    arch = timm_arch(model.visual)
+        raise ExportError("--format open_clip needs a text tower; these weights have none")
+    native = bool(timm_arch(model.visual).kwargs)
     out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    timm_name = arch.model_name
     size = image_size(model.visual)
-    if arch.kwargs:
-        timm_dir = out / "timm"
-        timm_dir.mkdir(exist_ok=True)
-        timm_config = {"architecture": arch.model_name, "model_args": arch.kwargs, "pretrained_cfg": data_config(size)}
-        (timm_dir / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
-        written.append(timm_dir / "config.json")
-        timm_name = f"local-dir:{timm_dir.resolve()}"
-    model_cfg = open_clip_model_config(model, timm_name)
-    state = open_clip_state_dict(model)
+    model_cfg = open_clip_model_config(model, native, logit_bias)
+    state = open_clip_state_dict(model, logit_bias, native)
     with torch.device("meta"):
         reference = open_clip.model.CLIP(**model_cfg)
     check_against(state, reference, "open_clip CLIP")
@@ -270,20 +326,39 @@ def export_open_clip(model: ImageTextModel, out: Path, provenance: dict[str, Any
         "harmony": {**(provenance or {}), "vision": model.visual.size_name, "text": model.text.size_name},
     }
     (out / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    return [out / OPEN_CLIP_WEIGHTS, out / OPEN_CLIP_CONFIG, *written]
+    return [out / OPEN_CLIP_WEIGHTS, out / OPEN_CLIP_CONFIG]
+
+
+def no_text_tower(pretrained: Pretrained) -> str:
+    """Why the loaded weights have no text tower, and what to export instead."""
+    from harmony.objectives.registry import needs_for_config
+
+    if needs_for_config(pretrained.config).needs_text:
+        return "--format open_clip needs a text tower; this run's teacher has none: export it with --weights student"
+    return (
+        f"--format open_clip needs a text tower; method {pretrained.config.name} trains none: export the image "
+        "tower with --format timm"
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from harmony.loading import load
-    from harmony.outputs import check_output_dir, check_output_file
+    from harmony.outputs import OutputError, check_output_dir, check_output_file
 
     out = Path(args.out)
     if args.format == "timm":  # all before the (slow) checkpoint load
         check_timm_out(out)
         check_output_file(out)
+        taken = [p for p in (out, out.with_suffix(".json")) if p.exists()]
     else:
         check_output_dir(out)
+        taken = sorted(out.iterdir()) if out.is_dir() else []
+    if taken and not args.overwrite:
+        names = ", ".join(str(p) for p in taken[:3]) + (", ..." if len(taken) > 3 else "")
+        raise OutputError(f"--out {out}: {names} already exist(s); give --overwrite to replace an earlier export")
     pretrained = load(args.checkpoint, weights=args.weights)
+    if args.format == "open_clip" and pretrained.model.text is None:
+        raise ExportError(no_text_tower(pretrained))
     provenance = {
         "checkpoint": str(pretrained.path.resolve()),
         "weights": pretrained.weights,
@@ -294,7 +369,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         written = export_timm(pretrained.model, out, provenance)
         usage = json.loads(written[1].read_text())["python"]
     else:
-        written = export_open_clip(pretrained.model, out, provenance)
+        written = export_open_clip(pretrained.model, out, provenance, pretrained.logit_bias)
         usage = f"open_clip.create_model_and_transforms('local-dir:{out.resolve()}')"
     print(f"exported the {pretrained.weights} weights (step {pretrained.step}) for {args.format}:")
     for path in written:
@@ -314,6 +389,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         "--format", required=True, choices=["timm", "open_clip"], help="timm: vision tower; open_clip: both towers"
     )
     p.add_argument("--out", required=True, help="timm: a .safetensors file (+ .json sidecar); open_clip: a folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     p.add_argument(
         "--weights",
         choices=["auto", "student", "teacher"],

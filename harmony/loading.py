@@ -29,6 +29,7 @@ class Pretrained:
     weights: str
     step: int
     path: Path
+    logit_bias: float | None = None  # SigLIP's learnt bias b of the logits t <z_img, z_txt> + b, where trained
 
     @property
     def image_size(self) -> int:
@@ -80,4 +81,13 @@ def load(path: str | Path, weights: Weights = "auto", device: str | torch.device
     model = build_pair(cfg, tokenizer, with_text=chosen_text, use_mask_token=False)
     ckpt.load_state_strict(model, chosen, f"checkpoint '{path}' ({weights})")
     model.requires_grad_(False).eval().to(device)
-    return Pretrained(model, tokenizer if chosen_text else None, cfg, weights, int(state.get("step", 0)), Path(path))
+    bias = model_state.get("objectives.siglip.logit_bias")
+    return Pretrained(
+        model,
+        tokenizer if chosen_text else None,
+        cfg,
+        weights,
+        int(state.get("step", 0)),
+        Path(path),
+        float(bias.reshape(())) if bias is not None and chosen_text else None,
+    )

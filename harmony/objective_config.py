@@ -52,6 +52,11 @@ class ObjectiveSection:
 
     requires: ClassVar[dict[str, str]] = {}
     excludes: ClassVar[dict[str, str]] = {}
+    # the smallest batch the loss means something at: in the global batch (a contrast needs a negative) and
+    # per process (a head with per-process BatchNorm needs two rows), with the reason said when it is not met
+    min_batch: ClassVar[int] = 1
+    min_batch_per_process: ClassVar[int] = 1
+    min_batch_reason: ClassVar[str] = ""
 
     def probabilities(self) -> dict[str, float]:
         return {}
@@ -70,6 +75,9 @@ class ObjectiveSection:
 @dataclass
 class ClipConfig(ObjectiveSection):
     """Image-text contrast. `alpha` weighs hard targets: L = a*L_hard + (1-a)*L_soft."""
+
+    min_batch: ClassVar[int] = 2
+    min_batch_reason: ClassVar[str] = "its contrast needs a negative pair (another caption or image of the batch)"
 
     weight: float = 1.0
     soft_targets: bool = False
@@ -193,6 +201,10 @@ class TextDistillConfig(MaskedCaptionSection, SelfDistillationSection):
 class SimCLRConfig(ObjectiveSection):
     """SLIP's image-image contrast between the two global crops (MLP projection, NT-Xent)."""
 
+    min_batch: ClassVar[int] = 2
+    min_batch_per_process: ClassVar[int] = 2
+    min_batch_reason: ClassVar[str] = "its contrast needs negatives and its projector normalises each process's batch"
+
     weight: float = 1.0
     temperature: float = 0.1
     hidden_dim: int = 4096
@@ -228,6 +240,9 @@ class MaskedDistillConfig(SelfDistillationSection):
 class BYOLConfig(ObjectiveSection):
     """BYOL between the two global crops: online projector + predictor (MLPs), EMA target, 2 - 2 cos."""
 
+    min_batch_per_process: ClassVar[int] = 2
+    min_batch_reason: ClassVar[str] = "its projector and predictor normalise each process's batch (BatchNorm)"
+
     weight: float = 1.0
     hidden_dim: int = 4096
     out_dim: int = 256
@@ -239,6 +254,9 @@ class BYOLConfig(ObjectiveSection):
 @dataclass
 class SimSiamConfig(ObjectiveSection):
     """SimSiam between the two global crops: projector + bottleneck predictor, stop-gradient, no EMA, -cos."""
+
+    min_batch: ClassVar[int] = 2
+    min_batch_reason: ClassVar[str] = "its heads normalise over the batch (BatchNorm)"
 
     weight: float = 1.0
     hidden_dim: int = 2048
@@ -258,6 +276,9 @@ class MoCoV3Config(ObjectiveSection):
     """MoCo v3 between the two global crops: queries (projector + predictor) against the EMA keys of the other
     crop over the global batch, InfoNCE at `temperature`. `hidden_dim` sizes the projector and the predictor."""
 
+    min_batch: ClassVar[int] = 2
+    min_batch_reason: ClassVar[str] = "its contrast needs negatives and its heads normalise over the batch"
+
     weight: float = 1.0
     temperature: float = 0.2
     hidden_dim: int = 4096
@@ -270,6 +291,9 @@ class MoCoV3Config(ObjectiveSection):
 @dataclass
 class SigLIPConfig(ObjectiveSection):
     """SigLIP's sigmoid loss on every image-caption pair of the global batch: learnable scale t and bias b."""
+
+    min_batch: ClassVar[int] = 2
+    min_batch_reason: ClassVar[str] = "its sigmoid loss needs negative pairs (the other captions of the batch)"
 
     weight: float = 1.0
     logit_scale_init: float = 10.0
@@ -286,6 +310,9 @@ class SigLIPConfig(ObjectiveSection):
 @dataclass
 class FLIPConfig(ObjectiveSection):
     """FLIP: CLIP (hard targets) with a random `mask_ratio` of the image patches dropped in training."""
+
+    min_batch: ClassVar[int] = 2
+    min_batch_reason: ClassVar[str] = "its contrast needs a negative pair (another caption or image of the batch)"
 
     weight: float = 1.0
     mask_ratio: float = 0.5

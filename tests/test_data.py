@@ -13,7 +13,7 @@ from harmony.core.distributed import DistInfo
 from harmony.data.loader import EpochSampler
 from harmony.data.shapes import CLASS_NAMES, COLORS, ShapesDataset
 from harmony.data.shards import write_shapes
-from harmony.data.sources import ShardSource, decode_sample
+from harmony.data.sources import Layout, ShardSource, decode_sample
 from harmony.train.loop import train
 from tests.conftest import run_cli, tiny
 
@@ -92,10 +92,10 @@ def test_synth_shards_round_trip(tmp_path: Path) -> None:
     assert meta["label"] == reference.label and np.array_equal(seg, reference.semantic)
     source = ShardSource(str(tmp_path))
     assert source.epoch_size == 25
-    stream = source.raw_samples(seed=0, epoch=0, part=0, parts=1)
+    stream = source.raw_samples(seed=0, epoch=0, layout=Layout(), part=0)
     seen = {decode_sample(next(stream)).key for _ in range(25)}
     assert len(seen) == 25
-    sample = decode_sample(next(iter(source.raw_samples(0, 0, 0, 1))))
+    sample = decode_sample(next(iter(source.raw_samples(0, 0, Layout(), 0))))
     assert sample.image.size == (32, 32) and sample.caption
 
 
@@ -116,7 +116,7 @@ def test_sampler_splits_global_batches_over_ranks() -> None:
     for step in range(5):
         merged = ranks[0][step * 4 : step * 4 + 4] + ranks[1][step * 4 : step * 4 + 4]
         assert merged == one[step * 8 : step * 8 + 8]
-    assert sorted(i for i, _ in one) == list(range(40))
+    assert sorted(s.index for s in one) == list(range(40)) and [s.position for s in one] == list(range(40))
     assert list(EpochSampler(40, 8, DistInfo(0, 1), seed=2)) != one
 
 

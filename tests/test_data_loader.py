@@ -17,7 +17,7 @@ from harmony.data.csv_source import CsvSource
 from harmony.data.decode import RawSample
 from harmony.data.errors import SKIP_REASONS, DataError
 from harmony.data.guard import describe_skips, worker_message
-from harmony.data.loader import TrainData, build_train_data
+from harmony.data.loader import TrainData, build_train_data, epoch_permutation
 from harmony.data.sources import OPEN_SHARDS, ShardSource, interleave, mixing_rng
 from harmony.data.views import view_maker_for
 from harmony.models.tokenizer import CaptionTokenizer
@@ -67,16 +67,16 @@ EVENTS = {
 
 def pass_events(spec: Path, seed: int) -> list[str]:
     """EVENTS in the order one part's first pass meets them: shards in pass order, read OPEN_SHARDS at once."""
-    order = [Path(u).name for u in ShardSource(str(spec), 7).pass_shards(seed, 0, 0, 0, 1)[0]]
-    return list(interleave((iter(EVENTS[name]) for name in order), OPEN_SHARDS, mixing_rng(seed, 0, 0)))
+    source = ShardSource(str(spec), 7)
+    order = [Path(source.urls[i]).name for i in source.pass_order(seed, 0, 0)]
+    return list(interleave((iter(EVENTS[name]) for name in order), OPEN_SHARDS, mixing_rng(seed, 0, 0, part=0)))
 
 
 def test_shard_batches_carry_exact_skip_counts(tmp_path: Path) -> None:
     broken_shards(tmp_path / "s")
     seed = next(s for s in range(50) if pass_events(tmp_path / "s", s)[-1] not in SKIP_REASONS)
-    cfg = config(
-        tmp_path / "s", "train.batch_size=1", "data.epoch_size=7", "data.shuffle_buffer=0", f"train.seed={seed}"
-    )
+    cfg = config(tmp_path / "s", "data.epoch_size=7", "data.shuffle_buffer=0", f"train.seed={seed}")
+    cfg.train.batch_size = 1  # one sample a batch to follow each skip: the loader alone, no contrast to refuse it
     data = build_train_data(cfg, view_maker_for(cfg), DistInfo())
     expected, pending = [], {}
     for event in pass_events(tmp_path / "s", seed):
@@ -105,19 +105,44 @@ class CountingCsv(CsvSource):
         return super().load(index)
 
 
-def test_csv_batches_count_every_failed_row(tmp_path: Path) -> None:
+def test_csv_batches_count_each_bad_row_once_and_never_repeat_a_sample(tmp_path: Path) -> None:
     path, bad = write_csv(tmp_path)
     cfg = config(path, "train.batch_size=7")
     source = CountingCsv(path, cfg)
     data = TrainData(cfg, DistInfo(), source, view_maker_for(cfg), steps_per_epoch=2)
     batches = list(data.batches(0))
     assert len(batches) == 2 and all(b["text"].shape[0] == 7 for b in batches)
+    assert all(len(set(b["index"].tolist())) == 7 for b in batches)  # a stand-in never repeats its batch's rows
     indices = torch.cat([b["index"] for b in batches]).tolist()
     assert not set(indices) & set(bad) and set(bad) <= set(source.tried)
-    failed = [i for i in source.tried if i in bad]
-    assert sum(int(b["data_errors"].sum()) for b in batches) == len(failed)
-    assert data.skipped["caption"] == failed.count(4) and data.skipped["image"] == len(failed) - failed.count(4)
+    assert sum(int(b["data_errors"].sum()) for b in batches) == len(bad)  # the 4 bad rows, not the attempts
+    assert data.skipped == {"image": 3, "caption": 1, "shard": 0}
     assert {c for b in batches for c in captions(b)} <= {f"sample{i}" for i in range(10)}
+
+
+def test_missing_images_are_replaced_from_outside_their_batch(tmp_path: Path) -> None:
+    """A quarter of the files of a CSV missing: each is replaced by a row of another batch (or a left-out row),
+    so no batch holds a pair twice, and each missing row is counted once per epoch."""
+    (tmp_path / "img").mkdir()
+    lines = ["filepath,caption"]
+    for i in range(42):
+        if i % 4:
+            (tmp_path / "img" / f"{i}.png").write_bytes(image_bytes(i, fmt="PNG"))
+        lines.append(f"img/{i}.png,sample {i}")
+    (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
+    cfg = config(tmp_path / "rows.csv", "train.batch_size=8")
+    data = build_train_data(cfg, view_maker_for(cfg), DistInfo())
+    batches = list(data.batches(0))
+    assert len(batches) == 5 and all(len(set(b["index"].tolist())) == 8 for b in batches)
+    assert all(i % 4 for b in batches for i in b["index"].tolist())
+    perm = epoch_permutation(42, cfg.train.seed, 0)
+    missing_in_batches = sum(1 for i in perm[:40] if i % 4 == 0)  # the 2 left-out rows only stand in
+    assert sum(int(b["data_errors"].sum()) for b in batches) == data.skipped["image"] == missing_in_batches
+    with pytest.raises(DataError, match="every other sample is in its global batch of 8"):
+        small = tmp_path / "small.csv"
+        small.write_text("\n".join(lines[:9]) + "\n")  # 8 rows, 4 missing, one batch of 8
+        cfg = config(small, "train.batch_size=8")
+        next(build_train_data(cfg, view_maker_for(cfg), DistInfo()).batches(0))
 
 
 def shard_set(folder: Path, shards: int = 8, per_shard: int = 5) -> set[str]:
@@ -168,30 +193,46 @@ def test_resumed_shard_epoch_replays_the_remaining_batches(tmp_path: Path) -> No
 def test_resampled_shards_stream_endlessly(tmp_path: Path) -> None:
     shard_set(tmp_path / "p", shards=3, per_shard=4)
     source = ShardSource(str(tmp_path / "p"), resample=True)
-    draws = source.pass_shards(0, 0, 0, part=1, parts=2)
-    assert len(draws[0]) == 2 and set(draws[0]) <= set(source.urls) and draws == source.pass_shards(0, 0, 0, 1, 2)
+    draws = source.resampled(0, 0, 0, part=1, parts=2)
+    assert len(draws) == 2 and set(draws) <= set(source.urls) and draws == source.resampled(0, 0, 0, 1, 2)
     cfg = config(tmp_path / "p", "train.batch_size=4", "data.resample_shards=true", "data.epoch_size=40")
     batches = list(build_train_data(cfg, view_maker_for(cfg), DistInfo()).batches(0))
     assert len(batches) == 10 and all(b["global"].shape[1] == 4 for b in batches)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_nothing_readable_fails_with_one_line(tmp_path: Path, workers: int) -> None:
+def test_shards_without_a_usable_sample_are_refused_before_training(tmp_path: Path) -> None:
     (tmp_path / "s").mkdir()
     for s in range(2):
         write_tar(tmp_path / "s" / f"n-{s}.tar", [(f"k{s}{i}.jpg", image_bytes(i)) for i in range(3)])
-    cfg = config(tmp_path / "s", "train.batch_size=2", "data.epoch_size=6", f"data.num_workers={workers}")
+    with pytest.raises(DataError, match="holds no usable samples") as info:
+        ShardSource(str(tmp_path / "s"))
+    assert "\n" not in str(info.value) and "k00.jpg" in str(info.value) and "no caption" in str(info.value)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("remote", [False, True])
+def test_nothing_readable_fails_with_one_line(tmp_path: Path, workers: int, remote: bool) -> None:
+    """Captions but no decodable image (local shards), or nothing usable in a stream whose contents are not
+    counted in advance (`pipe:`): the loader stops with one line instead of spinning forever."""
+    (tmp_path / "s").mkdir()
+    for s in range(2):
+        members = []
+        for i in range(3):
+            members += [(f"k{s}{i}.jpg", b"not an image")] + ([] if remote else [(f"k{s}{i}.txt", b"a caption")])
+        write_tar(tmp_path / "s" / f"n-{s}.tar", members)
+    spec = f"pipe:cat {tmp_path}/s/n-{{0..1}}.tar" if remote else str(tmp_path / "s")
+    cfg = config(spec, "train.batch_size=2", "data.epoch_size=6", f"data.num_workers={workers}")
     data = build_train_data(cfg, view_maker_for(cfg), DistInfo())
     with deadline(60), pytest.raises(DataError, match="nothing readable") as info:
         next(data.batches(0))
-    assert "\n" not in str(info.value) and "no caption" in str(info.value)
+    assert "\n" not in str(info.value) and ("no caption" if remote else "k") in str(info.value)
 
 
 def test_a_csv_of_unreadable_rows_fails_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "rows.csv").write_text("filepath,caption\n" + "".join(f"gone{i}.jpg,a cat\n" for i in range(8)))
     cfg = config(tmp_path / "rows.csv", "train.batch_size=4")
     data = build_train_data(cfg, view_maker_for(cfg), DistInfo())
-    with deadline(60), pytest.raises(DataError, match="in a row could not be used") as info:
+    with deadline(60), pytest.raises(DataError, match=r"could replace it .* are unusable too") as info:
         next(data.batches(0))
     assert "\n" not in str(info.value)
 

@@ -17,7 +17,7 @@ from harmony.cli import main
 from harmony.core.distributed import DistInfo
 from harmony.data.errors import SampleError
 from harmony.data.loader import build_train_data
-from harmony.data.sources import OPEN_SHARDS, PassEnd, mixing_rng, pass_samples
+from harmony.data.sources import Layout, PassEnd, mixing_rng, strided_samples
 from harmony.data.views import view_maker_for
 from tests.test_data_loader import captions, config
 from tests.test_data_sources import image_bytes, write_tar
@@ -135,8 +135,8 @@ def test_parts_sharing_interleaved_shards_split_samples_and_errors_exactly(tmp_p
     write_tar(tmp_path / "b.tar", [m for pair in members[5:] for m in pair], cut_in="s1k4.jpg")
     keys, errors = [], 0
     for part in range(3):
-        for item in pass_samples(
-            [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], part, 3, mixing_rng(0, 0, 0), OPEN_SHARDS
+        for item in strided_samples(
+            [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], Layout(3, 1, 1, 3), part, mixing_rng(0, 0, 0)
         ):
             if isinstance(item, SampleError):
                 errors += 1

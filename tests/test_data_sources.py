@@ -86,7 +86,7 @@ def test_one_pass_over_broken_shards_counts_exactly(tmp_path: Path) -> None:
     usable, skips = broken_shards(tmp_path / "shards")
     source = ShardSource(str(tmp_path / "shards"))
     assert len(source.urls) == 3
-    assert source.epoch_size == 8 + 2  # .txt members in tar headers; the truncated shard counts what it holds
+    assert source.epoch_size == 9 + 2  # an image and a caption file by name; the truncated shard: what it holds
     result = scan(in_order(source, MAX_PIXELS), limit=0, keep=100)
     assert {s.key for s in result.samples} == usable
     assert result.skipped == skips
@@ -140,7 +140,7 @@ def test_specs_that_match_nothing_fail_with_one_line(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=message):
             expand_urls(spec)
     (tmp_path / "x-0.tar").write_bytes(b"")
-    with pytest.raises(DataError, match="holds no captioned samples"):
+    with pytest.raises(DataError, match=r"holds no usable samples: .*empty file"):
         ShardSource(str(tmp_path / "x-0.tar"))
     with pytest.raises(DataError, match="epoch_size"):
         ShardSource("pipe:cat x.tar")
@@ -204,3 +204,60 @@ def test_cli_reports_a_csv_without_its_columns_in_one_line(tmp_path: Path, cli: 
     proc = cli("data", "inspect", str(path), "--preset", "clip-tiny-test", "data.csv_caption_key=title")
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "no column 'title'" in proc.stderr
+
+
+def test_dotted_keys_json_captions_and_blank_captions_read_alike_everywhere(tmp_path: Path, cli: Cli) -> None:
+    """The counter that sizes an epoch, `harmony data inspect` and the loader read one shard the same way:
+    keys with dots are samples of their own, captions only in img2dataset's JSON count, and a caption of
+    control characters is empty."""
+    from harmony.core.distributed import DistInfo
+    from harmony.data.loader import build_train_data
+    from harmony.data.views import view_maker_for
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    dotted = [m for i in range(4) for m in [(f"img.00{i}.jpg", image_bytes(i)), (f"img.00{i}.txt", b"a dot")]]
+    write_tar(folder / "d-0.tar", dotted)
+    as_json = [
+        m
+        for i in range(4)
+        for m in [(f"j{i}.webp", image_bytes(i, fmt="WEBP")), (f"j{i}.json", b'{"caption": "from json"}')]
+    ]
+    write_tar(folder / "d-1.tar", [*as_json, ("n0.jpg", image_bytes(9)), ("n0.txt", b"\x00\x00 \x1b")])
+    source = ShardSource(str(folder))
+    assert source.counts == [4, 5] and source.epoch_size == 9  # counted by name: the blank caption is found later
+    proc = cli("data", "inspect", str(folder), "--preset", "clip-tiny-test", "--out", "")
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert "9 samples with an image and a caption file" in out and "9 samples: 8 usable" in out
+    cfg = tiny("clip-tiny-test", f"data_spec={folder}", "train.batch_size=8", "data.pin_memory=false")
+    (batch,) = build_train_data(cfg, view_maker_for(cfg), DistInfo()).batches(0)
+    assert batch["global"].shape[1] == 8 and batch["data_errors"].sum() == 1  # the blank caption
+
+
+def test_inspect_of_a_set_without_one_usable_sample_fails(tmp_path: Path, cli: Cli) -> None:
+    (tmp_path / "gone.csv").write_text("filepath,caption\nnope.jpg,a cat\nnone.jpg,a dog\n")
+    proc = cli("data", "inspect", str(tmp_path / "gone.csv"), "--preset", "clip-tiny-test", "--out", "")
+    assert proc.returncode == 1 and "none of the 2 samples read is usable" in proc.stderr
+
+
+def test_urls_in_the_image_column_are_named_as_urls(tmp_path: Path, cli: Cli) -> None:
+    """Nothing is downloaded: a table of URLs is refused in one line, a URL among local files is a skipped row
+    that says so (not a mangled local path)."""
+    (tmp_path / "a.jpg").write_bytes(image_bytes(1))
+    (tmp_path / "urls.csv").write_text(
+        "filepath,caption\nhttp://example.com/img0.jpg,a cat\nhttps://x.org/1.png,a dog\n"
+    )
+    (tmp_path / "mixed.csv").write_text("filepath,caption\na.jpg,a cat\nhttp://example.com/img0.jpg,a dog\n")
+    with pytest.raises(DataError, match=r"holds URLs .*'http://example\.com/img0\.jpg'.* downloads nothing"):
+        CsvSource(tmp_path / "urls.csv", DataConfig())
+    source = CsvSource(tmp_path / "mixed.csv", DataConfig())
+    with pytest.raises(
+        SampleError, match=r"row 2: 'http://example.com/img0.jpg' is a URL \(images are not downloaded\)"
+    ):
+        source.load(1)
+    proc = cli("data", "from-csv", str(tmp_path / "urls.csv"), "--out", str(tmp_path / "s"), "--no-progress")
+    assert proc.returncode == 1 and "holds URLs" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = cli("data", "from-csv", str(tmp_path / "mixed.csv"), "--out", str(tmp_path / "m"), "--no-progress")
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "is a URL" in said and "http:/example" not in said

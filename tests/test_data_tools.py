@@ -101,7 +101,10 @@ def test_from_csv_cli_and_inspect_cli(tmp_path: Path, cli: Cli) -> None:
         "--samples", "3", "--json", str(counts),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "3 shard(s), 10 captioned samples" in proc.stdout and "caption length (words)" in proc.stdout
+    assert (
+        "3 shard(s), 10 samples with an image and a caption file" in proc.stdout
+        and "caption length (words)" in proc.stdout
+    )
     summary = json.loads(counts.read_text())
     assert summary["usable"] == 10 and summary["skipped"] == {"image": 0, "caption": 0, "shard": 0}
     with Image.open(sheet) as image:

@@ -230,11 +230,11 @@ def test_loader_skips_and_counts_the_same_samples_on_both_paths(tmp_path: Path) 
             "clip-tiny-test",
             f"data_spec={tmp_path / 'shards'}",
             "data.pin_memory=false",
-            "train.batch_size=1",
             "data.shuffle_buffer=0",
             f"data.device_augment={flag}",
             f"data.epoch_size={len(usable)}",
         )
+        cfg.train.batch_size = 1  # one sample a batch: the loader alone, no contrast to refuse it
         data = build_train_data(cfg, view_maker_for(cfg), DistInfo(), CPU)
         assert isinstance(data.maker, PlanMaker) == (flag == "true")
         batches[flag] = list(data.batches(0))

@@ -19,6 +19,7 @@ from harmony.export import ExportError, check_against, export_open_clip, export_
 from harmony.loading import load
 from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
+from tests.conftest import Cli
 
 
 def random_pair(vision_size: str, text_size: str | None) -> ImageTextModel:
@@ -98,8 +99,13 @@ def test_timm_export_loads_into_vit_small_with_no_missing_keys(
 
 
 def test_open_clip_export_of_a_checkpoint_matches_our_embeddings(tmp_path: Path, clip_checkpoint: Path) -> None:
-    out = tmp_path / "open_clip"
-    assert main(["export", "--checkpoint", str(clip_checkpoint), "--format", "open_clip", "--out", str(out)]) == 0
+    """A size timm has no name for goes in as open_clip's own ViT, so the folder holds all it needs: it is
+    moved before loading."""
+    written = tmp_path / "written"
+    assert main(["export", "--checkpoint", str(clip_checkpoint), "--format", "open_clip", "--out", str(written)]) == 0
+    out = tmp_path / "elsewhere" / "open_clip"
+    shutil.move(written, out)
+    assert not (out / "timm").exists()
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     model.eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
@@ -176,3 +182,34 @@ def test_export_to_an_unwritable_out_is_one_line_before_loading(
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a file" in err and "none.pt" not in err  # checked before the load
+
+
+def _train(cli: Cli, tmp_path: Path, preset: str) -> Path:
+    out = tmp_path / preset
+    proc = cli("train", "--preset", preset, "--out", str(out), "--max-steps", "1", "--no-progress", "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_siglip_bias_and_refusals_a_user_meets(tmp_path: Path, cli: Cli) -> None:
+    """SigLIP's learnt bias reaches open_clip's `logit_bias`; an earlier export is never overwritten without
+    --overwrite; an image-only run says what to export instead of pointing at another --weights."""
+    siglip = _train(cli, tmp_path, "siglip-tiny-test")
+    out = tmp_path / "oc"
+    assert cli("export", "--checkpoint", str(siglip), "--format", "open_clip", "--out", str(out)).returncode == 0
+    bias = torch.load(siglip / "checkpoints" / "last.pt", weights_only=True)["model"]["objectives.siglip.logit_bias"]
+    model = open_clip.create_model(f"local-dir:{out}")
+    assert torch.equal(model.logit_bias.reshape(1), bias.reshape(1))
+    (tmp_path / "v.json").write_text("{}")  # only the sidecar of an earlier timm export is left: still refused
+    for fmt, target in (("open_clip", out), ("timm", tmp_path / "v.safetensors")):
+        proc = cli("export", "--checkpoint", str(siglip), "--format", fmt, "--out", str(target))
+        err = proc.stderr
+        assert proc.returncode == 1 and "already exist" in err and "--overwrite" in err and err.count("\n") == 1
+    again = cli("export", "--checkpoint", str(siglip), "--format", "open_clip", "--out", str(out), "--overwrite")
+    assert again.returncode == 0
+    byol = _train(cli, tmp_path, "byol-tiny-test")
+    for weights in ("auto", "student"):
+        args = ["export", "--checkpoint", str(byol), "--format", "open_clip", "--out", str(tmp_path / weights)]
+        proc = cli(*args, "--weights", weights)
+        assert proc.returncode == 1 and "trains none: export the image tower with --format timm" in proc.stderr
+        assert "--weights" not in proc.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -38,15 +39,48 @@ def git_revision() -> str:
         return "unknown"
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota, a read-only folder); the last one is intact."""
+
+
+def state_bytes(state: Any) -> int:
+    """The bytes of the tensors in a (nested) checkpoint state: about the size of its file."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def megabytes(size: float) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a torn file."""
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a torn file. A write
+    that fails (no space left, ...) removes the temp file and raises CheckpointWriteError in one line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError ('file write failed')
+        tmp.unlink(missing_ok=True)
+        free, needed = shutil.disk_usage(path.parent).free, state_bytes(state)
+        if isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror
+        else:
+            reason = "no space left on device" if free < needed else f"the write failed ({str(exc).splitlines()[0]})"
+        raise CheckpointWriteError(
+            f"cannot write checkpoint '{path}': {reason}; a checkpoint needs about {megabytes(needed)} and "
+            f"'{path.parent}' has {megabytes(free)} free. Nothing was overwritten: free some space, then continue "
+            "with --resume auto"
+        ) from None
 
 
 EXPECTED = "a Harmony training checkpoint (a run folder, or its checkpoints/last.pt or step_*.pt)"

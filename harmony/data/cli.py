@@ -139,7 +139,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     cfg = build_config(args.preset, [f"data_spec={args.spec}", *keys, *args.overrides])
     source = open_source(args.spec, cfg)
     if isinstance(source, ShardSource):
-        print(f"{args.spec}: {len(source.urls)} shard(s), {source.epoch_size} captioned samples")
+        print(f"{args.spec}: {len(source.urls)} shard(s), {source.epoch_size} samples with an image and a caption file")
     else:
         print(f"{args.spec}: {len(source)} samples")
     result = scan(in_order(source, cfg.data.max_image_pixels), args.limit, args.samples)
@@ -153,6 +153,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if counts is not None:
         record = {"spec": args.spec, "preset": args.preset, "limit": args.limit, "overrides": [*keys, *args.overrides]}
         counts.write_text(json.dumps({**record, **summary(result, cfg.model.context_length)}, indent=2) + "\n")
+    if not result.usable:
+        from harmony.data.errors import DataError
+
+        raise DataError(f"{args.spec}: none of the {result.scanned} samples read is usable (see the problems above)")
     return 0
 
 

@@ -27,14 +27,14 @@ from tqdm import tqdm
 from harmony.config import DataConfig
 from harmony.core.colors import WHITE
 from harmony.data.csv_source import CsvSource
-from harmony.data.decode import open_image, orientation, upright
+from harmony.data.decode import IMAGE_FILE_SUFFIXES, open_image, orientation, upright
 from harmony.data.errors import SKIP_REASONS, DataError, SampleError
 from harmony.data.guard import describe_skips
 from harmony.data.rgb import to_rgb
+from harmony.data.shard_reader import decode_text
 from harmony.data.shards import ShardWriter
 from harmony.typed import ConfigError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
@@ -45,6 +45,7 @@ class Pending:
     name: str
     path: Path
     caption: str
+    problem: SampleError | None = None  # known before reading (a URL in a table): the pair is skipped with it
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,6 @@ def readable(name: str) -> str:
     return decode_text(name.encode("utf-8", "surrogateescape"))
 
 
-def decode_text(data: bytes) -> str:
-    """UTF-8 (a BOM is dropped), else Windows-1252, the usual non-UTF-8 encoding of exported text."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", errors="replace")
-
-
 def folder_pairs(root: Path, caption_template: str = "") -> list[Pending]:
     """Images under `root` (recursive, sorted); caption from a sidecar `name.txt`, else `caption_template`
     with {label} = the parent folder's name (underscores as spaces)."""
@@ -90,7 +83,7 @@ def folder_pairs(root: Path, caption_template: str = "") -> list[Pending]:
     if not root.is_dir():
         raise DataError(f"'{root}' is not a folder")
     pairs = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_FILE_SUFFIXES and p.is_file()):
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
             caption = decode_text(sidecar.read_bytes())
@@ -100,13 +93,19 @@ def folder_pairs(root: Path, caption_template: str = "") -> list[Pending]:
             caption = ""
         pairs.append(Pending(readable(str(path.relative_to(root))), path, caption))
     if not pairs:
-        raise DataError(f"folder '{root}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DataError(f"folder '{root}' holds no images ({', '.join(sorted(IMAGE_FILE_SUFFIXES))})")
     return pairs
 
 
 def csv_pairs(path: Path, cfg: DataConfig) -> list[Pending]:
     source = CsvSource(path, cfg)
-    return [Pending(source.images[i], source.image_path(i), source.captions[i]) for i in range(len(source))]
+    pairs = []
+    for i in range(len(source)):
+        try:
+            pairs.append(Pending(source.images[i], source.image_path(i), source.captions[i]))
+        except SampleError as exc:
+            pairs.append(Pending(source.images[i], path, source.captions[i], exc))
+    return pairs
 
 
 def shrink(image: Image.Image, short_side: int, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -120,6 +119,8 @@ def shrink(image: Image.Image, short_side: int, background: tuple[int, int, int]
 
 def encode(pending: Pending, options: EncodeOptions) -> dict[str, bytes] | SampleError:
     """Shard members for one pair, or the reason it is skipped."""
+    if pending.problem is not None:
+        return pending.problem
     caption = pending.caption.strip()
     if not caption:
         return SampleError(

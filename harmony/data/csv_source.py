@@ -21,6 +21,7 @@ import numpy as np
 from harmony.config import DataConfig
 from harmony.data.decode import RawSample, open_image
 from harmony.data.errors import DataError, SampleError
+from harmony.data.shard_reader import is_remote
 
 SEPARATORS = {"comma": ",", "tab": "\t"}
 FLAGS = {"csv_image_key": "--image-key", "csv_caption_key": "--caption-key", "csv_separator": "--separator"}
@@ -127,13 +128,22 @@ class CsvSource:
         if not len(self.images):
             raise DataError(f"'{path}' has a header but no rows")
         self.root = path.resolve().parent
+        head = [self.images[i].strip() for i in range(min(len(self.images), 1000))]
+        if all(is_remote(name) for name in head):
+            raise DataError(
+                f"the image column '{cfg.csv_image_key}' of '{path}' holds URLs (e.g. '{head[0]}'): Harmony reads local "
+                "image files and downloads nothing; fetch the images first (img2dataset writes shards Harmony reads)"
+            )
 
     def __len__(self) -> int:
         return len(self.images)
 
     def image_path(self, index: int) -> Path:
-        """Where row `index`'s image is: relative paths from the table's folder (Windows `\\` read as `/`)."""
+        """Where row `index`'s image is: relative paths from the table's folder (Windows `\\` read as `/`);
+        SampleError for a URL (nothing is downloaded)."""
         name = self.images[index].strip()
+        if is_remote(name):
+            raise SampleError("image", f"{self.path} row {index + 1}: '{name}' is a URL (images are not downloaded)")
         path = self.root / name
         if "\\" in name and not path.exists():
             path = self.root / name.replace("\\", "/")

@@ -21,6 +21,8 @@ from harmony.data.errors import SampleError
 from harmony.data.rgb import to_rgb
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
+# image files read from folders (conversion, evaluation), by suffix; shards name their images by extension
+IMAGE_FILE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that makes the image upright (as `PIL.ImageOps.exif_transpose`)
 UPRIGHT = {

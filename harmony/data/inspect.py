@@ -30,7 +30,7 @@ from harmony.data.errors import SKIP_REASONS, SampleError
 from harmony.data.guard import describe_skips
 from harmony.data.loader import MapSource
 from harmony.data.rgb import to_rgb
-from harmony.data.sources import OPEN_SHARDS, PassEnd, ShardSource, decode_sample, pass_samples
+from harmony.data.sources import OPEN_SHARDS, ShardSource, decode_sample, read_shard
 from harmony.data.views import ViewMaker
 from harmony.models.tokenizer import CaptionTokenizer
 
@@ -59,9 +59,7 @@ class Scan:
 def in_order(source: MapSource | ShardSource, max_pixels: int) -> Iterator[RawSample | SampleError]:
     """Samples of one pass in stored order (shards in spec order), SampleError for what cannot be used."""
     if isinstance(source, ShardSource):
-        for item in pass_samples(source.urls, 0, 1):
-            if isinstance(item, PassEnd):
-                return
+        for item in itertools.chain.from_iterable(read_shard(url) for url in source.urls):
             if isinstance(item, SampleError):
                 yield item
                 continue
@@ -161,6 +159,18 @@ def order_warnings(result: Scan) -> list[str]:
     ]
 
 
+def caption_warnings(result: Scan) -> list[str]:
+    """A warning when every caption of the whole set is the same: image-text objectives cannot learn from it."""
+    captions = result.captions
+    if not result.exhausted or len(captions) < 2 or len(captions) < result.usable or len(set(captions)) > 1:
+        return []
+    return [
+        f"warning: all {len(captions)} captions read {captions[0]!r}: a contrast between images and captions "
+        "cannot tell the images apart (CLIP, SigLIP, MLM learn nothing from them); give each image its own caption, "
+        "e.g. `harmony data from-folder --caption-template 'a photo of a {label}'`"
+    ]
+
+
 def long_share(result: Scan, context_length: int) -> float:
     """Percentage of usable captions longer than the context (before truncation, start/end included)."""
     return float(np.mean(np.array(result.tokens) > context_length)) * 100 if result.tokens else 0.0
@@ -209,7 +219,7 @@ def report(result: Scan, context_length: int) -> list[str]:
         f"caption length (words): min {words.min()}, median {int(np.median(words))}, max {words.max()}; "
         f"{long_share(result, context_length):.1f}% exceed the {context_length}-token context and are truncated"
     )
-    return lines + histogram(result.words) + order_warnings(result)
+    return lines + histogram(result.words) + order_warnings(result) + caption_warnings(result)
 
 
 def _font(size: int = 12) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:

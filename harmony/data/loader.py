@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from harmony.config import Config
+from harmony.config import Config, check_batch_per_process
 from harmony.core.distributed import DistInfo
 from harmony.data.csv_source import CsvSource
 from harmony.data.decode import RawSample
 from harmony.data.device_augment import DeviceAugment, PlanMaker, device_augment_enabled, prefetched
 from harmony.data.errors import SKIP_REASONS, DataError, SampleError
 from harmony.data.guard import ReadGuard, SkipTally, worker_message
-from harmony.data.sources import BuiltinSource, PassEnd, ShardSource, decode_sample, open_source
+from harmony.data.sources import BuiltinSource, Layout, PassEnd, ShardSource, decode_sample, open_source
 from harmony.data.views import ViewMaker, collate_for
 
 MapSource = BuiltinSource | CsvSource
@@ -42,8 +42,24 @@ def sample_seed(seed: int, epoch: int, sample_id: int | str) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields (index, sample seed) for this rank's share of every global batch of one epoch."""
+def epoch_permutation(size: int, seed: int, epoch: int) -> list[int]:
+    """The order of map-style data in one epoch (global batch k takes positions [k*GB, (k+1)*GB))."""
+    gen = torch.Generator().manual_seed(sample_seed(seed, epoch, "permutation"))
+    return torch.randperm(size, generator=gen).tolist()
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One sample of an epoch's map-style order: its row, augmentation seed, and place in the epoch."""
+
+    index: int
+    seed: int
+    epoch: int
+    position: int
+
+
+class EpochSampler(Sampler[Slot]):
+    """Yields the `Slot`s of this rank's share of every global batch of one epoch."""
 
     def __init__(self, size: int, global_batch: int, dist: DistInfo, seed: int) -> None:
         self.size, self.global_batch, self.dist, self.seed = size, global_batch, dist, seed
@@ -57,39 +73,74 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return max(self.steps - self.start_step, 0) * self.local_batch
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, "permutation"))
-        perm = torch.randperm(self.size, generator=gen).tolist()
+    def __iter__(self) -> Iterator[Slot]:
+        perm = epoch_permutation(self.size, self.seed, self.epoch)
         for step in range(self.start_step, self.steps):
             base = step * self.global_batch + self.dist.rank * self.local_batch
-            for index in perm[base : base + self.local_batch]:
-                yield index, sample_seed(self.seed, self.epoch, index)
+            for position in range(base, base + self.local_batch):
+                index = perm[position]
+                yield Slot(index, sample_seed(self.seed, self.epoch, index), self.epoch, position)
 
 
 class MapViews(Dataset[dict[str, Any]]):
-    """Map-style source + views; an unusable sample is replaced by a seeded random other one and counted."""
+    """Map-style source + views. An unusable sample is counted (once) and replaced by a sample from outside its
+    global batch, so a batch never holds one sample twice (a contrast would take it for its own negative): the
+    sample the epoch leaves out at the same place in the last partial batch, else the sample at the same place of
+    the following global batches, in turn. Slots of one batch so draw from disjoint samples, alike on every rank
+    and worker."""
 
-    def __init__(self, source: MapSource, maker: ViewMaker | PlanMaker, max_tries: int = 100) -> None:
-        self.source, self.maker, self.max_tries = source, maker, max_tries
+    def __init__(self, source: MapSource, maker: ViewMaker | PlanMaker, global_batch: int, seed: int) -> None:
+        self.source, self.maker, self.global_batch, self.seed = source, maker, global_batch, seed
+        self._order: tuple[int, list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
-        index, seed = item
-        tally, rng = SkipTally(), random.Random(seed)
-        for _ in range(self.max_tries):
+    def _permutation(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_permutation(len(self.source), self.seed, epoch))
+        return self._order[1]
+
+    def replacements(self, slot: Slot) -> Iterator[int]:
+        """Rows that may stand in for `slot`'s, in order (class doc)."""
+        perm, batch = self._permutation(slot.epoch), self.global_batch
+        whole = len(perm) // batch * batch
+        place, start = slot.position % batch, slot.position - slot.position % batch
+        if whole + place < len(perm):
+            yield perm[whole + place]
+        for later in range(1, whole // batch):
+            yield perm[(start + later * batch) % whole + place]
+
+    def __getitem__(self, slot: Slot) -> dict[str, Any]:
+        tally, index, first = SkipTally(), slot.index, None
+        candidates, tried = self.replacements(slot), 0
+        while True:
             try:
                 raw = self.source.load(index)
-                out = self.maker(raw.image, raw.caption, seed)
+                out = self.maker(raw.image, raw.caption, slot.seed)
             except SampleError as exc:
-                tally.add(exc)
-                index = rng.randrange(len(self.source))
+                if first is None:  # the slot's own sample is counted; a stand-in that fails is counted where it
+                    first = exc  # is a batch's own sample
+                    tally.add(exc)
+                index, tried = next(candidates, -1), tried + (first is not exc)
+                if index < 0:
+                    raise DataError(self._unreplaceable(first, exc, tried)) from None
                 continue
             out["index"] = torch.tensor(index)
             out["data_errors"] = tally.take()
             return out
-        raise DataError(f"{self.max_tries} samples in a row could not be used; the last: {tally.last}")
+
+    def _unreplaceable(self, first: SampleError, last: SampleError, tried: int) -> str:
+        if tried:
+            return (
+                f"{first}; the {tried} samples that could replace it without repeating one of its global batch are "
+                f"unusable too (the last: {last}): fix or remove the unusable rows, or lower --batch-size"
+            )
+        return (
+            f"{first}; every other sample is in its global batch of {self.global_batch}, so a replacement would "
+            "repeat one (a contrast would take it for its own negative): fix or remove the unusable rows, or lower "
+            "--batch-size"
+        )
 
 
 def shuffled(buffer: list[RawSample], sample: RawSample, size: int, rng: random.Random) -> RawSample | None:
@@ -118,9 +169,11 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
         dist: DistInfo,
         epoch: int,
         start_step: int,
+        steps: int,
     ) -> None:
         self.source, self.maker, self.dist, self.epoch, self.start_step = source, maker, dist, epoch, start_step
-        self.batch = cfg.train.batch_size // dist.world_size
+        self.batch, self.steps = cfg.train.batch_size // dist.world_size, steps
+        self.workers = max(cfg.data.num_workers, 1)
         self.seed, self.buffer = cfg.train.seed, max(cfg.data.shuffle_buffer, 0)
         self.max_pixels = cfg.data.max_image_pixels
         self.collate = collate_for(cfg)
@@ -143,12 +196,12 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
         return view
 
     def _raws(
-        self, part: int, parts: int, rng: random.Random, tally: SkipTally, guard: ReadGuard
+        self, layout: Layout, part: int, rng: random.Random, tally: SkipTally, guard: ReadGuard
     ) -> Iterator[RawSample]:
         """Header-checked samples of this part, shuffled through the buffer, which is flushed at the end of
         every pass (so an epoch of whole passes sees every sample once)."""
         buffer: list[RawSample] = []
-        for item in self.source.raw_samples(self.seed, self.epoch, part, parts):
+        for item in self.source.raw_samples(self.seed, self.epoch, layout, part):
             if isinstance(item, PassEnd):
                 rng.shuffle(buffer)
                 yield from buffer
@@ -166,16 +219,19 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
-        workers = info.num_workers if info is not None else 1
+        workers = self.workers
         # DataLoader takes batches round-robin from worker 0; a run resumed at `start_step` needs batch
         # start_step + i from the i-th worker, so worker ids rotate by start_step.
         worker = ((info.id if info is not None else 0) + self.start_step) % workers
-        part, parts = self.dist.rank * workers + worker, self.dist.world_size * workers
+        layout = Layout(self.dist.world_size, workers, self.batch, self.steps)
+        part = self.dist.rank * workers + worker
+        if layout.batches(part) == 0:
+            return
         rng = random.Random(f"{self.seed}/{self.epoch}/shuffle/{part}")
-        tally, guard = SkipTally(), ReadGuard(self.source.spec, self.source.urls, part, parts)
+        tally, guard = SkipTally(), ReadGuard(self.source.spec, self.source.urls, part, layout.parts)
         samples: list[dict[str, Any]] = []
         batch_no = worker
-        for raw in self._raws(part, parts, rng, tally, guard):
+        for raw in self._raws(layout, part, rng, tally, guard):
             view = {} if batch_no < self.start_step else self._view(raw)
             if isinstance(view, SampleError):
                 tally.add(view)
@@ -189,6 +245,8 @@ class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
                     yield {**self.collate(samples), "data_errors": errors}
                 samples = []
                 batch_no += workers
+                if batch_no >= self.steps:
+                    return
 
 
 @dataclass
@@ -204,6 +262,18 @@ class TrainData:
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     _loader: DataLoader[Any] | None = None
     _sampler: EpochSampler | None = None
+
+    def left_out(self) -> str:
+        """'' or a line saying how many samples each epoch leaves out (the last partial global batch)."""
+        size = self.source.epoch_size if isinstance(self.source, ShardSource) else len(self.source)
+        batch = self.cfg.train.batch_size
+        extra = size - self.steps_per_epoch * batch
+        if extra <= 0:
+            return ""
+        return (
+            f"data: each epoch trains {self.steps_per_epoch * batch} of the {size} samples ({self.steps_per_epoch} "
+            f"global batches of {batch}); the other {extra} only stand in for unusable ones"
+        )
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's batches of `epoch` from `start_step`; a worker's DataError arrives as one line."""
@@ -221,7 +291,9 @@ class TrainData:
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
         if isinstance(self.source, ShardSource):
-            dataset = ShardBatches(self.source, self.maker, self.cfg, self.dist, epoch, start_step)
+            dataset = ShardBatches(
+                self.source, self.maker, self.cfg, self.dist, epoch, start_step, self.steps_per_epoch
+            )
             loader: DataLoader[Any] = DataLoader(
                 dataset,
                 batch_size=None,
@@ -238,7 +310,7 @@ class TrainData:
             self._sampler = EpochSampler(len(self.source), self.cfg.train.batch_size, self.dist, self.cfg.train.seed)
             workers = self.cfg.data.num_workers
             self._loader = DataLoader(
-                MapViews(self.source, self.maker),
+                MapViews(self.source, self.maker, self.cfg.train.batch_size, self.cfg.train.seed),
                 batch_size=self.cfg.train.batch_size // self.dist.world_size,
                 sampler=self._sampler,
                 num_workers=workers,
@@ -265,6 +337,7 @@ def build_train_data(cfg: Config, maker: ViewMaker, dist: DistInfo, device: torc
     """This rank's training data; crops are rendered on `device` when `data.device_augment` is on for it."""
     if cfg.train.batch_size % dist.world_size:
         raise DataError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist.world_size} processes")
+    check_batch_per_process(cfg, dist.world_size)
     source = open_source(cfg.data_spec, cfg)
     size = source.epoch_size if isinstance(source, ShardSource) else len(source)
     steps = size // cfg.train.batch_size

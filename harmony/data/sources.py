@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import glob
 import itertools
-import json
 import os
 import random
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import braceexpand
-import webdataset as wds
 from PIL import Image
 
 from harmony.config import Config
@@ -32,12 +29,34 @@ from harmony.data.csv_source import CsvSource
 from harmony.data.decode import DEFAULT_MAX_PIXELS, RawSample, open_image
 from harmony.data.errors import DataError, SampleError
 from harmony.data.shapes import ShapesDataset
+from harmony.data.shard_plan import Layout, Segment, contiguous_segments
+from harmony.data.shard_reader import (
+    IMAGE_EXTENSIONS,
+    Sample,
+    caption_of,
+    count_samples,
+    header_problem,
+    image_extension,
+    is_remote,
+    named_sample,
+    read_shard,
+)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
 OPEN_SHARDS = 8  # shards a loader part reads at once, drawing each sample from a random one of them
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS  # PIL refuses beyond twice this even where open_image is not used
-__all__ = ["BuiltinSource", "DataError", "PassEnd", "RawSample", "SampleError", "ShardSource", "open_source"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BuiltinSource",
+    "DataError",
+    "Layout",
+    "PassEnd",
+    "RawSample",
+    "SampleError",
+    "ShardSource",
+    "caption_of",
+    "open_source",
+    "read_shard",
+]
 
 
 @dataclass(frozen=True)
@@ -47,7 +66,7 @@ class PassEnd:
     shards: tuple[str, ...]
 
 
-ShardItem = dict[str, object] | SampleError | PassEnd
+ShardItem = Sample | SampleError | PassEnd
 T = TypeVar("T")
 
 
@@ -65,10 +84,6 @@ class BuiltinSource:
     def load(self, index: int) -> RawSample:
         sample = self.dataset[index]
         return RawSample(sample.key, sample.image, sample.caption)
-
-
-def is_remote(url: str) -> bool:
-    return url.startswith(REMOTE_PREFIXES) or "://" in url
 
 
 def expand_urls(spec: str) -> list[str]:
@@ -100,106 +115,109 @@ def expand_urls(spec: str) -> list[str]:
     return urls
 
 
-def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def caption_of(sample: dict[str, object]) -> str:
-    """`key.txt`, else the `caption` field of `key.json` (img2dataset writes both); stripped."""
-    if "txt" in sample:
-        return _text(sample["txt"]).strip()
-    if "json" in sample:
-        try:
-            meta = json.loads(_text(sample["json"]))
-        except ValueError:
-            meta = None
-        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-            return str(meta["caption"]).strip()
-    raise SampleError("caption", f"sample {sample.get('__key__', '?')} has no caption")
-
-
-def decode_sample(sample: dict[str, object], max_pixels: int = DEFAULT_MAX_PIXELS) -> RawSample:
-    """A webdataset sample dict -> RawSample with a lazily opened image; raises SampleError."""
-    key = str(sample.get("__key__", "?"))
-    caption = caption_of(sample)
-    if not caption:
-        raise SampleError("caption", f"sample {key} has an empty caption")
-    data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+def decode_sample(sample: Sample, max_pixels: int = DEFAULT_MAX_PIXELS) -> RawSample:
+    """A shard sample -> RawSample with a lazily opened image; raises SampleError (see `header_problem`)."""
+    problem = header_problem(sample)
+    if problem is not None:
+        raise problem
+    data = sample[str(image_extension(sample))]
     if not isinstance(data, bytes):
-        raise SampleError("image", f"sample {key} has no image")
-    return RawSample(key, open_image(data, max_pixels), caption)
-
-
-def read_shard(url: str) -> Iterator[dict[str, object] | SampleError]:
-    """The samples of one shard, then one SampleError if the shard could not be read to its end."""
-    failures: list[Exception] = []
-
-    def record(exc: Exception) -> bool:
-        failures.append(exc)
-        return True
-
-    yield from wds.tariterators.tarfile_samples([{"url": url}], handler=record)
-    if failures:
-        yield SampleError("shard", f"shard '{url}' is unreadable or truncated: {describe(failures[0])}")
-
-
-def describe(exc: Exception) -> str:
-    """A short reason from an exception webdataset decorated with extra args (url, stream)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc.args[0]) if exc.args else type(exc).__name__
+        raise SampleError("image", f"sample {sample.get('__key__', '?')}: its image was not read")
+    return RawSample(str(sample.get("__key__", "?")), open_image(data, max_pixels), caption_of(sample))
 
 
 class ShardSource:
-    """Iterable WebDataset shards; each (rank, worker) part reads a disjoint share of every pass, or
-    with `resample` draws shards with replacement (an endless stream, no pass boundaries to align)."""
+    """Iterable WebDataset shards. Every pass is dealt to the loader's parts (rank x worker) by
+    `harmony.data.shard_plan`: exactly by usable samples for local shards (their counts are read at start),
+    by whole shards for remote ones (counts unknown); with `resample`, shards are drawn with replacement
+    instead (an endless stream without pass boundaries)."""
 
     def __init__(self, spec: str, epoch_size: int = 0, resample: bool = False) -> None:
         self.spec, self.resample = spec, resample
         self.urls = expand_urls(spec)
-        self.epoch_size = epoch_size or self._count()
-
-    def _count(self) -> int:
-        """Captioned samples in local shards: from img2dataset's `{shard}_stats.json` when present, else
-        counted from tar headers. Remote specs need data.epoch_size."""
-        if any(is_remote(u) for u in self.urls):
+        remote = any(is_remote(u) for u in self.urls)
+        self.counts: list[int] | None = None if remote else [count_samples(u) for u in self.urls]
+        if not epoch_size and self.counts is None:
             raise DataError(
                 f"data spec '{self.spec}' is remote: set data.epoch_size to the number of samples per epoch"
             )
-        total = sum(count_shard(url) for url in self.urls)
-        if total == 0:
-            raise DataError(f"data spec '{self.spec}' holds no captioned samples")
-        return total
+        if self.counts is not None and sum(self.counts) == 0:
+            raise DataError(f"data spec '{self.spec}' holds no usable samples: {first_problem(self.urls)}")
+        self.epoch_size = epoch_size or sum(self.counts or [])
 
-    def pass_shards(self, seed: int, epoch: int, pass_no: int, part: int, parts: int) -> tuple[list[str], bool]:
-        """This part's shards for one pass, and whether every part reads them all and splits by sample
-        (when there are fewer shards than parts)."""
-        if self.resample:
-            rng = random.Random(f"{seed}/{epoch}/{pass_no}/resample/{part}")
-            return [rng.choice(self.urls) for _ in range(-(-len(self.urls) // parts))], False
-        order = list(self.urls)
+    def pass_order(self, seed: int, epoch: int, pass_no: int) -> list[int]:
+        """The shards' order (indices into `urls`) in one pass."""
+        order = list(range(len(self.urls)))
         random.Random(f"{seed}/{epoch}/{pass_no}").shuffle(order)
-        if len(order) >= parts:
-            return order[part::parts], False
-        return order, True
+        return order
 
-    def raw_samples(self, seed: int, epoch: int, part: int, parts: int) -> Iterator[ShardItem]:
-        """Endless stream for part `part` of `parts` (rank x worker): sample dicts, a SampleError per
-        unreadable shard, and a PassEnd after each pass (shard order reshuffled every pass). Each pass
-        reads OPEN_SHARDS shards at once and draws every sample from a random one of them (the same draws
-        for every part), so shards that each hold one class still give mixed batches."""
+    def resampled(self, seed: int, epoch: int, pass_no: int, part: int, parts: int) -> list[str]:
+        """With `resample`: the shards part `part` of `parts` draws (with replacement) for one pass."""
+        rng = random.Random(f"{seed}/{epoch}/{pass_no}/resample/{part}")
+        return [rng.choice(self.urls) for _ in range(-(-len(self.urls) // parts))]
+
+    def raw_samples(self, seed: int, epoch: int, layout: Layout, part: int) -> Iterator[ShardItem]:
+        """Endless stream for part `part` of `layout`: sample dicts, a SampleError per unusable sample or
+        unreadable shard, and a PassEnd after each pass (shard order reshuffled every pass). A part reads up to
+        OPEN_SHARDS of its shards at once and draws every sample from a random one of them, so shards that
+        each hold one class still give mixed batches."""
         for pass_no in itertools.count():
-            urls, by_sample = self.pass_shards(seed, epoch, pass_no, part, parts)
             mix = mixing_rng(seed, epoch, pass_no)
-            if by_sample:
-                yield from pass_samples(urls, part, parts, mix, OPEN_SHARDS)
+            if self.resample:
+                yield from strided_samples(self.resampled(seed, epoch, pass_no, part, layout.parts), Layout(), 0, mix)
+                continue
+            order = self.pass_order(seed, epoch, pass_no)
+            urls = [self.urls[i] for i in order]
+            if len(urls) < layout.parts:
+                yield from strided_samples(urls, layout, part, mix)
+            elif self.counts is None:
+                yield from strided_samples(urls[part :: layout.parts], Layout(), 0, mix)
             else:
-                yield from pass_samples(urls, 0, 1, mix, OPEN_SHARDS)
+                counts = [self.counts[i] for i in order]
+                segments = contiguous_segments(urls, counts, layout, part)
+                own = mixing_rng(seed, epoch, pass_no, part)
+                yield from interleave((segment_samples(s) for s in segments), OPEN_SHARDS, own)
+                yield PassEnd(tuple(s.url for s in segments))
 
 
-def mixing_rng(seed: int, epoch: int, pass_no: int) -> random.Random:
-    """The draws that interleave the open shards of one pass."""
-    return random.Random(f"{seed}/{epoch}/{pass_no}/interleave")
+def first_problem(urls: list[str]) -> str:
+    """What the first shard that holds samples but no usable one holds, for the 'no usable samples' error."""
+    for url in urls:
+        for item in read_shard(url):
+            problem = item if isinstance(item, SampleError) else header_problem(item)
+            if problem is not None:
+                return str(problem)
+    return "every shard is empty"
+
+
+def segment_samples(segment: Segment) -> Iterator[Sample | SampleError]:
+    """A part's share of one shard (`shard_plan.Segment`): its samples [lo, hi) among the shard's
+    `named_sample`s (those of them that prove unusable as SampleError), the others met among them, and what
+    follows the last one only for the part that owns the shard's end; that part also says when the shard holds
+    fewer samples than counted (an outdated `_stats.json`)."""
+    index = 0  # named samples of the shard before the current item
+    for item in read_shard(segment.url):
+        if isinstance(item, SampleError):
+            if segment.owns_end:
+                yield item
+            return
+        if index >= segment.hi and not segment.owns_end:
+            return
+        if segment.lo <= index < segment.hi or (index >= segment.hi and segment.owns_end):
+            yield header_problem(item) or item
+        index += named_sample(item)
+    if segment.owns_end and index < segment.hi:
+        yield SampleError(
+            "shard",
+            f"shard '{segment.url}' holds {index} samples with an image and a caption, fewer than the {segment.hi} "
+            "counted for it (is its _stats.json outdated?): delete the stats file so that the shard is counted",
+        )
+
+
+def mixing_rng(seed: int, epoch: int, pass_no: int, part: int | None = None) -> random.Random:
+    """The draws that interleave the open shards of one pass: shared by every part when they all read the same
+    shards, `part`'s own when it reads a share of its own."""
+    return random.Random(f"{seed}/{epoch}/{pass_no}/interleave" + (f"/{part}" if part is not None else ""))
 
 
 def interleave(streams: Iterable[Iterator[T]], width: int, rng: random.Random) -> Iterator[T]:
@@ -226,42 +244,21 @@ def numbered(number: int, items: Iterator[T]) -> Iterator[tuple[int, T]]:
         yield number, item
 
 
-def pass_samples(
-    urls: list[str], part: int, parts: int, rng: random.Random | None = None, width: int = 1
-) -> Iterator[ShardItem]:
-    """One pass over `urls`, keeping every `parts`-th sample from `part` (and that share of shard errors);
-    `width` shards are read at once (see `interleave`), 1: in the order of `urls`."""
+def strided_samples(urls: list[str], layout: Layout, part: int, rng: random.Random) -> Iterator[ShardItem]:
+    """One pass over `urls` read by every part alike (OPEN_SHARDS at once, interleaved by `rng`), keeping the
+    samples whose place among the pass's `named_sample`s `layout` deals to `part` (any other goes with the next
+    one of those; a shard's read error to part `shard number % parts`); then a PassEnd."""
     shards = (numbered(number, read_shard(url)) for number, url in enumerate(urls))
-    index = 0
-    for number, item in interleave(shards, width, rng or random.Random(0)):
+    position = 0
+    for number, item in interleave(shards, OPEN_SHARDS, rng):
         if isinstance(item, SampleError):
-            if number % parts == part:
+            if number % layout.parts == part:
                 yield item
             continue
-        if index % parts == part:
-            yield item
-        index += 1
+        if layout.slot(position) == part:
+            yield header_problem(item) or item
+        position += named_sample(item)
     yield PassEnd(tuple(urls))
-
-
-def count_shard(url: str) -> int:
-    """Captions in one local shard; an unreadable shard counts what could be read (the stream skips the rest)."""
-    stats = Path(url).with_name(Path(url).stem + "_stats.json")
-    if stats.is_file():
-        try:
-            successes = json.loads(stats.read_text()).get("successes")
-            if isinstance(successes, int):
-                return successes
-        except (OSError, ValueError):
-            pass
-    total = 0
-    try:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                total += member.name.endswith(".txt")
-    except (tarfile.TarError, OSError):
-        pass
-    return total
 
 
 def open_source(spec: str, cfg: Config) -> BuiltinSource | ShardSource | CsvSource:

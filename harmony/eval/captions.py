@@ -28,10 +28,11 @@ from harmony.config import Config
 from harmony.core.colors import WHITE
 from harmony.data.csv_source import read_columns, separator_for
 from harmony.data.decode import open_image
-from harmony.data.errors import SampleError
+from harmony.data.errors import DataError, SampleError
 from harmony.data.rgb import to_rgb
 from harmony.data.shapes import caption_for
-from harmony.data.sources import IMAGE_EXTENSIONS, DataError, caption_of, expand_urls, is_remote, read_shard
+from harmony.data.shard_reader import caption_of, header_problem, image_extension, is_remote, read_shard
+from harmony.data.sources import expand_urls
 from harmony.eval.datasets import shapes_dataset
 from harmony.eval.images import Colour, Skips, background_name, read_image
 
@@ -120,19 +121,13 @@ def _shards(spec: str, background: Colour, max_pixels: int) -> CaptionedImages:
             if isinstance(item, SampleError):
                 skips.add(item)
                 continue
-            key = str(item.get("__key__", "?"))
-            data = next((item[e] for e in IMAGE_EXTENSIONS if e in item), None)
-            try:
-                caption = caption_of(item)
-            except SampleError as exc:
-                skips.add(exc)
+            problem = header_problem(item)
+            if problem is not None:
+                skips.add(problem)
                 continue
-            if not isinstance(data, bytes) or not caption:
-                skips.add(
-                    SampleError("image" if caption else "caption", f"{url}: sample {key} has no image or caption")
-                )
-                continue
-            samples.append((f"{url}#{key}", data, caption))
+            data = item[str(image_extension(item))]
+            assert isinstance(data, bytes)  # read_shard reads every image member
+            samples.append((f"{url}#{item['__key__']}", data, caption_of(item)))
     if not samples:
         raise DataError(f"'{spec}' holds no captioned images ({len(skips)} samples skipped)")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +17,12 @@ from torch.utils.data import Dataset
 
 from harmony.config import Config
 from harmony.core.colors import WHITE
-from harmony.data.decode import DEFAULT_MAX_PIXELS
+from harmony.data.decode import DEFAULT_MAX_PIXELS, IMAGE_FILE_SUFFIXES
 from harmony.data.shapes import CLASS_NAMES, COLOR_NAMES, ShapesDataset
 from harmony.data.sources import DataError, SampleError
 from harmony.eval.images import Colour, SkippingLoader, Skips, background_name, either, read_image, require_some
 from harmony.eval.transforms import eval_transform
 from harmony.models.normalize import normalize
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 @dataclass
@@ -72,8 +71,26 @@ def is_hidden(path: Path, root: Path) -> bool:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files anywhere under `folder` (by suffix), hidden ones left out, in sorted order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, folder))
+    """Image files anywhere under `folder` (by suffix, as training reads them), hidden ones left out, sorted."""
+    return sorted(p for p in visible_files(folder) if p.suffix.lower() in IMAGE_FILE_SUFFIXES)
+
+
+def visible_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and not is_hidden(p, folder)]
+
+
+def warn_ignored(root: Path, folders: list[Path]) -> None:
+    """One stderr line naming the files below `folders` that are left out because they are not images."""
+    others = Counter(p.suffix.lower() or "(none)" for f in folders for p in visible_files(f))
+    for suffix in IMAGE_FILE_SUFFIXES:
+        others.pop(suffix, None)
+    if others:
+        kinds = ", ".join(f"{suffix}: {n}" for suffix, n in sorted(others.items()))
+        print(
+            f"harmony eval: warning: {sum(others.values())} file(s) of '{root}' are not images by their suffix and "
+            f"are left out ({kinds})",
+            file=sys.stderr,
+        )
 
 
 def image_folder(root: Path, background: Colour = WHITE, max_pixels: int = DEFAULT_MAX_PIXELS) -> LabelledImages:
@@ -82,6 +99,7 @@ def image_folder(root: Path, background: Colour = WHITE, max_pixels: int = DEFAU
     if not classes:
         raise DataError(f"image folder '{root}' has no class sub-folders")
     files = [(path, label) for label, name in enumerate(classes) for path in image_files(root / name)]
+    warn_ignored(root, [root / name for name in classes])
     if not files:
         raise DataError(f"image folder '{root}' holds no images")
     empty = sorted(set(classes) - {classes[label] for _, label in files})

@@ -21,6 +21,17 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     return out
 
 
+def per_class_recall(logits: torch.Tensor, labels: torch.Tensor) -> list[float | None]:
+    """Per class, the fraction of its rows whose top-1 is the class (None for a class without rows): what
+    CLIP_benchmark reports as per-class recall, and whose mean is its `mean_per_class_recall`."""
+    predicted = logits.argmax(dim=1)
+    out: list[float | None] = []
+    for c in range(logits.shape[1]):
+        rows = labels == c
+        out.append((predicted[rows] == c).float().mean().item() if rows.any() else None)
+    return out
+
+
 def retrieval_recall(
     similarity: torch.Tensor, text_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:

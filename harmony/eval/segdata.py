@@ -22,11 +22,11 @@ from torch.utils.data import Dataset
 
 from harmony.config import Config
 from harmony.core.colors import WHITE
-from harmony.data.decode import open_image
+from harmony.data.decode import IMAGE_FILE_SUFFIXES, open_image
 from harmony.data.errors import SampleError
 from harmony.data.shapes import CLASS_NAMES
 from harmony.data.sources import DataError
-from harmony.eval.datasets import IMAGE_SUFFIXES, pick, shapes_dataset
+from harmony.eval.datasets import pick, shapes_dataset
 from harmony.eval.images import Colour, either, read_image
 from harmony.eval.transforms import to_uint8_tensor
 
@@ -76,7 +76,7 @@ def _folder(
     pairs = [
         (path, masks / f"{path.stem}.png")
         for path in sorted(images.iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES and (masks / f"{path.stem}.png").exists()
+        if path.suffix.lower() in IMAGE_FILE_SUFFIXES and (masks / f"{path.stem}.png").exists()
     ]
     if not pairs:
         raise DataError(f"'{images}' has no image with a mask in '{masks}'")

@@ -25,7 +25,7 @@ from harmony.core.errors import CheckpointError, ConfigError
 from harmony.eval import settings
 from harmony.eval.datasets import extract, open_labelled, subset
 from harmony.eval.images import Colour, Skips
-from harmony.eval.metrics import topk_accuracy
+from harmony.eval.metrics import per_class_recall, topk_accuracy
 from harmony.eval.report import make_result
 from harmony.loading import Pretrained
 from harmony.models.pair import ImageTextModel
@@ -152,8 +152,14 @@ def run_zeroshot(
     weights = class_embeddings(model, tokenizer, names, prompts, device)
     skips = Skips()
     feats, labels = extract(model.encode_image, data, pretrained.image_size, device, s.batch_size, num_workers, skips)
-    metrics = topk_accuracy(feats @ weights.cpu().t(), labels)
+    logits = feats @ weights.cpu().t()
+    metrics = topk_accuracy(logits, labels)
+    recalls = per_class_recall(logits, labels)
+    present = [r for r in recalls if r is not None]
+    metrics["mean_per_class_recall"] = sum(present) / len(present)
     metrics["chance"] = 1.0 / len(names)
+    counts = torch.bincount(labels, minlength=len(names)).tolist()
+    per_class = {c: {"recall": r, "images": n} for c, r, n in zip(data.class_names, recalls, counts)}
     dataset = {
         "spec": data_spec,
         "num_images": len(labels),
@@ -162,4 +168,6 @@ def run_zeroshot(
         "prompt_names": names,
         "skipped": skips.as_dict(),
     }
-    return make_result("zeroshot", pretrained, dataset, s, metrics, started, background, templates=prompts)
+    return make_result(
+        "zeroshot", pretrained, dataset, s, metrics, started, background, templates=prompts, per_class=per_class
+    )

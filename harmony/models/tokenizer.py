@@ -1,7 +1,9 @@
 """CLIP BPE tokenisation (open_clip's bundled vocabulary, no download) plus one `[MASK]` id.
 
 Truncation keeps the end-of-text token: a caption longer than the context keeps its first
-`context_length - 2` word pieces between start and end, so end-of-text pooling always finds it.
+`context_length - 2` word pieces between start and end, so end-of-text pooling always finds it, less any
+trailing pieces that hold only part of a character (CLIP's BPE splits a Chinese or Japanese character, or
+an emoji, into byte pieces: a cut between them would leave a dangling byte).
 Padding is whatever follows the first end-of-text token; it is never recognised by its id, because the
 fill id 0 is also a real word piece (a bare "!", as in "wow !$").
 """
@@ -40,8 +42,22 @@ class CaptionTokenizer:
         self.vocab_size = self.base_vocab_size + 1
 
     def encode(self, caption: str) -> list[int]:
-        words = self._bpe.encode(caption)[: self.context_length - 2]
+        words = self._bpe.encode(caption)
+        if len(words) > self.context_length - 2:
+            words = self.whole_characters(words[: self.context_length - 2])
         return [self.sot_id, *words, self.eot_id]
+
+    def whole_characters(self, words: list[int]) -> list[int]:
+        """`words` (the start of a caption's pieces) without trailing pieces of a character cut short: the
+        pieces hold the caption's UTF-8 bytes, so only their end can be incomplete."""
+        pieces = [bytes(self._bpe.byte_decoder[c] for c in self._bpe.decoder[i].replace("</w>", "")) for i in words]
+        while pieces:
+            try:
+                b"".join(pieces).decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                pieces.pop()
+        return words[: len(pieces)]
 
     def __call__(self, captions: str | Sequence[str]) -> torch.Tensor:
         if isinstance(captions, str):

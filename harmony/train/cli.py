@@ -28,6 +28,10 @@ FLAG_KEYS = {
 
 def explicit_overrides(args: argparse.Namespace) -> list[str]:
     """`key=value` for every flag the user gave, then the positional overrides (which win)."""
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ConfigError(
+            f"--max-steps must be positive, got {args.max_steps} (leave it out to train for --epochs instead)"
+        )
     flags = [f"{key}={getattr(args, dest)}" for dest, key in FLAG_KEYS.items() if getattr(args, dest) is not None]
     return flags + list(args.overrides)
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from harmony.outputs import OutputError
 
 
 def _plain(value: Any) -> Any:
@@ -43,7 +47,20 @@ def elapsed_text(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+@contextmanager
+def writing(folder: Path) -> Iterator[None]:
+    """Turns a failed write into one line naming the folder (a full disk would otherwise end in a traceback)."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write to '{folder}': {exc.strerror or exc}; free some space, then continue with --resume auto"
+        ) from None
+
+
 class MetricsLogger:
+    """metrics.jsonl + TensorBoard + console on rank 0; a failed write (full disk) is one `OutputError` line."""
+
     def __init__(
         self,
         out_dir: Path,
@@ -61,15 +78,15 @@ class MetricsLogger:
         self._writer: Any = None
         if not enabled:
             return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        truncate_jsonl(self.path, start_step)
-        self._file = open(self.path, "a", buffering=1)
-        try:
+        self.out_dir = out_dir
+        with writing(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            truncate_jsonl(self.path, start_step)
+            self._file = open(self.path, "a", buffering=1)
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
-        except ImportError:  # pragma: no cover - tensorboard is a dependency
-            self._writer = None
+            self._writer.flush()
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
 
@@ -80,9 +97,9 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
         step = int(record["step"])
-        if self._writer is not None:
+        with writing(self.out_dir):
+            self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._writer.add_scalar(key, value, step)
@@ -106,10 +123,13 @@ class MetricsLogger:
             print(text, flush=True)
 
     def close(self) -> None:
+        """Flush and close both files, then report a write that failed (a disk that filled up)."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.close()
-        if self._writer is not None:
-            self._writer.close()
-        self._file.close()
+        with writing(self.out_dir):
+            try:
+                self._writer.close()
+            finally:
+                self._file.close()

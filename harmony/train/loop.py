@@ -95,6 +95,7 @@ class Trainer:
         self.total_steps = total_steps_of(cfg, self.steps_per_epoch)
         self.stepper.set_span(self.steps_per_epoch, self.total_steps)
         self.stopped: str | None = None
+        self._captions_checked = False
         self.ckpt_dir = out_dir / "checkpoints"
         if resume:
             self._resume(resume)
@@ -104,6 +105,8 @@ class Trainer:
         if self.dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if left_out := self.data.left_out():
+            self.logger.message(left_out)
 
     def _release(self) -> None:
         if self.lock is not None:
@@ -188,7 +191,22 @@ class Trainer:
         totals = all_reduce_sum(torch.tensor([float(v) for v in self.data.skipped.values()])).long().tolist()
         return describe_skips(dict(zip(self.data.skipped, totals)))
 
+    def _warn_on_identical_captions(self, batch: dict[str, torch.Tensor]) -> None:
+        """Once, on the first batch: captions that are all the same teach the image-text objectives nothing."""
+        self._captions_checked = True
+        text = batch.get("text")
+        if text is not None and text.shape[0] > 1 and bool((text == text[:1]).all()):
+            assert self.stepper.tokenizer is not None
+            caption = self.stepper.tokenizer.decode(text[0])
+            self.logger.message(
+                f"warning: all {text.shape[0]} captions of the first batch read {caption!r}: a contrast between "
+                "images and captions cannot tell them apart; if every caption of the data is the same, the "
+                "image-text objectives learn nothing (`harmony data inspect` shows the captions)"
+            )
+
     def _one_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        if not self._captions_checked:
+            self._warn_on_identical_captions(batch)
         cfg, window = self.cfg, self.window
         window.data += time.perf_counter() - window.fetch_start
         window.errors += int(batch.pop("data_errors").sum())
