@@ -251,3 +251,12 @@ def test_resume_auto_with_only_unreadable_checkpoints_is_refused(
     err = capsys.readouterr().err
     assert "no checkpoint" in err and "an empty file (0 bytes)" in err and "--overwrite" in err
     assert steps_logged(tmp_path) == [2], "the run's history was not thrown away"
+
+
+def test_another_ranks_write_probe_does_not_make_the_folder_used(tmp_path: Path) -> None:
+    """Every process of a run checks that --out is writable with a short-lived probe file; the rank that claims
+    the folder may see another rank's probe and must not take it for an earlier run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".harmony-write-test-x1y2").write_text("")
+    assert train(out, "--max-steps", "1") == 0
