@@ -9,6 +9,10 @@ from pathlib import Path
 
 from harmony.core.errors import OutputError
 
+# the temporary files of `_probe_directory`: another process (a rank of the same run) may hold one for a moment,
+# so a folder holding only these counts as empty
+PROBE_PREFIX = ".harmony-write-test-"
+
 
 def _first_existing(path: Path) -> Path:
     """`path` itself or its nearest existing ancestor."""
@@ -21,7 +25,7 @@ def _first_existing(path: Path) -> Path:
 def _probe_directory(directory: Path, flag: str, target: Path) -> None:
     """Write and remove a temporary file in `directory` (the only test that holds for ACLs and read-only mounts)."""
     try:
-        fd, name = tempfile.mkstemp(prefix=".harmony-write-test-", dir=directory)
+        fd, name = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=directory)
     except OSError as exc:
         raise OutputError(f"{flag} {target}: cannot write in {directory} ({exc.strerror or exc})") from None
     os.close(fd)

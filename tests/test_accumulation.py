@@ -8,8 +8,8 @@ optimiser step. Any of these wrong changes the losses or the parameters below.
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,9 @@ from harmony.data.sources import BuiltinSource
 from harmony.data.views import DERIVED, ViewMaker, add_indices, collate, split_batch
 from harmony.presets import build_config
 from harmony.train.step import Stepper
-from tests.conftest import run_cli
+from tests.conftest import RESUMABLE, Cli, TwoRanks
+from tests.test_distributed import LOSSES, records
+from tests.two_ranks import HARMONY_RUN
 
 Batch = dict[str, torch.Tensor]
 
@@ -162,12 +164,31 @@ def test_reduced_precision_accumulates_like_the_whole_batch(precision: str) -> N
 
 
 @pytest.mark.slow
-def test_a_compiled_student_accumulates_like_the_eager_one() -> None:
-    eager, _ = train("clip-tiny-test", 2, 2)
-    compiled, _ = train("clip-tiny-test", 2, 2, "train.compile=true")
+def test_a_compiled_student_accumulates_like_the_eager_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train.compile=true` with K = 2: the caching pass (no gradient) and the graph pass of each micro-batch go
+    through the compiled student and give the eager numbers and names. Compiled with `aot_eager`: TorchDynamo's
+    capture and AOTAutograd's forward and backward graphs, what accumulation meets, without inductor's C++
+    build (inductor's own kernels against eager: tests/test_gpu_check.py)."""
+    aot_eager, graphs = torch._dynamo.lookup_backend("aot_eager"), []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        graphs.append(graph)
+        return aot_eager(graph, inputs)
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda module, *a, **kw: compile_module(module, *a, **{**kw, "backend": backend})
+    )
+    eager, eager_state = train("clip-tiny-test", 2, 2)
+    try:
+        compiled, compiled_state = train("clip-tiny-test", 2, 2, "train.compile=true")
+    finally:
+        torch._dynamo.reset()  # the compiled frames are this test's alone
+    assert len(graphs) == 2  # the caching pass and the graph pass, each compiled once for both steps
     for want, got in zip(eager, compiled):
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+    assert set(compiled_state) == set(eager_state)
 
 
 def test_accumulation_must_divide_each_ranks_batch() -> None:
@@ -183,50 +204,35 @@ def test_accumulation_must_divide_each_ranks_batch() -> None:
 
 
 @pytest.mark.slow
-def test_accum_steps_flag_reaches_the_run_and_resume_continues_exactly(tmp_path: Path) -> None:
-    common = ("--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0", "--no-progress")
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    ref = run_cli("train", *common, "--out", str(whole), "--max-steps", "4", "train.log_every=1")
-    assert ref.returncode == 0, ref.stderr
-    first = run_cli(
-        "train", *common, "--out", str(split), "--max-steps", "2", "--accum-steps", "2", "train.log_every=1"
-    )
+def test_accum_steps_flag_reaches_the_run_and_resume_continues_exactly(
+    tmp_path: Path, cli: Cli, one_rank: Callable[..., Path]
+) -> None:
+    split = tmp_path / "split"
+    first = cli("train", *RESUMABLE, "--out", str(split), "--max-steps", "2", "--accum-steps", "2")
     assert first.returncode == 0, first.stderr
     assert "accum_steps: 2" in (split / "config.yaml").read_text()
     # K may change on resume (the numbers do not depend on it), without --force
-    second = run_cli(
-        "train", *common, "--out", str(split), "--resume", "auto", "--max-steps", "4", "--accum-steps", "4"
-    )
+    second = cli("train", *RESUMABLE, "--out", str(split), "--resume", "auto", "--max-steps", "4", "--accum-steps", "4")
     assert second.returncode == 0, second.stderr
     assert "train.accum_steps: 2 -> 4" in second.stdout
-    rows = {r["step"]: r for r in map(json.loads, (split / "metrics.jsonl").read_text().splitlines())}
-    refs = {r["step"]: r for r in map(json.loads, (whole / "metrics.jsonl").read_text().splitlines())}
+    rows, refs = records(split), records(one_rank("train", *RESUMABLE, "--max-steps", "4"))
     assert sorted(rows) == [1, 2, 3, 4]
     for step in range(1, 5):
-        for key in ("loss", "loss_clip", "loss_ibot", "loss_mae", "loss_mlm", "loss_text_distill"):
+        for key in LOSSES:
             assert rows[step][key] == pytest.approx(refs[step][key], rel=1e-4, abs=1e-5), (step, key)
-    bad = run_cli("train", *common, "--out", str(tmp_path / "bad"), "--batch-size", "8", "--accum-steps", "3")
+    bad = cli("train", *RESUMABLE, "--out", str(tmp_path / "bad"), "--batch-size", "8", "--accum-steps", "3")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "train.accum_steps" in bad.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_accumulating_equal_one_rank_with_the_whole_batch(tmp_path: Path, strategy: str) -> None:
+def test_two_ranks_accumulating_equal_one_rank_with_the_whole_batch(
+    two_ranks: TwoRanks, one_rank: Callable[..., Path], strategy: str
+) -> None:
     """2 gloo ranks x K = 2 (micro-batches of 2) against 1 process x K = 1, global batch 8: the gather over
     ranks of the cached embeddings, the manual gradient average (DDP) or FSDP's reduce-scatter per backward."""
-    from tests.test_distributed import COMMON, LOSSES, records, torchrun
-
-    one = tmp_path / "one"
-    assert (
-        run_cli("train", *COMMON, "--max-steps", "3", "--out", str(one), env={"OMP_NUM_THREADS": "1"}).returncode == 0
-    )
-    two = tmp_path / "two"
-    proc = torchrun(
-        "train", *COMMON, "--max-steps", "3", "--out", str(two), "--accum-steps", "2", f"train.strategy={strategy}"
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = records(one), records(two)
-    for step in (1, 2, 3):
+    a, b = records(one_rank(*HARMONY_RUN)), records(two_ranks.folder(f"{strategy}_accumulating") / "run")
+    for step in range(1, 6):
         for key in LOSSES:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)

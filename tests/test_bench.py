@@ -1,14 +1,38 @@
+"""`harmony bench`: FLOPs charged to their component, saved activations, and the command's figures, options and
+refusals. One test runs the real command (its measuring workers in interpreters of their own); the others run
+it in this process, workers included, through the same worker arguments."""
+
 from __future__ import annotations
 
+import argparse
+import io
 import json
+from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from harmony.train import bench
 from harmony.train.flops import OTHER, ComponentFlops
-from tests.conftest import run_cli
+from tests.conftest import Cli, run_cli
+
+
+@pytest.fixture
+def workers_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run `harmony bench`'s workers in this process: their interpreter of their own only keeps each
+    measurement's peak memory apart, which these tests do not compare."""
+
+    def measure_here(preset: str, args: argparse.Namespace, accum: int = 1) -> dict[str, Any]:
+        printed = io.StringIO()
+        with redirect_stdout(printed):
+            bench.worker(bench.worker_arguments(preset, args, accum))
+        result: dict[str, Any] = json.loads(printed.getvalue().strip().splitlines()[-1])
+        return result
+
+    monkeypatch.setattr(bench, "run_isolated", measure_here)
 
 
 def test_component_flops_charge_forward_and_backward_to_their_component() -> None:
@@ -96,9 +120,10 @@ def test_saved_activations_count_what_the_backward_keeps_once_per_storage() -> N
     assert saved.current == 0  # freed with the graph
 
 
-def test_bench_compares_accumulation_steps(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("workers_here")
+def test_bench_compares_accumulation_steps(tmp_path: Path, cli: Cli) -> None:
     out = tmp_path / "bench.json"
-    proc = run_cli(
+    proc = cli(
         "bench", "--preset", "clip-tiny-test", "--batch-size", "4", "--steps", "1", "--warmup", "0",
         "--accum-steps", "1,2", "--json", str(out),
     )  # fmt: skip
@@ -109,16 +134,17 @@ def test_bench_compares_accumulation_steps(tmp_path: Path) -> None:
     assert (one["accum_steps"], two["accum_steps"]) == (1, 2)  # the K each row measured is recorded
     assert two["saved_activations_bytes"] < one["saved_activations_bytes"]
     assert two["flops_per_step"] > one["flops_per_step"]  # the caching pass is extra compute
-    bad = run_cli("bench", "--preset", "clip-tiny-test", "--batch-size", "4", "--accum-steps", "3")
+    bad = cli("bench", "--preset", "clip-tiny-test", "--batch-size", "4", "--accum-steps", "3")
     assert bad.returncode != 0 and "positive divisor of --batch-size 4" in bad.stderr
 
 
-def test_bench_overrides_after_the_options_reach_the_measured_step(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("workers_here")
+def test_bench_overrides_after_the_options_reach_the_measured_step(tmp_path: Path, cli: Cli) -> None:
     """`harmony bench --preset P key=value`: argparse would hand the override to the `data` subcommand."""
     widths = {}
     for padding in ("batch", "context"):
         out = tmp_path / f"{padding}.json"
-        proc = run_cli(
+        proc = cli(
             "bench", "--preset", "clip-tiny-test", "--batch-size", "2", "--steps", "1", "--warmup", "0",
             "--json", str(out), "model.context_length=77", f"data.caption_padding={padding}",
         )  # fmt: skip
@@ -126,13 +152,13 @@ def test_bench_overrides_after_the_options_reach_the_measured_step(tmp_path: Pat
         passes = json.loads(out.read_text())["clip-tiny-test"]["passes"]
         widths[padding] = next(p["input"][1] for p in passes if p["module"] == "student.text")
     assert widths == {"batch": 32, "context": 77}
-    bad = run_cli("bench", "--preset", "clip-tiny-test", "--batch-size", "2", "data.caption_padding=none")
+    bad = cli("bench", "--preset", "clip-tiny-test", "--batch-size", "2", "data.caption_padding=none")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "data.caption_padding" in bad.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_bench_on_a_missing_cuda_device_is_one_line() -> None:
-    proc = run_cli("bench", "--preset", "clip-tiny-test", "--device", "cuda", "--batch-size", "2")
+def test_bench_on_a_missing_cuda_device_is_one_line(cli: Cli) -> None:
+    proc = cli("bench", "--preset", "clip-tiny-test", "--device", "cuda", "--batch-size", "2")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "no usable CUDA device" in proc.stderr

@@ -1,16 +1,13 @@
-"""BYOL, the first objective added through the registry alone: formula, wiring, gradients, CLI."""
+"""BYOL, the first objective added through the registry alone: formula, wiring, gradients (its run and
+benchmark: tests/test_method_smoke.py)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 
 from harmony.models.normalize import normalize
 from harmony.objectives.base import StepInfo
 from harmony.objectives.byol import byol_loss
-from tests.conftest import run_cli
 from tests.test_gradients import grads_of, make_task_and_batch, prefixes
 
 
@@ -71,24 +68,3 @@ def test_byol_target_projector_follows_the_online_one_by_ema() -> None:
     task.after_step(momentum=0.25)
     for new, t, o in zip(objective.target_projector.parameters(), target, online, strict=True):
         torch.testing.assert_close(new, 0.25 * t + 0.75 * o)
-
-
-def test_byol_is_a_preset_trains_and_is_benched(tmp_path: Path) -> None:
-    presets = run_cli("presets")
-    assert presets.returncode == 0 and "byol " in presets.stdout
-    run = tmp_path / "run"
-    proc = run_cli(
-        "train", "--preset", "byol-tiny-test", "--data", "builtin:shapes", "--out", str(run),
-        "--max-steps", "2", "--workers", "0", "--no-progress", "train.log_every=1",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(0.0 <= row["loss_byol"] <= 8.0 for row in rows)
-    out = tmp_path / "bench.json"
-    bench = run_cli(
-        "bench", "--preset", "byol-tiny-test", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-        "--json", str(out),
-    )  # fmt: skip
-    assert bench.returncode == 0, bench.stderr
-    flops = json.loads(out.read_text())["byol-tiny-test"]["flops_by_component"]
-    assert {"student ViT", "teacher ViT", "heads"} <= set(flops) and flops["heads"] > 0

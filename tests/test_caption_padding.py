@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from harmony.data.views import collate, trim_captions, view_maker_for
 from harmony.models.tokenizer import CaptionTokenizer, mask_caption
 from harmony.objectives.base import StepInfo
 from harmony.train.task import PretrainTask
-from tests.conftest import run_cli, tiny
-from tests.test_distributed import LOSSES, records, torchrun
+from tests.conftest import RESUMABLE, Cli, TwoRanks, tiny
+from tests.test_distributed import LOSSES, records
+from tests.two_ranks import CAPTIONS_RUN
 
 TOK = CaptionTokenizer(77)
 CAPTIONS = ["a big red circle on a blue ground", "two stars", "one green square in the upper left corner", "a dot"]
@@ -107,29 +109,30 @@ def test_caption_padding_reaches_the_loaders_batches(device_augment: str) -> Non
     assert widths["context"] == 77 and widths["batch"] < 77 and widths["batch"] % 8 == 0
 
 
-def test_a_run_records_its_padding_and_may_change_it_on_resume(tmp_path: Path) -> None:
-    common = ("--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0", "--no-progress")
-    settings = ("model.context_length=77", "train.log_every=1")
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    assert run_cli("train", *common, "--out", str(ref), "--max-steps", "4", *settings).returncode == 0
-    first = run_cli("train", *common, "--out", str(run), "--max-steps", "2", *settings, "data.caption_padding=context")
+def test_a_run_records_its_padding_and_may_change_it_on_resume(
+    tmp_path: Path, cli: Cli, one_rank: Callable[..., Path]
+) -> None:
+    run = tmp_path / "run"
+    first = cli("train", *RESUMABLE, "--out", str(run), "--max-steps", "2", "data.caption_padding=context")
     assert first.returncode == 0, first.stderr
     assert "caption_padding: context" in (run / "config.yaml").read_text()
     resume = ("--resume", "auto", "--max-steps", "4", "data.caption_padding=batch")
-    second = run_cli("train", *common, "--out", str(run), *resume, *settings)
+    second = cli("train", *RESUMABLE, "--out", str(run), *resume)
     assert second.returncode == 0, second.stderr
     assert "data.caption_padding: 'context' -> 'batch'" in second.stdout
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-    refs = {r["step"]: r for r in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines())}
+    refs = records(one_rank("train", *RESUMABLE, "--max-steps", "4"))
     assert sorted(rows) == [1, 2, 3, 4]
     for step in rows:
         for key in ("loss", "loss_clip", "loss_mlm", "loss_text_distill"):
             assert rows[step][key] == pytest.approx(refs[step][key], rel=1e-4, abs=1e-5), (step, key)
-    bad = run_cli("train", *common, "--out", str(tmp_path / "bad"), "data.caption_padding=none")
+    bad = cli("train", *RESUMABLE, "--out", str(tmp_path / "bad"), "data.caption_padding=none")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "data.caption_padding" in bad.stderr
 
 
-def test_ranks_cutting_to_different_lengths_give_the_one_process_numbers(tmp_path: Path) -> None:
+def test_ranks_cutting_to_different_lengths_give_the_one_process_numbers(
+    two_ranks: TwoRanks, one_rank: Callable[..., Path]
+) -> None:
     """Each rank cuts its own share of the batch, to its own length; the losses are those of one process
     padding every caption to the context."""
     cfg = tiny("harmony-tiny-test", "model.context_length=77", "train.batch_size=8")
@@ -140,14 +143,8 @@ def test_ranks_cutting_to_different_lengths_give_the_one_process_numbers(tmp_pat
         )
     ]
     assert widths[0] != widths[1] and max(max(w) for w in widths) < 77
-    common = ("--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0", "--no-progress")
-    settings = ("--batch-size", "8", "--max-steps", "3", "model.context_length=77", "train.log_every=1")
-    one, two = tmp_path / "one", tmp_path / "two"
-    padded = run_cli("train", *common, *settings, "--out", str(one), "data.caption_padding=context")
-    assert padded.returncode == 0, padded.stderr
-    cut = torchrun("train", *common, *settings, "--out", str(two))
-    assert cut.returncode == 0, cut.stderr
-    refs, rows = records(one), records(two)
+    refs = records(one_rank(*CAPTIONS_RUN, "data.caption_padding=context"))
+    rows = records(two_ranks.folder("cut_captions") / "run")
     assert sorted(rows) == [1, 2, 3]
     for step in rows:
         for key in LOSSES:

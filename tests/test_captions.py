@@ -9,9 +9,9 @@ import open_clip
 import pytest
 import torch
 
-from harmony.cli import main
 from harmony.data.shard_reader import clean_caption
 from harmony.models.tokenizer import CaptionTokenizer
+from tests.conftest import Cli
 from tests.test_data_sources import image_bytes
 
 CJK = "一只猫坐在红色的垫子上看着窗外的鸟儿飞过天空，然后跳下来 🐈‍⬛ 吃饭"
@@ -35,19 +35,17 @@ def test_control_characters_are_no_caption() -> None:
     assert clean_caption("\x00\x00 \x1b\t\n") == "" and clean_caption(" a\x00cat\n") == "a cat"
 
 
-def test_a_set_of_one_caption_is_named_by_inspect_and_training(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_set_of_one_caption_is_named_by_inspect_and_training(tmp_path: Path, cli: Cli) -> None:
     lines = ["filepath,caption"]
     for i in range(8):
         (tmp_path / f"{i}.png").write_bytes(image_bytes(i, fmt="PNG"))
         lines.append(f"{i}.png,a photo")
     (tmp_path / "same.csv").write_text("\n".join(lines) + "\n")
-    assert main(["data", "inspect", str(tmp_path / "same.csv"), "--preset", "clip-tiny-test", "--out", ""]) == 0
-    assert "all 8 captions read 'a photo'" in capsys.readouterr().out
+    proc = cli("data", "inspect", str(tmp_path / "same.csv"), "--preset", "clip-tiny-test", "--out", "")
+    assert proc.returncode == 0 and "all 8 captions read 'a photo'" in proc.stdout
     args = ["train", "--preset", "clip-tiny-test", "--data", str(tmp_path / "same.csv"), "--max-steps", "1"]
-    assert main([*args, "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress", "--workers", "0"]) == 0
-    assert "all 4 captions of the first batch read 'a photo'" in capsys.readouterr().out
+    proc = cli(*args, "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress", "--workers", "0")
+    assert proc.returncode == 0 and "all 4 captions of the first batch read 'a photo'" in proc.stdout
 
 
 def test_utf16_and_cp1252_caption_files_read_as_text(tmp_path: Path) -> None:

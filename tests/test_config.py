@@ -9,7 +9,7 @@ import pytest
 
 from harmony.config import ConfigError, set_override, to_dict
 from harmony.presets import build_config, preset_names
-from tests.conftest import run_cli
+from tests.conftest import Cli
 
 
 def test_presets_cover_methods_and_sizes() -> None:
@@ -109,18 +109,18 @@ def test_typos_in_a_yaml_config_file_name_the_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_config_errors_exit_2_with_one_line() -> None:
-    proc = run_cli("train", "--preset", "clip-tiny", "--print-config", "optim.lrr=1")
+def test_cli_config_errors_exit_2_with_one_line(cli: Cli) -> None:
+    proc = cli("train", "--preset", "clip-tiny", "--print-config", "optim.lrr=1")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "optim.lrr" in lines[0] and "Traceback" not in proc.stderr
-    proc = run_cli("train", "--preset", "nope-tiny", "--print-config")
+    proc = cli("train", "--preset", "nope-tiny", "--print-config")
     assert proc.returncode == 2 and "unknown preset" in proc.stderr
 
 
 @pytest.mark.slow
-def test_cli_print_config_applies_flags() -> None:
-    proc = run_cli(
+def test_cli_print_config_applies_flags(cli: Cli) -> None:
+    proc = cli(
         "train", "--preset", "clip-tiny", "--batch-size", "32", "--epochs", "2", "--print-config", "optim.lr=3e-4"
     )
     assert proc.returncode == 0, proc.stderr

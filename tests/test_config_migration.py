@@ -20,7 +20,7 @@ from harmony.core import checkpoint as ckpt
 from harmony.objectives.base import StepInfo
 from harmony.presets import build_config
 from harmony.typed import flatten, to_dict
-from tests.conftest import run_cli
+from tests.conftest import Cli
 
 
 def test_old_keys_in_overrides_and_yaml_files_reach_the_new_ones(tmp_path: Path) -> None:
@@ -79,10 +79,10 @@ def _rename_back(config: dict) -> dict:
     return config
 
 
-def test_a_run_written_with_the_old_keys_resumes_and_loads_with_its_values(tmp_path: Path) -> None:
+def test_a_run_written_with_the_old_keys_resumes_and_loads_with_its_values(tmp_path: Path, cli: Cli) -> None:
     run = tmp_path / "run"
     common = ("--preset", "ibot-tiny-test", "--data", "builtin:shapes", "--out", str(run), "--workers", "0")
-    first = run_cli("train", *common, "--max-steps", "2", "--no-progress", "objectives.ibot.teacher_temp_end=0.05")
+    first = cli("train", *common, "--max-steps", "2", "--no-progress", "objectives.ibot.teacher_temp_end=0.05")
     assert first.returncode == 0, first.stderr
     last = run / "checkpoints" / "last.pt"
     state = torch.load(last, map_location="cpu", weights_only=False)
@@ -95,7 +95,7 @@ def test_a_run_written_with_the_old_keys_resumes_and_loads_with_its_values(tmp_p
         loaded = harmony.load(last)
     assert loaded.config.objectives.ibot is not None and loaded.config.objectives.ibot.teacher_temp_end == 0.05
 
-    resumed = run_cli("train", *common, "--resume", "auto", "--max-steps", "3", "--no-progress")
+    resumed = cli("train", *common, "--resume", "auto", "--max-steps", "3", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     for key in ("teacher_temp", "eval_resize_ratio"):  # no change reported, nothing ignored
         assert key not in resumed.stdout + resumed.stderr

@@ -19,12 +19,7 @@ from harmony.check.device_checks import DeviceCheck, device_checks
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZE = "tiny" if DEVICE == "cuda" else "tiny-test"
 # Known misses of a check on this device, with the figure that misses
-KNOWN = {
-    ("cpu", "bf16_step_matches_fp32[simsiam]"): (
-        "CPU bf16 at tiny-test: SimSiam's loss, a negative cosine, is near 0 at the start (0.056), so bf16's "
-        "absolute rounding of it (0.007) is 13 % of it against the 5 % relative bound"
-    ),
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 pytestmark = pytest.mark.cuda
 

@@ -18,7 +18,7 @@ from harmony.data.decode import open_image
 from harmony.data.errors import DataError, SampleError
 from harmony.data.inspect import in_order, scan
 from harmony.data.sources import ShardSource, caption_of, decode_sample, expand_urls, open_source
-from tests.conftest import run_cli, tiny
+from tests.conftest import Cli, tiny
 
 MAX_PIXELS = DataConfig().max_image_pixels
 
@@ -199,20 +199,17 @@ def test_csv_problems_are_one_line_errors(tmp_path: Path) -> None:
         CsvSource(path, DataConfig(csv_separator="::"))
 
 
-def test_cli_reports_a_csv_without_its_columns_in_one_line(tmp_path: Path) -> None:
+def test_cli_reports_a_csv_without_its_columns_in_one_line(tmp_path: Path, cli: Cli) -> None:
     path, _ = write_csv(tmp_path)
-    proc = run_cli("data", "inspect", str(path), "--preset", "clip-tiny-test", "data.csv_caption_key=title")
+    proc = cli("data", "inspect", str(path), "--preset", "clip-tiny-test", "data.csv_caption_key=title")
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "no column 'title'" in proc.stderr
 
 
-def test_dotted_keys_json_captions_and_blank_captions_read_alike_everywhere(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_dotted_keys_json_captions_and_blank_captions_read_alike_everywhere(tmp_path: Path, cli: Cli) -> None:
     """The counter that sizes an epoch, `harmony data inspect` and the loader read one shard the same way:
     keys with dots are samples of their own, captions only in img2dataset's JSON count, and a caption of
     control characters is empty."""
-    from harmony.cli import main
     from harmony.core.distributed import DistInfo
     from harmony.data.loader import build_train_data
     from harmony.data.views import view_maker_for
@@ -229,27 +226,24 @@ def test_dotted_keys_json_captions_and_blank_captions_read_alike_everywhere(
     write_tar(folder / "d-1.tar", [*as_json, ("n0.jpg", image_bytes(9)), ("n0.txt", b"\x00\x00 \x1b")])
     source = ShardSource(str(folder))
     assert source.counts == [4, 5] and source.epoch_size == 9  # counted by name: the blank caption is found later
-    assert main(["data", "inspect", str(folder), "--preset", "clip-tiny-test", "--out", ""]) == 0
-    out = capsys.readouterr().out
+    proc = cli("data", "inspect", str(folder), "--preset", "clip-tiny-test", "--out", "")
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr
     assert "9 samples with an image and a caption file" in out and "9 samples: 8 usable" in out
     cfg = tiny("clip-tiny-test", f"data_spec={folder}", "train.batch_size=8", "data.pin_memory=false")
     (batch,) = build_train_data(cfg, view_maker_for(cfg), DistInfo()).batches(0)
     assert batch["global"].shape[1] == 8 and batch["data_errors"].sum() == 1  # the blank caption
 
 
-def test_inspect_of_a_set_without_one_usable_sample_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from harmony.cli import main
-
+def test_inspect_of_a_set_without_one_usable_sample_fails(tmp_path: Path, cli: Cli) -> None:
     (tmp_path / "gone.csv").write_text("filepath,caption\nnope.jpg,a cat\nnone.jpg,a dog\n")
-    assert main(["data", "inspect", str(tmp_path / "gone.csv"), "--preset", "clip-tiny-test", "--out", ""]) == 1
-    assert "none of the 2 samples read is usable" in capsys.readouterr().err
+    proc = cli("data", "inspect", str(tmp_path / "gone.csv"), "--preset", "clip-tiny-test", "--out", "")
+    assert proc.returncode == 1 and "none of the 2 samples read is usable" in proc.stderr
 
 
-def test_urls_in_the_image_column_are_named_as_urls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_urls_in_the_image_column_are_named_as_urls(tmp_path: Path, cli: Cli) -> None:
     """Nothing is downloaded: a table of URLs is refused in one line, a URL among local files is a skipped row
     that says so (not a mangled local path)."""
-    from harmony.cli import main
-
     (tmp_path / "a.jpg").write_bytes(image_bytes(1))
     (tmp_path / "urls.csv").write_text(
         "filepath,caption\nhttp://example.com/img0.jpg,a cat\nhttps://x.org/1.png,a dog\n"
@@ -262,11 +256,8 @@ def test_urls_in_the_image_column_are_named_as_urls(tmp_path: Path, capsys: pyte
         SampleError, match=r"row 2: 'http://example.com/img0.jpg' is a URL \(images are not downloaded\)"
     ):
         source.load(1)
-    code = main(["data", "from-csv", str(tmp_path / "urls.csv"), "--out", str(tmp_path / "s"), "--no-progress"])
-    err = capsys.readouterr().err
-    assert code == 1 and "holds URLs" in err and len(err.strip().splitlines()) == 1
-    code = main(["data", "from-csv", str(tmp_path / "mixed.csv"), "--out", str(tmp_path / "m"), "--no-progress"])
-    captured = capsys.readouterr()
-    assert (
-        code == 0 and "is a URL" in captured.out + captured.err and "http:/example" not in captured.out + captured.err
-    )
+    proc = cli("data", "from-csv", str(tmp_path / "urls.csv"), "--out", str(tmp_path / "s"), "--no-progress")
+    assert proc.returncode == 1 and "holds URLs" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = cli("data", "from-csv", str(tmp_path / "mixed.csv"), "--out", str(tmp_path / "m"), "--no-progress")
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "is a URL" in said and "http:/example" not in said

@@ -31,7 +31,7 @@ from harmony.data.errors import DataError
 from harmony.data.inspect import in_order, scan
 from harmony.data.sources import ShardSource
 from harmony.data.views import view_maker_for
-from tests.conftest import run_cli, tiny
+from tests.conftest import Cli, tiny
 from tests.test_data_sources import MAX_PIXELS, image_bytes, truncated_jpeg, write_csv
 
 
@@ -89,16 +89,14 @@ def test_from_folder_writes_checked_resized_shards(tmp_path: Path) -> None:
         folder_pairs(tmp_path / "out")
 
 
-def test_from_csv_cli_and_inspect_cli(tmp_path: Path) -> None:
+def test_from_csv_cli_and_inspect_cli(tmp_path: Path, cli: Cli) -> None:
     path, _ = write_csv(tmp_path)
-    proc = run_cli(
-        "data", "from-csv", str(path), "--out", str(tmp_path / "shards"), "--shard-size", "4", "--no-progress"
-    )
+    proc = cli("data", "from-csv", str(path), "--out", str(tmp_path / "shards"), "--shard-size", "4", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "wrote 10 samples to 3 shard(s)" in proc.stdout
     assert "skipped 4 samples (3 unreadable images, 1 missing or empty caption)" in proc.stdout
     sheet, counts = tmp_path / "sheet.png", tmp_path / "counts.json"
-    proc = run_cli(
+    proc = cli(
         "data", "inspect", str(tmp_path / "shards"), "--preset", "harmony-tiny-test", "--out", str(sheet),
         "--samples", "3", "--json", str(counts),
     )  # fmt: skip
@@ -181,10 +179,10 @@ def test_view_maker_decodes_lazily_and_deterministically() -> None:
     assert not torch.equal(views[0]["global"], other["global"])
 
 
-def test_from_folder_without_captions_names_both_ways_to_give_them(tmp_path: Path) -> None:
+def test_from_folder_without_captions_names_both_ways_to_give_them(tmp_path: Path, cli: Cli) -> None:
     for name in ("red_circle", "blue-square"):
         (tmp_path / "imgs" / name).mkdir(parents=True)
         (tmp_path / "imgs" / name / "a.png").write_bytes(image_bytes(1))
-    proc = run_cli("data", "from-folder", str(tmp_path / "imgs"), "--out", str(tmp_path / "s"), "--no-progress")
+    proc = cli("data", "from-folder", str(tmp_path / "imgs"), "--out", str(tmp_path / "s"), "--no-progress")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "no caption (no .txt beside it; --caption-template 'a photo of a {label}.'" in proc.stderr

@@ -8,58 +8,45 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from harmony.core import checkpoint as ckpt
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, Cli, TwoRanks
+from tests.two_ranks import HARMONY, HARMONY_RUN
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["--preset", "harmony-tiny-test", "--batch-size", "8", "--no-progress", "train.log_every=1"]
+COMMON = list(HARMONY)  # the settings of the two-rank harmony runs (tests/two_ranks.py)
 LOSSES = ("loss", "loss_clip", "loss_ibot", "loss_mae", "loss_mlm", "loss_text_distill")
-
-
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "harmony.cli",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
 
 
 def records(run: Path) -> dict[int, dict[str, float]]:
     return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.fixture(scope="module")
-def single_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("one_rank")
-    proc = run_cli("train", *COMMON, "--max-steps", "5", "--out", str(out), env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    return out
+def printed(folder: Path) -> str:
+    """What both ranks of a two-rank scenario printed."""
+    return "".join((folder / f"rank{rank}.log").read_text() for rank in (0, 1))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_times_b_equal_one_rank_times_2b(tmp_path: Path, single_process_run: Path, strategy: str) -> None:
+def test_two_ranks_times_b_equal_one_rank_times_2b(
+    two_ranks: TwoRanks, one_rank: Callable[..., Path], strategy: str
+) -> None:
     """Checks gather-with-gradient (CLIP, soft targets), centre all-reduce, global token counts
     (MLM, text distillation) and data sharding together: any of them wrong changes steps 2..5."""
-    proc = torchrun("train", *COMMON, "--max-steps", "5", "--out", str(tmp_path), f"train.strategy={strategy}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("trained 5 steps") == 1  # only rank 0 reports
-    one, two = records(single_process_run), records(tmp_path)
+    folder = two_ranks.folder(strategy)
+    assert printed(folder).count("trained 5 steps") == 1  # only rank 0 reports
+    reference, run = one_rank(*HARMONY_RUN), folder / "run"
+    one, two = records(reference), records(run)
     for step in range(1, 6):
         for key in LOSSES:
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-4, abs=1e-5), (step, key)
-    state = ckpt.load(tmp_path / "checkpoints" / "last.pt")["model"]
-    single = ckpt.load(single_process_run / "checkpoints" / "last.pt")["model"]
+    state = ckpt.load(run / "checkpoints" / "last.pt")["model"]
+    single = ckpt.load(reference / "checkpoints" / "last.pt")["model"]
     for key in ("teacher.visual.vit.blocks.0.attn.qkv.weight", "objectives.ibot.cls_center.value"):
         assert state[key].allclose(single[key], rtol=1e-3, atol=1e-5), key
 
@@ -83,10 +70,10 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen[str], timeout: fl
     raise AssertionError(f"run did not reach step {step}")
 
 
-def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path: Path) -> None:
+def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path: Path, cli: Cli) -> None:
     args = ("--max-steps", "24", "train.save_every=3", "train.keep_last=2")
     reference = tmp_path / "reference"
-    assert run_cli("train", *COMMON, "--out", str(reference), *args).returncode == 0
+    assert cli("train", *COMMON, "--out", str(reference), *args).returncode == 0
     killed = tmp_path / "killed"
     proc = start(killed, *args)
     wait_for_step(killed, 10, proc)
@@ -94,7 +81,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path: Path) -> 
     proc.wait()
     saved = ckpt.load(killed / "checkpoints" / "last.pt")["step"]
     assert 9 <= saved < 24 and saved % 3 == 0
-    resumed = run_cli("train", *COMMON, "--out", str(killed), "--resume", "auto", *args)
+    resumed = cli("train", *COMMON, "--out", str(killed), "--resume", "auto", *args)
     assert resumed.returncode == 0, resumed.stderr
     after, ref = records(killed), records(reference)
     assert sorted(after) == list(range(1, 25))  # lines written after the checkpoint were replaced
@@ -114,8 +101,8 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path: Path) -> None:
     assert max(records(tmp_path)) == state["step"]
 
 
-def test_half_written_checkpoint_is_ignored_by_resume_auto(tmp_path: Path) -> None:
-    assert run_cli("train", *COMMON, "--out", str(tmp_path), "--max-steps", "4", "train.save_every=2").returncode == 0
+def test_half_written_checkpoint_is_ignored_by_resume_auto(tmp_path: Path, cli: Cli) -> None:
+    assert cli("train", *COMMON, "--out", str(tmp_path), "--max-steps", "4", "train.save_every=2").returncode == 0
     folder = tmp_path / "checkpoints"
     (folder / "step_00000006.pt.tmp").write_bytes(b"partial")  # a crash during a write
     (folder / "step_00000008.pt").write_bytes(b"torn file from a broken disk")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from harmony.cli import main
-from tests.conftest import run_cli
+from tests.conftest import Cli
 
 TINY = {
     "linear": ["--epochs", "2"],
@@ -75,14 +75,14 @@ def test_settings_errors_are_messages(harmony_checkpoint: Path, capsys: pytest.C
 
 @pytest.mark.slow
 def test_eval_all_compares_checkpoints_in_one_report(
-    tmp_path: Path, clip_checkpoint: Path, harmony_checkpoint: Path
+    tmp_path: Path, clip_checkpoint: Path, harmony_checkpoint: Path, cli: Cli
 ) -> None:
     sets = [
         f"{task}.{flag[2:].replace('-', '_')}={value}"
         for task, f in TINY.items()
         for flag, value in zip(f[::2], f[1::2])
     ]
-    proc = run_cli(
+    proc = cli(
         "eval",
         "all",
         "--checkpoint",

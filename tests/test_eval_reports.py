@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from harmony.cli import main
 from harmony.data.convert import folder_pairs
 from harmony.eval.datasets import image_folder
 from harmony.eval.metrics import per_class_recall
+from tests.conftest import Cli
 
 
 def test_class_folders_read_gif_and_tiff_and_name_what_they_leave_out(
@@ -42,12 +42,10 @@ def test_per_class_recall_hand_computed() -> None:
     assert per_class_recall(logits, labels) == [0.5, pytest.approx(1 / 3), None]  # class 2 has no image
 
 
-def test_zeroshot_json_has_per_class_recall(
-    tmp_path: Path, clip_checkpoint: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_zeroshot_json_has_per_class_recall(tmp_path: Path, clip_checkpoint: Path, cli: Cli) -> None:
     out = tmp_path / "zs.json"
     args = ["eval", "zeroshot", "--checkpoint", str(clip_checkpoint), "--data", "builtin:shapes:val"]
-    assert main([*args, "--out", str(out), "--workers", "0"]) == 0
+    assert cli(*args, "--out", str(out), "--workers", "0").returncode == 0
     result = json.loads(out.read_text())
     per_class = result["per_class"]
     assert list(per_class) == result["dataset"]["class_names"]

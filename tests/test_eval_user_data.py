@@ -4,8 +4,6 @@ transparent images, outputs that cannot be written, k-NN's k."""
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from harmony.eval.datasets import extract, open_labelled
 from harmony.eval.knn import run_knn
 from harmony.eval.suite import PROTOCOLS
 from harmony.loading import load
-from tests.conftest import run_cli
+from tests.conftest import Cli
 
 SAMPLE = {int: ("3", "3,4"), float: ("0.5", "0.25,0.5"), str: ("cls+avg", "linear,fpn")}
 
@@ -45,28 +43,6 @@ def class_folder(root: Path, per_class: int = 3, classes: tuple[str, ...] = ("ci
             ds[i].image.save(root / name / f"{i}.png")
             made[name] += 1
     return root
-
-
-Cli = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
-    """`harmony ...` through `harmony.cli.main` in this process: the command's own code, without the
-    interpreter start-up that `run_cli` pays on every call (the first test runs the real subprocess)."""
-
-    def call(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        for key, value in (env or {}).items():
-            monkeypatch.setenv(key, value)
-        capsys.readouterr()
-        try:
-            code = main(list(args))
-        except SystemExit as exc:  # argparse's usage errors
-            code = int(exc.code or 0)
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
-
-    return call
 
 
 def one_error_line(stderr: str) -> str:
@@ -116,7 +92,7 @@ def test_zeroshot_template_and_classname_flags_reach_the_json(tmp_path: Path, cl
     data = class_folder(tmp_path / "val", classes=("signs_and_symbols", "red-circle"))
     out = tmp_path / "zs.json"
     args = ["eval", "zeroshot", "--checkpoint", str(clip_checkpoint), "--data", str(data), "--workers", "0"]
-    proc = run_cli(*args, "--templates", "openai", "--out", str(out))
+    proc = cli(*args, "--templates", "openai", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["settings"]["templates"] == "openai"

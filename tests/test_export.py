@@ -19,6 +19,7 @@ from harmony.export import ExportError, check_against, export_open_clip, export_
 from harmony.loading import load
 from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
+from tests.conftest import Cli
 
 
 def random_pair(vision_size: str, text_size: str | None) -> ImageTextModel:
@@ -183,32 +184,32 @@ def test_export_to_an_unwritable_out_is_one_line_before_loading(
     assert err.count("\n") == 1 and "is a file" in err and "none.pt" not in err  # checked before the load
 
 
-def _train(tmp_path: Path, preset: str) -> Path:
+def _train(cli: Cli, tmp_path: Path, preset: str) -> Path:
     out = tmp_path / preset
-    args = ["train", "--preset", preset, "--out", str(out), "--max-steps", "1", "--no-progress", "--workers", "0"]
-    assert main(args) == 0
+    proc = cli("train", "--preset", preset, "--out", str(out), "--max-steps", "1", "--no-progress", "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
     return out
 
 
-def test_siglip_bias_and_refusals_a_user_meets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_siglip_bias_and_refusals_a_user_meets(tmp_path: Path, cli: Cli) -> None:
     """SigLIP's learnt bias reaches open_clip's `logit_bias`; an earlier export is never overwritten without
     --overwrite; an image-only run says what to export instead of pointing at another --weights."""
-    siglip = _train(tmp_path, "siglip-tiny-test")
+    siglip = _train(cli, tmp_path, "siglip-tiny-test")
     out = tmp_path / "oc"
-    assert main(["export", "--checkpoint", str(siglip), "--format", "open_clip", "--out", str(out)]) == 0
+    assert cli("export", "--checkpoint", str(siglip), "--format", "open_clip", "--out", str(out)).returncode == 0
     bias = torch.load(siglip / "checkpoints" / "last.pt", weights_only=True)["model"]["objectives.siglip.logit_bias"]
     model = open_clip.create_model(f"local-dir:{out}")
     assert torch.equal(model.logit_bias.reshape(1), bias.reshape(1))
-    capsys.readouterr()
     (tmp_path / "v.json").write_text("{}")  # only the sidecar of an earlier timm export is left: still refused
     for fmt, target in (("open_clip", out), ("timm", tmp_path / "v.safetensors")):
-        assert main(["export", "--checkpoint", str(siglip), "--format", fmt, "--out", str(target)]) == 1
-        err = capsys.readouterr().err
-        assert "already exist" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
-    assert main(["export", "--checkpoint", str(siglip), "--format", "open_clip", "--out", str(out), "--overwrite"]) == 0
-    byol = _train(tmp_path, "byol-tiny-test")
+        proc = cli("export", "--checkpoint", str(siglip), "--format", fmt, "--out", str(target))
+        err = proc.stderr
+        assert proc.returncode == 1 and "already exist" in err and "--overwrite" in err and err.count("\n") == 1
+    again = cli("export", "--checkpoint", str(siglip), "--format", "open_clip", "--out", str(out), "--overwrite")
+    assert again.returncode == 0
+    byol = _train(cli, tmp_path, "byol-tiny-test")
     for weights in ("auto", "student"):
         args = ["export", "--checkpoint", str(byol), "--format", "open_clip", "--out", str(tmp_path / weights)]
-        assert main([*args, "--weights", weights]) == 1
-        err = capsys.readouterr().err
-        assert "trains none: export the image tower with --format timm" in err and "--weights" not in err
+        proc = cli(*args, "--weights", weights)
+        assert proc.returncode == 1 and "trains none: export the image tower with --format timm" in proc.stderr
+        assert "--weights" not in proc.stderr

@@ -4,14 +4,10 @@ logit-scale clamp, gradient clipping, text-distillation averaging, the MAE crop 
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from harmony.core.distributed import DistInfo
 from harmony.data.views import ViewMaker, collate
@@ -24,7 +20,7 @@ from harmony.objectives.text_distill import TextDistillObjective
 from harmony.train.optim import clip_gradients
 from harmony.train.step import Stepper
 from harmony.typed import ConfigError
-from tests.conftest import run_cli, tiny
+from tests.conftest import Cli, TwoRanks, tiny
 
 TOK = CaptionTokenizer(context_length=12)
 
@@ -180,29 +176,23 @@ def test_text_distill_averages_per_caption_then_over_captions() -> None:
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
-def _two_rank_worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        loss, expected = distill_losses(rank, 2)
-        # FSDP-sharded clipping: each rank holds half of one gradient; per-parameter norms are the full ones
-        full = torch.arange(1.0, 9.0)
-        shard = torch.nn.Parameter(torch.zeros(4))
-        shard.grad = full[rank * 4 : (rank + 1) * 4].clone()
-        other = torch.nn.Parameter(torch.zeros(1))
-        other.grad = torch.zeros(1) if rank else torch.tensor([0.5])  # a shard of a 1-element parameter
-        total = clip_gradients([shard, other], 3.0, "per_param", sharded=True)
-        torch.save({"loss": loss, "expected": expected, "total": total, "grad": shard.grad}, f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def text_distill_and_clipping_on_this_rank(rank: int, out: Path) -> None:
+    """Rank `rank` of 2 (run by tests/two_ranks.py): its half of the text-distillation batch, and its shard
+    of the gradients clipped as FSDP shards them; written to `out/<rank>.pt`."""
+    loss, expected = distill_losses(rank, 2)
+    # FSDP-sharded clipping: each rank holds half of one gradient; per-parameter norms are the full ones
+    full = torch.arange(1.0, 9.0)
+    shard = torch.nn.Parameter(torch.zeros(4))
+    shard.grad = full[rank * 4 : (rank + 1) * 4].clone()
+    other = torch.nn.Parameter(torch.zeros(1))
+    other.grad = torch.zeros(1) if rank else torch.tensor([0.5])  # a shard of a 1-element parameter
+    total = clip_gradients([shard, other], 3.0, "per_param", sharded=True)
+    torch.save({"loss": loss, "expected": expected, "total": total, "grad": shard.grad}, out / f"{rank}.pt")
 
 
-def test_text_distill_and_sharded_clipping_over_two_ranks(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2)
-    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+def test_text_distill_and_sharded_clipping_over_two_ranks(two_ranks: TwoRanks) -> None:
+    folder = two_ranks.folder("text_distill_and_sharded_clipping")
+    results = [torch.load(folder / f"{r}.pt") for r in range(2)]
     # DDP averages the two ranks' gradients: the mean of the rank losses is the loss of the global batch
     mean_loss = (results[0]["loss"] + results[1]["loss"]) / 2
     assert mean_loss == pytest.approx(results[0]["expected"], rel=1e-5)
@@ -226,10 +216,10 @@ def test_mae_loss_sums_the_crops() -> None:
 # -- 6. stochastic depth 0.1 on ViT-S/16 and ViT-B/16 students; teachers without it -----------------
 
 
-def test_stochastic_depth_per_size_and_printed() -> None:
+def test_stochastic_depth_per_size_and_printed(cli: Cli) -> None:
     rates = {size: tiny(f"harmony-{size}").model.drop_path_rate for size in ("vit-s16", "vit-b16", "tiny", "tiny-test")}
     assert rates == {"vit-s16": 0.1, "vit-b16": 0.1, "tiny": 0.0, "tiny-test": 0.0}
-    proc = run_cli("train", "--preset", "ibot-vit-s16", "--print-config")
+    proc = cli("train", "--preset", "ibot-vit-s16", "--print-config")
     assert proc.returncode == 0 and "drop_path_rate: 0.1" in proc.stdout
 
 

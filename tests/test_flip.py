@@ -1,9 +1,8 @@
-"""FLIP through the registry: CLIP's loss on the patch-dropped image, the kept count, refusals, CLI, eval."""
+"""FLIP through the registry: CLIP's loss on the patch-dropped image, the kept count, refusals (its run,
+benchmark and evaluation: tests/test_method_smoke.py)."""
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from pathlib import Path
 
@@ -11,14 +10,13 @@ import pytest
 import torch
 
 from harmony.config import ConfigError
-from harmony.loading import load
 from harmony.models.normalize import normalize
 from harmony.objective_config import FLIPConfig
 from harmony.objectives.base import Encoded, StepInfo
 from harmony.objectives.flip import FLIPObjective
 from harmony.objectives.registry import needs_for_config
 from harmony.presets import build_config
-from tests.conftest import run_cli
+from tests.conftest import Cli
 from tests.test_gradients import make_task_and_batch
 
 
@@ -97,47 +95,13 @@ def test_flip_mask_ratio_must_lie_strictly_between_0_and_1(ratio: str) -> None:
         ("objectives.mae={}", "'objectives.mae.mask_ratio' and 'objectives.flip.mask_ratio' must match"),
     ],
 )
-def test_cli_refuses_ambiguous_flip_combinations_with_one_line(tmp_path: Path, override: str, message: str) -> None:
-    proc = run_cli(
+def test_cli_refuses_ambiguous_flip_combinations_with_one_line(
+    tmp_path: Path, override: str, message: str, cli: Cli
+) -> None:
+    proc = cli(
         "train", "--preset", "flip-tiny-test", "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress",
         override,
     )  # fmt: skip
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
-
-
-@pytest.mark.slow
-def test_flip_is_a_preset_trains_evaluates_on_full_images_and_is_benched(tmp_path: Path) -> None:
-    presets = run_cli("presets")
-    assert presets.returncode == 0 and "flip " in presets.stdout
-    run = tmp_path / "run"
-    proc = run_cli(
-        "train", "--preset", "flip-tiny-test", "--data", "builtin:shapes", "--out", str(run),
-        "--max-steps", "2", "--workers", "0", "--no-progress", "train.log_every=1",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(math.isfinite(row["loss_flip"]) and row["loss_flip"] > 0 for row in rows)
-    pretrained = load(run)
-    with torch.no_grad():  # evaluation sees every patch
-        tokens = pretrained.model.visual(torch.zeros(1, 3, 32, 32))
-    assert tokens.shape[1] == 1 + 16
-    zeroshot = tmp_path / "zs.json"
-    proc = run_cli(
-        "eval", "zeroshot", "--checkpoint", str(run), "--data", "builtin:shapes:val", "--out", str(zeroshot),
-        "--workers", "0",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(zeroshot.read_text())
-    assert result["task"] == "zeroshot" and 0.0 <= result["metrics"]["top1"] <= 1.0
-    out = tmp_path / "bench.json"
-    bench = run_cli(
-        "bench", "--preset", "flip-tiny-test", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-        "--json", str(out),
-    )  # fmt: skip
-    assert bench.returncode == 0, bench.stderr
-    result = json.loads(out.read_text())["flip-tiny-test"]
-    student_passes = [p["input"] for p in result["passes"] if p["module"] == "student.visual"]
-    assert student_passes == [[2, 3, 32, 32]]  # one (patch-dropped) image pass, no clean one
-    assert {"student ViT", "text student"} <= set(result["flops_by_component"])

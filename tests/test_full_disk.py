@@ -9,45 +9,41 @@ from pathlib import Path
 import pytest
 import torch
 
-from harmony.cli import main
 from harmony.core import checkpoint as ckpt
+from tests.conftest import Cli
 
 TRAIN = ["train", "--preset", "clip-tiny-test", "--no-progress", "--workers", "0", "train.log_every=1"]
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    code = main([*TRAIN, *args])
-    return code, capsys.readouterr().err
+def run(cli: Cli, *args: str) -> tuple[int, str]:
+    proc = cli(*TRAIN, *args)
+    return proc.returncode, proc.stderr
 
 
-def test_a_checkpoint_that_does_not_fit_is_one_line_and_leaves_the_last_one(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_checkpoint_that_does_not_fit_is_one_line_and_leaves_the_last_one(tmp_path: Path, cli: Cli) -> None:
     out = tmp_path / "run"
-    assert run(capsys, "--out", str(out), "--max-steps", "2")[0] == 0
+    assert run(cli, "--out", str(out), "--max-steps", "2")[0] == 0
     last = out / "checkpoints" / "last.pt"
     before = torch.load(last, weights_only=True)["step"]
     # /dev/full answers every write with ENOSPC: the temp file of the next save lands there
     (out / "checkpoints" / "last.pt.tmp").symlink_to("/dev/full")
-    code, err = run(capsys, "--out", str(out), "--resume", "auto", "--max-steps", "3")
+    code, err = run(cli, "--out", str(out), "--resume", "auto", "--max-steps", "3")
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "No space left on device" in err and str(out / "checkpoints") in err and "MB free" in err
     assert not (out / "checkpoints" / "last.pt.tmp").is_symlink()
     assert torch.load(last, weights_only=True)["step"] == before == 2
-    assert run(capsys, "--out", str(out), "--resume", "auto", "--max-steps", "3")[0] == 0
+    assert run(cli, "--out", str(out), "--resume", "auto", "--max-steps", "3")[0] == 0
     assert torch.load(last, weights_only=True)["step"] == 3
 
 
-def test_a_log_write_that_fails_is_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_log_write_that_fails_is_one_line(tmp_path: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     def full(*_: object, **__: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(SummaryWriter, "add_scalar", full)
-    code, err = run(capsys, "--out", str(tmp_path / "run"), "--max-steps", "1")
+    code, err = run(cli, "--out", str(tmp_path / "run"), "--max-steps", "1")
     assert code == 1 and err.strip().splitlines() == [
         f"harmony: error: cannot write to '{tmp_path / 'run'}': No space left on device; free some space, then "
         "continue with --resume auto"

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from harmony.models.global_batchnorm import GlobalBatchNorm1d
 from harmony.models.heads import batchnorm_mlp
+from tests.conftest import TwoRanks
 
 
 def direct_batch_norm(x: torch.Tensor, norm: GlobalBatchNorm1d) -> torch.Tensor:
@@ -90,12 +88,6 @@ def test_batchnorm_mlp_layouts() -> None:
     torch.testing.assert_close(head(x), direct_batchnorm_mlp(head, x))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _shared_problem() -> tuple[torch.Tensor, torch.Tensor, GlobalBatchNorm1d]:
     gen = torch.Generator().manual_seed(1)
     x, weights = torch.randn(8, 5, generator=gen) * 2 + 1, torch.randn(8, 5, generator=gen)
@@ -120,27 +112,23 @@ def _normalise(norm: GlobalBatchNorm1d, x: torch.Tensor, weights: torch.Tensor) 
     }
 
 
-def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
-    """Rank r normalises rows 4r..4r+3 of the shared batch; the weight gradient is summed over ranks (DDP's
-    average times the world size, what one rank's whole-batch loss gives)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        x, weights, norm = _shared_problem()
-        rows = slice(4 * rank, 4 * rank + 4)
-        result = _normalise(norm, x[rows], weights[rows])
-        dist.all_reduce(result["weight_grad"])
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def normalise_this_ranks_rows(rank: int, out: Path) -> None:
+    """Rank `rank` of 2 (run by tests/two_ranks.py) normalises rows 4r..4r+3 of the shared batch; the weight
+    gradient is summed over ranks (DDP's average times the world size, what one rank's whole-batch loss
+    gives). Written to `out/rank<r>.pt`."""
+    x, weights, norm = _shared_problem()
+    rows = slice(4 * rank, 4 * rank + 4)
+    result = _normalise(norm, x[rows], weights[rows])
+    dist.all_reduce(result["weight_grad"])
+    torch.save(result, out / f"rank{rank}.pt")
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_normalise_and_backpropagate_as_one_rank_with_the_whole_batch(tmp_path: Path) -> None:
-    mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_gloo_ranks_normalise_and_backpropagate_as_one_rank_with_the_whole_batch(two_ranks: TwoRanks) -> None:
+    folder = two_ranks.folder("global_batchnorm")
     x, weights, norm = _shared_problem()
     whole = _normalise(norm, x, weights)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(folder / f"rank{r}.pt") for r in (0, 1)]
     for key in ("out", "input_grad"):
         torch.testing.assert_close(torch.cat([ranks[0][key], ranks[1][key]]), whole[key])
     for key in ("weight_grad", "running_mean", "running_var"):

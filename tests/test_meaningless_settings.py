@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from harmony.cli import main
 from harmony.config import ConfigError, check_batch_per_process
 from harmony.presets import build_config, method_names
+from tests.conftest import Cli
 
 # objectives whose loss needs two samples in the batch (a contrast, or BatchNorm over the batch)
 NEEDS_TWO = {"clip", "simclr", "siglip", "flip", "simsiam", "mocov3", "byol"}
@@ -41,8 +41,8 @@ def test_per_process_batchnorm_needs_two_rows_on_every_process() -> None:
     check_batch_per_process(build_config("simsiam-tiny-test", ["train.batch_size=2"]), 2)  # BatchNorm over ranks
 
 
-def test_the_cli_refuses_them_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_refuses_them_in_one_line(tmp_path: Path, cli: Cli) -> None:
     for args in (["--batch-size", "1"], ["--max-steps", "0"], ["objectives.clip.weight=-1"]):
-        assert main(["train", "--preset", "clip-tiny-test", "--out", str(tmp_path / "run"), *args]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("harmony: error: ") and len(err.strip().splitlines()) == 1, err
+        proc = cli("train", "--preset", "clip-tiny-test", "--out", str(tmp_path / "run"), *args)
+        err = proc.stderr
+        assert proc.returncode == 2 and err.startswith("harmony: error: ") and len(err.strip().splitlines()) == 1, err

@@ -1,9 +1,10 @@
-"""MoCo v3: formula, wiring on both towers (query student, key EMA teacher), gradients, EMA, CLI, 2 ranks == 1."""
+"""MoCo v3: formula, wiring on both towers (query student, key EMA teacher), gradients, EMA, 2 ranks == 1 (its
+run and benchmark: tests/test_method_smoke.py)."""
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,11 @@ from harmony.models.normalize import normalize
 from harmony.objectives.base import StepInfo
 from harmony.objectives.mocov3 import mocov3_contrast, mocov3_loss
 from harmony.presets import build_config
-from tests.conftest import run_cli
-from tests.test_distributed import records, torchrun
+from tests.conftest import TwoRanks
+from tests.test_distributed import records
 from tests.test_global_batchnorm import direct_batchnorm_mlp
 from tests.test_gradients import grads_of, make_task_and_batch, prefixes
+from tests.two_ranks import MOCOV3_RUN
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -123,40 +125,10 @@ def test_mocov3_target_projector_follows_the_online_one_by_ema() -> None:
 
 
 @pytest.mark.slow
-def test_mocov3_is_a_preset_trains_and_is_benched(tmp_path: Path) -> None:
-    presets = run_cli("presets")
-    assert presets.returncode == 0 and "mocov3 " in presets.stdout
-    run = tmp_path / "run"
-    proc = run_cli(
-        "train", "--preset", "mocov3-tiny-test", "--data", "builtin:shapes", "--out", str(run),
-        "--max-steps", "2", "--workers", "0", "--no-progress", "train.log_every=1",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
-    assert all(0.0 <= row["loss_mocov3"] <= 2 * 2 * 0.2 * math.log(8) + 0.5 for row in rows)  # near 2*2tau*log N
-    out = tmp_path / "bench.json"
-    bench = run_cli(
-        "bench", "--preset", "mocov3-tiny-test", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-        "--json", str(out),
-    )  # fmt: skip
-    assert bench.returncode == 0, bench.stderr
-    flops = json.loads(out.read_text())["mocov3-tiny-test"]["flops_by_component"]
-    assert {"student ViT", "teacher ViT", "heads"} <= set(flops) and flops["heads"] > 0
-
-
-@pytest.mark.slow
-def test_mocov3_two_ranks_times_b_equal_one_rank_times_2b(tmp_path: Path) -> None:
+def test_mocov3_two_ranks_times_b_equal_one_rank_times_2b(two_ranks: TwoRanks, one_rank: Callable[..., Path]) -> None:
     """Checks the gathered keys and their labels (rank * B offsets), the cross-rank BatchNorm of all three
     heads and the data sharding together: any of them wrong changes the losses of steps 1..3."""
-    common = ["train", "--preset", "mocov3-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress"]
-    common.append("train.log_every=1")
-    one_rank, two_ranks = tmp_path / "one", tmp_path / "two"
-    single = run_cli(*common, "--out", str(one_rank), env={"OMP_NUM_THREADS": "1"})
-    assert single.returncode == 0, single.stderr
-    proc = torchrun(*common, "--out", str(two_ranks))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = records(one_rank), records(two_ranks)
+    one, two = records(one_rank(*MOCOV3_RUN)), records(two_ranks.folder("mocov3") / "run")
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in (1, 2, 3):
         for key in ("loss", "loss_mocov3"):

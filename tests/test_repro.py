@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from harmony.config import ConfigError
 from harmony.repro.report import markdown_table
 from harmony.repro.suite import Suite, load_suite, suite_names
-from tests.conftest import run_cli
+from tests.conftest import Cli, in_process
 
 MICRO_SUITE = """\
 description: two methods, a few steps
@@ -33,11 +34,20 @@ columns:
 """
 
 
-def test_micro_suite_end_to_end_and_resume(tmp_path: Path) -> None:
-    suite_file = tmp_path / "micro.yaml"
+@pytest.fixture(scope="module")
+def micro_repro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
+    """(suite file, output folder, the command's answer) of a first `harmony repro` of the micro suite."""
+    folder = tmp_path_factory.mktemp("micro")
+    suite_file = folder / "micro.yaml"
     suite_file.write_text(MICRO_SUITE)
-    out = tmp_path / "repro"
-    proc = run_cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
+    out = folder / "repro"
+    return suite_file, out, in_process("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
+
+
+def test_micro_suite_end_to_end_and_resume(
+    micro_repro: tuple[Path, Path, subprocess.CompletedProcess[str]], cli: Cli
+) -> None:
+    suite_file, out, proc = micro_repro
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[repro] training clip-tiny-test" in proc.stdout and "[repro] training mae-tiny-test" in proc.stdout
     progress = [line for line in proc.stdout.splitlines() if " step " in line]
@@ -65,21 +75,21 @@ def test_micro_suite_end_to_end_and_resume(tmp_path: Path) -> None:
     assert results["mae-tiny-test"]["evals"]["zeroshot"]["skipped"] == "no text tower"
     assert (out / "evals" / "clip-tiny-test" / "knn.json").is_file()
 
-    again = run_cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
+    again = cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[repro] training" not in again.stdout, "finished methods are not trained again"
     assert "[repro] clip-tiny-test: knn" not in again.stdout, "cached evaluations are reused"
     assert json.loads((out / "results.json").read_text()) == results
 
     suite_file.write_text(MICRO_SUITE.replace("knn: {max_train: 64}", "knn: {max_train: 32}"))
-    changed = run_cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
+    changed = cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert "[repro] clip-tiny-test: knn" in changed.stdout, "changed settings are evaluated again"
     assert "[repro] clip-tiny-test: zeroshot" not in changed.stdout
     assert json.loads((out / "evals" / "clip-tiny-test" / "knn.json").read_text())["settings"]["max_train"] == 32
 
     shutil.rmtree(out / "runs" / "mae-tiny-test")
-    retrained = run_cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
+    retrained = cli("repro", "--suite", str(suite_file), "--out", str(out), "--device", "cpu")
     assert retrained.returncode == 0, retrained.stderr[-3000:]
     assert (
         "[repro] training mae-tiny-test" in retrained.stdout
@@ -124,11 +134,14 @@ def test_markdown_table_bolds_best_per_column() -> None:
     assert lines[3] == "| b | **70.0** | — |"
 
 
-def test_a_method_trained_with_other_settings_is_trained_again_from_scratch(tmp_path: Path) -> None:
+def test_a_method_trained_with_other_settings_is_trained_again_from_scratch(
+    tmp_path: Path, micro_repro: tuple[Path, Path, subprocess.CompletedProcess[str]]
+) -> None:
     from harmony.repro.runner import train_method
 
     suite = load_suite_text(tmp_path, MICRO_SUITE)
     run_dir = tmp_path / "runs" / "clip-tiny-test"
+    shutil.copytree(micro_repro[1] / "runs" / "clip-tiny-test", run_dir)  # trained by the micro suite: 3 steps
     assert train_method(suite, "clip-tiny-test", run_dir, echo=False)["steps"] == 3
     longer = load_suite_text(tmp_path, MICRO_SUITE.replace("train.max_steps=3", "train.max_steps=4"))
     done = train_method(longer, "clip-tiny-test", run_dir, echo=False)
@@ -139,10 +152,10 @@ def test_a_method_trained_with_other_settings_is_trained_again_from_scratch(tmp_
     assert steps == [2, 4]
 
 
-def test_repro_to_an_unwritable_out_is_one_line(tmp_path: Path) -> None:
+def test_repro_to_an_unwritable_out_is_one_line(tmp_path: Path, cli: Cli) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    proc = run_cli("repro", "--suite", "demo", "--out", str(blocker / "out"))
+    proc = cli("repro", "--suite", "demo", "--out", str(blocker / "out"))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "which is a file" in proc.stderr
 
 
@@ -165,7 +178,6 @@ def load_suite_text(folder: Path, text: str) -> Suite:
 def test_ctrl_c_during_repro_lets_the_training_save(tmp_path: Path) -> None:
     import os
     import signal
-    import subprocess
     import sys
 
     from harmony.core import checkpoint as ckpt

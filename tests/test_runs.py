@@ -18,7 +18,7 @@ from harmony.cli import main
 from harmony.core import checkpoint as ckpt
 from harmony.train.preemption import StopRequest
 from harmony.train.runfolder import LOCK_FILE
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, Cli
 
 TRAIN = ["train", "--preset", "clip-tiny-test", "--workers", "0", "--no-progress", "train.log_every=2"]
 
@@ -146,7 +146,7 @@ def test_resume_of_an_empty_folder_needs_a_preset(tmp_path: Path, capsys: pytest
     assert "holds no run to continue; give --preset" in capsys.readouterr().err
 
 
-def test_ctrl_c_stops_after_the_step_saves_and_resume_continues(tmp_path: Path) -> None:
+def test_ctrl_c_stops_after_the_step_saves_and_resume_continues(tmp_path: Path, cli: Cli) -> None:
     cmd = [sys.executable, "-m", "harmony.cli", *TRAIN, "--workers", "1", "--out", str(tmp_path), "--max-steps", "400"]
     cmd += ["train.log_every=1"]
     proc = subprocess.Popen(
@@ -168,7 +168,7 @@ def test_ctrl_c_stops_after_the_step_saves_and_resume_continues(tmp_path: Path) 
     saved = ckpt.load(tmp_path / "checkpoints" / "last.pt")["step"]
     assert 3 <= saved < 400 and steps_logged(tmp_path)[-1] == saved
     resume = ["--workers", "1", "--resume", "auto", "--max-steps", str(saved + 2)]
-    resumed = run_cli(*TRAIN, "--out", str(tmp_path), *resume)
+    resumed = cli(*TRAIN, "--out", str(tmp_path), *resume)
     assert resumed.returncode == 0, resumed.stderr
     assert f"(step {saved})" in resumed.stdout
     assert saved in steps_logged(tmp_path) and steps_logged(tmp_path)[-1] == saved + 2
@@ -251,3 +251,12 @@ def test_resume_auto_with_only_unreadable_checkpoints_is_refused(
     err = capsys.readouterr().err
     assert "no checkpoint" in err and "an empty file (0 bytes)" in err and "--overwrite" in err
     assert steps_logged(tmp_path) == [2], "the run's history was not thrown away"
+
+
+def test_another_ranks_write_probe_does_not_make_the_folder_used(tmp_path: Path) -> None:
+    """Every process of a run checks that --out is writable with a short-lived probe file; the rank that claims
+    the folder may see another rank's probe and must not take it for an earlier run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".harmony-write-test-x1y2").write_text("")
+    assert train(out, "--max-steps", "1") == 0

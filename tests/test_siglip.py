@@ -1,25 +1,25 @@
-"""SigLIP through the registry: the sigmoid formula, the per-rank normalisation, the towers, 2 ranks == 1, CLI."""
+"""SigLIP through the registry: the sigmoid formula, the per-rank normalisation, the towers, 2 ranks == 1 (its run
+and benchmark: tests/test_method_smoke.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from harmony.config import ConfigError
-from harmony.core import checkpoint as ckpt
 from harmony.models.normalize import normalize
 from harmony.objectives.base import StepInfo
 from harmony.objectives.siglip import siglip_loss, sigmoid_logits
 from harmony.presets import build_config
-from tests.conftest import run_cli
-from tests.test_distributed import records, torchrun
+from tests.conftest import TwoRanks
+from tests.test_distributed import records
 from tests.test_gradients import grads_of, make_task_and_batch
+from tests.two_ranks import SIGLIP_RUN
 
 
 def direct_siglip(image: torch.Tensor, text: torch.Tensor, scale: float, bias: float) -> torch.Tensor:
@@ -110,45 +110,11 @@ def test_siglip_gradients_reach_the_bias_and_the_logit_scale() -> None:
 
 
 @pytest.mark.slow
-def test_siglip_two_ranks_times_b_equal_one_rank_times_2b(tmp_path: Path) -> None:
+def test_siglip_two_ranks_times_b_equal_one_rank_times_2b(two_ranks: TwoRanks, one_rank: Callable[..., Path]) -> None:
     """The gather with gradient and the per-rank normalisation: any of them wrong changes steps 2 and 3."""
-    common = ["--preset", "siglip-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress"]
-    one_run, two_run = tmp_path / "one", tmp_path / "two"
-    one = run_cli("train", *common, "--out", str(one_run), "train.log_every=1", env={"OMP_NUM_THREADS": "1"})
-    assert one.returncode == 0, one.stderr
-    two = torchrun("train", *common, "--out", str(two_run), "train.log_every=1")
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = records(one_run), records(two_run)
+    a, b = records(one_rank(*SIGLIP_RUN)), records(two_ranks.folder("siglip") / "run")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in (1, 2, 3):
         for key in ("loss", "loss_siglip", "logit_scale", "logit_bias"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
     assert a[3]["loss"] != pytest.approx(a[1]["loss"], rel=1e-6)  # it trained
-
-
-@pytest.mark.slow
-def test_siglip_is_a_preset_trains_and_is_benched(tmp_path: Path) -> None:
-    presets = run_cli("presets")
-    assert presets.returncode == 0 and "siglip " in presets.stdout
-    run = tmp_path / "run"
-    proc = run_cli(
-        "train", "--preset", "siglip-tiny-test", "--data", "builtin:shapes", "--out", str(run),
-        "--max-steps", "2", "--workers", "0", "--no-progress", "train.log_every=1",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(math.isfinite(row["loss_siglip"]) and row["loss_siglip"] > 0 for row in rows)
-    section = yaml.safe_load((run / "config.yaml").read_text())["objectives"]["siglip"]
-    assert section["logit_scale_init"] == 10.0 and section["logit_bias_init"] == -10.0
-    state = ckpt.load(run / "checkpoints" / "last.pt")["model"]
-    # two AdamW steps at a warm-up learning rate move a parameter by far less than 0.01
-    assert state["student.logit_scale"].item() == pytest.approx(math.log(10.0), abs=0.01)
-    assert state["objectives.siglip.logit_bias"].item() == pytest.approx(-10.0, abs=0.01)
-    out = tmp_path / "bench.json"
-    bench = run_cli(
-        "bench", "--preset", "siglip-tiny-test", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-        "--json", str(out),
-    )  # fmt: skip
-    assert bench.returncode == 0, bench.stderr
-    result = json.loads(out.read_text())["siglip-tiny-test"]
-    assert result["flops_per_step"] > 0 and {"student ViT", "text student"} <= set(result["flops_by_component"])

@@ -1,9 +1,7 @@
-"""SimSiam: formula (with its stop-gradient), wiring on the student alone, gradients, CLI, config checks."""
+"""SimSiam: formula (with its stop-gradient), wiring on the student alone, gradients, config checks (its run
+and benchmark: tests/test_method_smoke.py)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,6 @@ from harmony.models.normalize import normalize
 from harmony.objectives.base import StepInfo
 from harmony.objectives.simsiam import simsiam_loss
 from harmony.presets import build_config
-from tests.conftest import run_cli
 from tests.test_global_batchnorm import direct_batchnorm_mlp
 from tests.test_gradients import grads_of, make_task_and_batch, prefixes
 
@@ -77,30 +74,6 @@ def test_simsiam_gradients_reach_the_student_projector_and_predictor() -> None:
     assert any(n.startswith("objectives.simsiam.projector.") for n in reached)
     assert not any(n.startswith("teacher.") for n, _ in task.named_parameters())  # no EMA tower at all
     assert task.ema_parameter_pairs() == ([], [])
-
-
-@pytest.mark.slow
-def test_simsiam_is_a_preset_trains_and_is_benched(tmp_path: Path) -> None:
-    presets = run_cli("presets")
-    assert presets.returncode == 0 and "simsiam " in presets.stdout
-    run = tmp_path / "run"
-    proc = run_cli(
-        "train", "--preset", "simsiam-tiny-test", "--data", "builtin:shapes", "--out", str(run),
-        "--max-steps", "2", "--workers", "0", "--no-progress", "train.log_every=1",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
-    assert all(-1.0 <= row["loss_simsiam"] <= 1.0 and row["simsiam_output_std"] > 0.0 for row in rows)
-    out = tmp_path / "bench.json"
-    bench = run_cli(
-        "bench", "--preset", "simsiam-tiny-test", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-        "--json", str(out),
-    )  # fmt: skip
-    assert bench.returncode == 0, bench.stderr
-    flops = json.loads(out.read_text())["simsiam-tiny-test"]["flops_by_component"]
-    assert {"student ViT", "heads"} <= set(flops) and flops["heads"] > 0
-    assert "teacher ViT" not in flops or flops["teacher ViT"] == 0
 
 
 @pytest.mark.parametrize("key", ["hidden_dim", "out_dim", "predictor_hidden_dim"])

@@ -11,7 +11,7 @@ import torch
 
 from harmony.core import checkpoint as ckpt
 from harmony.train.loop import train
-from tests.conftest import run_cli, tiny
+from tests.conftest import Cli, tiny
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -128,10 +128,10 @@ def test_unreadable_checkpoints_say_what_the_file_is(
     assert "\n" not in message and len(message) < 400
 
 
-def test_corrupt_checkpoint_is_one_line_from_the_cli(tmp_path: Path) -> None:
+def test_corrupt_checkpoint_is_one_line_from_the_cli(tmp_path: Path, cli: Cli) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    proc = run_cli("eval", "zeroshot", "--checkpoint", str(bad), "--data", "builtin:shapes:val")
+    proc = cli("eval", "zeroshot", "--checkpoint", str(bad), "--data", "builtin:shapes:val")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (
         f"harmony: error: '{bad}' cannot be loaded: a text file, not a PyTorch checkpoint (it starts with "

@@ -7,7 +7,7 @@ import torch
 
 from harmony.eval.metrics import topk_accuracy
 from harmony.loading import load
-from tests.conftest import run_cli
+from tests.conftest import Cli, run_cli
 
 
 def test_topk_accuracy_hand_computed() -> None:
@@ -39,7 +39,7 @@ def test_zeroshot_cli_end_to_end(tmp_path: Path, clip_checkpoint: Path) -> None:
     assert "top1" in proc.stdout
 
 
-def test_zeroshot_on_an_image_folder(tmp_path: Path, clip_checkpoint: Path) -> None:
+def test_zeroshot_on_an_image_folder(tmp_path: Path, clip_checkpoint: Path, cli: Cli) -> None:
     from harmony.data.shapes import ShapesDataset
 
     ds = ShapesDataset("val", 12, 32)
@@ -48,7 +48,7 @@ def test_zeroshot_on_an_image_folder(tmp_path: Path, clip_checkpoint: Path) -> N
         folder = tmp_path / "images" / ds.class_names[s.label]
         folder.mkdir(parents=True, exist_ok=True)
         s.image.save(folder / f"{i}.png")
-    proc = run_cli(
+    proc = cli(
         "eval", "zeroshot", "--checkpoint", str(clip_checkpoint), "--data", str(tmp_path / "images"), "--workers", "0"
     )
     assert proc.returncode == 0, proc.stderr

@@ -39,8 +39,14 @@ def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
+# whether `init_distributed` started the process group, which `shutdown` then ends
+_started_here = False
+
+
 def init_distributed(device: str) -> DistInfo:
-    """Join the process group torchrun set up through the environment (no-op for one process)."""
+    """Join the process group torchrun set up through the environment (no-op for one process). A group
+    the caller already started (several runs in one process group) is used as it is."""
+    global _started_here
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,12 +55,16 @@ def init_distributed(device: str) -> DistInfo:
         if device == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
+        _started_here = True
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
 def shutdown() -> None:
-    if is_initialized():
+    """End the process group `init_distributed` started; one started by the caller is left to the caller."""
+    global _started_here
+    if _started_here and is_initialized():
         dist.destroy_process_group()
+    _started_here = False
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -301,10 +301,14 @@ class TrainData:
                 pin_memory=self._pin(),
                 generator=self._generator(),
             )
-            for i, batch in enumerate(loader):
-                if i >= self.steps_per_epoch - start_step:
-                    break
-                yield batch
+            batches = iter(loader)
+            try:
+                for i, batch in enumerate(batches):
+                    if i >= self.steps_per_epoch - start_step:
+                        break
+                    yield batch
+            finally:
+                stop_workers(batches)
             return
         if self._loader is None:
             self._sampler = EpochSampler(len(self.source), self.cfg.train.batch_size, self.dist, self.cfg.train.seed)
@@ -331,6 +335,16 @@ class TrainData:
 
     def _pin(self) -> bool:
         return self.cfg.data.pin_memory and torch.cuda.is_available()
+
+
+def stop_workers(batches: Iterator[Any]) -> None:
+    """Stop a DataLoader iterator's worker processes now. Left to the garbage collector (the iterator sits in
+    reference cycles, more so after a worker's error), they are stopped after the queues they listen on are
+    gone, and each waits out torch's 5 s timeout: an epoch that ends early or a run that stops on a data error
+    would pause that long."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean-up, as its __del__ calls it
+    if shutdown is not None:
+        shutdown()
 
 
 def build_train_data(cfg: Config, maker: ViewMaker, dist: DistInfo, device: torch.device | None = None) -> TrainData:

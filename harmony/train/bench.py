@@ -153,12 +153,17 @@ def measure(
     return result
 
 
+def worker_arguments(preset: str, args: argparse.Namespace, accum: int) -> list[str]:
+    """The arguments of the worker (`python -m harmony.train.bench ...`) that measures one preset at one K."""
+    argv = ["--worker", preset, "--device", args.device, "--batch-size", str(args.batch_size)]
+    argv += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--accum-steps", str(accum)]
+    return argv + list(args.overrides)
+
+
 def run_isolated(preset: str, args: argparse.Namespace, accum: int = 1) -> dict[str, Any]:
     """Measure a preset in a fresh interpreter (clean peak memory); raise with its stderr on failure."""
-    cmd = [sys.executable, "-m", "harmony.train.bench", "--worker", preset, "--device", args.device]
-    cmd += ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    cmd += ["--accum-steps", str(accum)]
-    proc = subprocess.run(cmd + list(args.overrides), capture_output=True, text=True, check=False)
+    cmd = [sys.executable, "-m", "harmony.train.bench", *worker_arguments(preset, args, accum)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark of {preset} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -285,7 +290,8 @@ def add_bench_step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every preset")
 
 
-def _worker(argv: list[str]) -> None:
+def worker(argv: list[str]) -> None:
+    """The measuring worker `run_isolated` starts: one preset at one K, its result as a JSON line on stdout."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", required=True)
     add_bench_step_arguments(parser)
@@ -296,4 +302,4 @@ def _worker(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1:])
+    worker(sys.argv[1:])

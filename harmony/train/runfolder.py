@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from harmony.outputs import OutputError, check_output_dir
+from harmony.outputs import PROBE_PREFIX, OutputError, check_output_dir
 
 LOCK_FILE = ".harmony.lock"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.yaml")
@@ -58,7 +58,7 @@ def claim(folder: Path, resume: str | None, overwrite: bool) -> RunLock:
     check_output_dir(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = RunLock(folder)
-    present = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
+    present = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE and not p.name.startswith(PROBE_PREFIX))
     if present and not continues_in(folder, resume):
         shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
         is_run = (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()

@@ -1,0 +1,121 @@
+"""Every two-rank check of the suite in one launch: `python -m torch.distributed.run --standalone
+--nproc_per_node 2 -m tests.two_ranks OUT` (the session fixture `two_ranks` in conftest.py runs it once).
+
+Both ranks join one gloo process group and run each scenario in turn inside it (`harmony train` through
+`harmony.cli.main`, which uses the group it finds and leaves it open), each into its own folder
+`OUT/<name>/`: `run/` for a training, `rank<r>.log` (what the rank printed), `rank<r>.status` ("ok" or the
+traceback). A scenario that fails on both ranks does not stop the others; one that fails on a single rank
+leaves the other inside a collective, so the launch stops there and names that scenario in the later ones'
+statuses. The tests compare each folder with a one-process reference computed in the pytest process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from harmony.cli import main
+
+# a collective waits this long for the other rank before failing (a step of these runs takes well under 1 s)
+PATIENCE = timedelta(seconds=120)
+
+HARMONY = ("--preset", "harmony-tiny-test", "--batch-size", "8", "--no-progress", "train.log_every=1")
+HARMONY_RUN = ("train", *HARMONY, "--max-steps", "5")
+SIGLIP_RUN = ("train", "--preset", "siglip-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress")
+SIGLIP_RUN += ("train.log_every=1",)
+MOCOV3_RUN = ("train", "--preset", "mocov3-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress")
+MOCOV3_RUN += ("train.log_every=1",)
+CAPTIONS_RUN = ("train", "--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0")
+CAPTIONS_RUN += ("--no-progress", "--batch-size", "8", "--max-steps", "3", "model.context_length=77")
+CAPTIONS_RUN += ("train.log_every=1",)
+
+# scenario -> `harmony` arguments of a two-rank training (its run folder is given as --out)
+TRAININGS: dict[str, tuple[str, ...]] = {
+    "ddp": (*HARMONY_RUN, "train.strategy=ddp"),
+    "fsdp": (*HARMONY_RUN, "train.strategy=fsdp"),
+    "ddp_accumulating": (*HARMONY_RUN, "--accum-steps", "2", "train.strategy=ddp"),
+    "fsdp_accumulating": (*HARMONY_RUN, "--accum-steps", "2", "train.strategy=fsdp"),
+    "siglip": SIGLIP_RUN,
+    "mocov3": MOCOV3_RUN,
+    "cut_captions": CAPTIONS_RUN,  # each rank cuts its captions to its own batch's length
+}
+
+
+def text_distill_and_sharded_clipping(folder: Path) -> None:
+    from tests.test_fidelity import text_distill_and_clipping_on_this_rank
+
+    text_distill_and_clipping_on_this_rank(dist.get_rank(), folder)
+
+
+def global_batchnorm(folder: Path) -> None:
+    from tests.test_global_batchnorm import normalise_this_ranks_rows
+
+    normalise_this_ranks_rows(dist.get_rank(), folder)
+
+
+CHECKS: dict[str, Callable[[Path], None]] = {
+    "text_distill_and_sharded_clipping": text_distill_and_sharded_clipping,
+    "global_batchnorm": global_batchnorm,
+}
+
+
+def training(args: tuple[str, ...]) -> Callable[[Path], None]:
+    def run(folder: Path) -> None:
+        code = main([*args, "--out", str(folder / "run")])
+        if code != 0:
+            raise RuntimeError(f"harmony {' '.join(args)} exited with {code}")
+
+    return run
+
+
+SCENARIOS: dict[str, Callable[[Path], None]] = {
+    **{name: training(args) for name, args in TRAININGS.items()},
+    **CHECKS,
+}
+
+
+def run_scenario(name: str, folder: Path, threads: int) -> str:
+    """Run one scenario on this rank; its status ('ok' or the traceback)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)  # what the launch asked for, whatever an earlier scenario set
+    with open(folder / f"rank{dist.get_rank()}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
+        try:
+            SCENARIOS[name](folder)
+        except (Exception, SystemExit):
+            traceback.print_exc()
+            return traceback.format_exc()
+    return "ok"
+
+
+def run_all(out: Path) -> None:
+    dist.init_process_group("gloo", timeout=PATIENCE)
+    rank, threads = dist.get_rank(), int(os.environ.get("OMP_NUM_THREADS", "1"))
+    names = list(SCENARIOS)
+    try:
+        for i, name in enumerate(names):
+            status = run_scenario(name, out / name, threads)
+            (out / name / f"rank{rank}.status").write_text(status)
+            try:
+                dist.monitored_barrier(timeout=PATIENCE)
+            except RuntimeError as exc:
+                for later in names[i + 1 :]:
+                    (out / later).mkdir(parents=True, exist_ok=True)
+                    reason = (
+                        f"not run: scenario {name} failed on one rank only ({exc}), which leaves the group unusable"
+                    )
+                    (out / later / f"rank{rank}.status").write_text(reason)
+                raise
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_all(Path(sys.argv[1]))
