@@ -31,6 +31,11 @@ class ModelConfig:
     text: str = "tiny-test"
     vision_arch: VisionSize | None = None
     text_arch: TextSize | None = None
+    # the weights a new run starts from (`--init`, harmony.weights.resolve): a Harmony run, timm, open_clip,
+    # transformers' CLIP or an official DINO/iBOT/DINOv2/MAE checkpoint; `init_weights` picks a run's student
+    # or EMA teacher (auto: the teacher where it holds every tower)
+    init: str = ""
+    init_weights: Literal["auto", "student", "teacher"] = "auto"
     embed_dim: int = 512
     context_length: int = 77
     drop_path_rate: float = 0.0

@@ -6,6 +6,8 @@ It knows nothing about individual objectives: the task returns a weighted loss a
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,9 @@ from harmony.train.preemption import StopRequest
 from harmony.train.runfolder import claim
 from harmony.train.step import Stepper, TrainingError
 from harmony.typed import changed_keys
+from harmony.weights.apply import InitSummary
+from harmony.weights.resolve import open_init_source
+from harmony.weights.source import Source
 
 
 @dataclass
@@ -70,24 +75,34 @@ class Trainer:
     """Data + `Stepper` + checkpoints + logging for one run folder."""
 
     def __init__(
-        self, cfg: Config, out_dir: Path, resume: str | None = None, progress: bool = True, overwrite: bool = False
+        self,
+        cfg: Config,
+        out_dir: Path,
+        resume: str | None = None,
+        progress: bool = True,
+        overwrite: bool = False,
+        init: Source | None = None,
     ) -> None:
         self.cfg, self.out_dir = cfg, out_dir
         requested = resolve_device(cfg.train.device)
         self.dist: DistInfo = init_distributed(requested.type)
         self.lock = claim(out_dir, resume, overwrite) if self.dist.is_main else None
         try:
-            self._build(resume, progress)
+            self._build(resume, progress, init)
         except BaseException:
             self._release()
             raise
 
-    def _build(self, resume: str | None, progress: bool) -> None:
+    def _build(self, resume: str | None, progress: bool, init: Source | None) -> None:
         cfg, out_dir = self.cfg, self.out_dir
         self.device = resolve_device(cfg.train.device, self.dist)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        self.stepper = Stepper(cfg, self.device, self.dist)
+        self.ckpt_dir = out_dir / "checkpoints"
+        checkpoint = self._checkpoint(resume)
+        if cfg.model.init and checkpoint is None and init is None:  # a run that never saved: start it again
+            init = open_init_source(cfg.model.init, cfg.model.init_weights)
+        self.stepper = Stepper(cfg, self.device, self.dist, init if checkpoint is None else None)
         task = self.stepper.task
         maker = ViewMaker(cfg, task.needs, self.stepper.tokenizer, task.student.visual.patch_size)
         self.data = build_train_data(cfg, maker, self.dist, self.device)
@@ -96,9 +111,8 @@ class Trainer:
         self.stepper.set_span(self.steps_per_epoch, self.total_steps)
         self.stopped: str | None = None
         self._captions_checked = False
-        self.ckpt_dir = out_dir / "checkpoints"
-        if resume:
-            self._resume(resume)
+        if checkpoint is not None:
+            self._resume(checkpoint)
         self.logger = MetricsLogger(
             out_dir, self.total_steps, self.step, self.dist.is_main, progress=progress, label=cfg.name
         )
@@ -107,6 +121,8 @@ class Trainer:
             (out_dir / "config.yaml").write_text(dump_yaml(cfg))
         if left_out := self.data.left_out():
             self.logger.message(left_out)
+        if self.stepper.init_summary is not None:
+            self._report_init(self.stepper.init_summary)
 
     def _release(self) -> None:
         if self.lock is not None:
@@ -118,19 +134,26 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def _resume(self, resume: str) -> None:
+    def _checkpoint(self, resume: str | None) -> Path | None:
+        """The checkpoint this run continues from: `resume` itself, or with 'auto' the newest in the folder."""
         if resume == "auto":
-            path = ckpt.latest(self.ckpt_dir)
-            if path is None:
-                return
-        else:
-            path = Path(resume)
+            return ckpt.latest(self.ckpt_dir)
+        return Path(resume) if resume else None
+
+    def _resume(self, path: Path) -> None:
         state = ckpt.load(path, map_location=self.device)
         self.stepper.load_state_dict(state, f"checkpoint '{path}'")
         changes = changed_keys(upgrade_keys(state.get("config", {})), to_dict(self.cfg))
         if self.dist.is_main:
             changed = " with changed settings: " + "; ".join(changes) if changes else ""
             print(f"resuming {path} (step {self.step}){changed}", flush=True)
+
+    def _report_init(self, summary: InitSummary) -> None:
+        """Say what `--init` loaded, what starts fresh and what was left out; init.json in the run folder."""
+        for line in summary.lines():
+            self.logger.message(line)
+        if self.dist.is_main:
+            (self.out_dir / "init.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
 
     def save(self, periodic: bool) -> Path:
         last = self.ckpt_dir / "last.pt"
@@ -261,10 +284,16 @@ class Trainer:
 
 
 def train(
-    cfg: Config, out_dir: Path, resume: str | None = None, progress: bool = True, overwrite: bool = False
+    cfg: Config,
+    out_dir: Path,
+    resume: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    init: Source | None = None,
 ) -> RunResult:
-    """Train `cfg` into `out_dir`; `resume` is 'auto' or a checkpoint, `overwrite` starts a used folder over."""
-    trainer = Trainer(cfg, out_dir, resume, progress, overwrite)
+    """Train `cfg` into `out_dir`; `resume` is 'auto' or a checkpoint, `overwrite` starts a used folder over,
+    `init` the source a new run starts from (else `model.init` is opened when the run starts fresh)."""
+    trainer = Trainer(cfg, out_dir, resume, progress, overwrite, init)
     try:
         return trainer.fit()
     finally:

@@ -19,6 +19,8 @@ from harmony.train.accumulate import Accumulator
 from harmony.train.optim import build_optimizer, clip_gradients, set_schedule
 from harmony.train.schedules import Schedules
 from harmony.train.task import PretrainTask
+from harmony.weights.apply import InitSummary, initialise
+from harmony.weights.source import Source
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -43,11 +45,14 @@ class Stepper:
     `train.accum_steps` micro-batches, exactly: `harmony.train.accumulate`), clipping, the update, the
     logit-scale clamp, and the once-per-step EMA/centre advance."""
 
-    def __init__(self, cfg: Config, device: torch.device, dist: DistInfo) -> None:
+    def __init__(self, cfg: Config, device: torch.device, dist: DistInfo, init: Source | None = None) -> None:
         self.cfg, self.device, self.dist = cfg, device, dist
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = make_tokenizer(cfg)
-        self.task = PretrainTask(cfg, self.tokenizer).to(device)
+        task = PretrainTask(cfg, self.tokenizer)
+        # the weights a new run starts from, loaded before the task is moved, wrapped or sharded
+        self.init_summary: InitSummary | None = initialise(task, init) if init is not None else None
+        self.task = task.to(device)
         self.amp_dtype = autocast_dtype(cfg.train.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.fsdp = cfg.train.strategy == "fsdp" and dist.world_size > 1
