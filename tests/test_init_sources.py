@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from harmony.core.distributed import DistInfo
 from harmony.core.errors import CheckpointError
+from harmony.export.to_timm import export_timm
 from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.presets import build_config
@@ -69,6 +70,15 @@ def test_open_clip_vit_b16_openai_architecture(tmp_path: Path) -> None:
     close(student.encode_image(x), reference.encode_image(x, normalize=True))
     close(student.encode_text(ids), reference.encode_text(ids, normalize=True))
     assert any("[MASK] row starts fresh" in line for line in summary.adapted)
+    # and back to timm, under the timm name of this architecture (its head: the CLIP image projection)
+    export_timm(student, tmp_path / "vit.safetensors")
+    assert json.loads((tmp_path / "vit.json").read_text())["architecture"] == "vit_base_patch16_clip_quickgelu_224"
+    folder = tmp_path / "timm"
+    folder.mkdir()
+    (folder / "config.json").write_text((tmp_path / "vit.json").read_text())
+    (tmp_path / "vit.safetensors").rename(folder / "model.safetensors")
+    vit = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    close(F.normalize(vit(x), dim=-1), student.encode_image(x))
 
 
 @torch.no_grad()
@@ -164,6 +174,7 @@ def test_a_run_records_its_source_architecture_and_resumes_without_init(tmp_path
     assert "interpolated to 2x2" in proc.stdout and "init: 150 tensors loaded from timm:vit_tiny" in proc.stdout
     recorded = (run / "config.yaml").read_text()
     assert "timm_name: vit_tiny_patch16_224" in recorded and "embed_dim: 192" in recorded
+    assert f"init: timm:vit_tiny_patch16_224:{tmp_path / 'vit.safetensors'}" in recorded
     summary = json.loads((run / "init.json").read_text())
     assert len(summary["loaded"]) == 150 and summary["adapted"][0].startswith("visual.vit.pos_embed resampled")
     assert "visual.mask_token" in summary["new"] and any(

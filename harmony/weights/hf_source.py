@@ -64,7 +64,8 @@ def folder(root: Path, label: str | None = None) -> Source:
 
     def load() -> State:
         state = flat_tensors(read_state(weights, what))
-        out = vit_weights(_vision_to_timm(state, "vision_model."), vit, what)
+        prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
+        out = vit_weights(_vision_to_timm(state, prefix), vit, what)
         if "visual_projection.weight" in state:
             out["visual_projection.weight"] = state["visual_projection.weight"]
         if text is not None:
@@ -139,7 +140,8 @@ def _vision_to_timm(state: State, prefix: str) -> State:
     for hf, timm_name in (("pre_layrnorm", "norm_pre"), ("post_layernorm", "norm")):
         for kind in ("weight", "bias"):
             out[f"{timm_name}.{kind}"] = state[f"{prefix}{hf}.{kind}"]
-    depth = 1 + max(int(k.split(".")[3]) for k in state if k.startswith(f"{prefix}encoder.layers."))
+    layers = f"{prefix}encoder.layers."
+    depth = 1 + max(int(k[len(layers) :].split(".")[0]) for k in state if k.startswith(layers))
     for i in range(depth):
         layer, block = f"{prefix}encoder.layers.{i}", f"blocks.{i}"
         for kind in ("weight", "bias"):
