@@ -112,7 +112,7 @@ def export_timm(model: ImageTextModel, out: Path, provenance: dict[str, Any] | N
     arch = timm_arch(model.visual)
     with torch.device("meta"):
         reference = timm.create_model(arch.model_name, pretrained=False, **arch.kwargs)
-    classes = int(reference.num_classes)
+    classes = int(getattr(reference, "num_classes", TIMM_NUM_CLASSES))
     state = timm_state_dict(model.visual, classes)
     projection = getattr(model, "visual_projection", None)
     if (
