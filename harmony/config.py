@@ -91,9 +91,14 @@ class DataConfig:
     """Loader settings. `csv_*` name the columns of a .csv/.tsv spec (open_clip's convention);
     `csv_separator` is auto (from the extension), comma, tab or one character. Images above
     `max_image_pixels` are refused unread. `shuffle_buffer` 0 keeps shard samples in stored order.
-    `alpha_background` is the colour transparent pixels are composited on (white, black, gray, #rrggbb, r,g,b)."""
+    `alpha_background` is the colour transparent pixels are composited on (white, black, gray, #rrggbb, r,g,b).
+    `weights`: one per `::`-separated part of `data_spec`, which then become separate sources, each sample drawn
+    from part i with probability weights[i] / sum(weights) (`harmony.data.mixing`); without them `::` joins the
+    parts into one source. `epoch_size` (0: the data's size; the sources' sizes summed under mixing) is the
+    samples per epoch of remote shards or a mix."""
 
     num_workers: int = 2
+    weights: list[float] = field(default_factory=list)
     epoch_size: int = 0
     shuffle_buffer: int = 1000
     resample_shards: bool = False
@@ -313,6 +318,7 @@ def validate(cfg: Config) -> None:
     for key, value in probs.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value}")
+    _check_weights(cfg)
     if str(cfg.data.device_augment).lower() not in ("auto", "true", "false"):
         raise ConfigError(
             f"config key 'data.device_augment' must be auto, true or false, got {cfg.data.device_augment!r}"
@@ -327,6 +333,22 @@ def validate(cfg: Config) -> None:
         for other, why in section.requires.items():
             if other not in sections:
                 raise ConfigError(f"config key 'objectives.{name}' needs 'objectives.{other}', {why}")
+
+
+def _check_weights(cfg: Config) -> None:
+    """`data.weights`: one positive weight per `::`-separated source of `data_spec`."""
+    weights, sources = cfg.data.weights, cfg.data_spec.split("::")
+    if weights and len(weights) != len(sources):
+        raise ConfigError(
+            f"config key 'data.weights' gives {len(weights)} weight(s) for the {len(sources)} source(s) of data_spec "
+            f"'{cfg.data_spec}' (its '::'-separated parts): give one weight per source"
+        )
+    for weight, spec in zip(weights, sources):
+        if weight <= 0:
+            raise ConfigError(
+                f"config key 'data.weights' must be positive, got {weight:g} for '{spec}': leave the source out of "
+                "data_spec instead"
+            )
 
 
 def check_batch_per_process(cfg: Config, processes: int) -> None:

@@ -36,6 +36,8 @@ MOCOV3_RUN += ("train.log_every=1",)
 CAPTIONS_RUN = ("train", "--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0")
 CAPTIONS_RUN += ("--no-progress", "--batch-size", "8", "--max-steps", "3", "model.context_length=77")
 CAPTIONS_RUN += ("train.log_every=1",)
+MIXED_RUN = ("train", "--preset", "clip-tiny-test", "--data", "builtin:shapes::builtin:shapes:val", "--workers", "0")
+MIXED_RUN += ("data.weights=0.3,0.7", "--batch-size", "8", "--max-steps", "3", "--no-progress", "train.log_every=1")
 
 # scenario -> `harmony` arguments of a two-rank training (its run folder is given as --out)
 TRAININGS: dict[str, tuple[str, ...]] = {
@@ -46,6 +48,7 @@ TRAININGS: dict[str, tuple[str, ...]] = {
     "siglip": SIGLIP_RUN,
     "mocov3": MOCOV3_RUN,
     "cut_captions": CAPTIONS_RUN,  # each rank cuts its captions to its own batch's length
+    "mixed_sources": MIXED_RUN,  # two sources drawn by weight, each rank its places of every batch
 }
 
 

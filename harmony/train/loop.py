@@ -58,6 +58,7 @@ class _Window:
     steps: int = 0
     data: float = 0.0
     errors: int = 0
+    mixed: torch.Tensor | None = None  # under mixing: [drawn, re-read] x sources
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -210,9 +211,13 @@ class Trainer:
         )
 
     def _skip_summary(self) -> str:
-        """'data: skipped N samples (...)' over every rank, for the end of the run."""
+        """'data: skipped N samples (...)' over every rank, for the end of the run; under mixing, with what was
+        drawn from each source."""
         totals = all_reduce_sum(torch.tensor([float(v) for v in self.data.skipped.values()])).long().tolist()
-        return describe_skips(dict(zip(self.data.skipped, totals)))
+        summary = describe_skips(dict(zip(self.data.skipped, totals)))
+        if (mixture := self.data.mixture) is not None and self.data.mixed is not None:
+            summary += "; " + mixture.describe(all_reduce_sum(self.data.mixed))
+        return summary
 
     def _warn_on_identical_captions(self, batch: dict[str, torch.Tensor]) -> None:
         """Once, on the first batch: captions that are all the same teach the image-text objectives nothing."""
@@ -233,6 +238,8 @@ class Trainer:
         cfg, window = self.cfg, self.window
         window.data += time.perf_counter() - window.fetch_start
         window.errors += int(batch.pop("data_errors").sum())
+        if (mixed := batch.pop("data_sources", None)) is not None:
+            window.mixed = mixed if window.mixed is None else window.mixed + mixed
         batch.pop("index", None)
         metrics = self.stepper.train_step(to_device(batch, self.device))
         window.steps += 1
@@ -279,6 +286,11 @@ class Trainer:
             "bad_steps": int(self.stepper.bad_steps),
             "bad_steps_in_a_row": int(self.stepper.bad_in_a_row),
         }
+        if (mixture := self.data.mixture) is not None:
+            mixed = all_reduce_sum(window.mixed if window.mixed is not None else mixture.no_counts())
+            record |= mixture.record(mixed)
+            for line in mixture.ran_out(mixed):
+                self.logger.message(line)
         self.logger.log(record)
         return record
 
