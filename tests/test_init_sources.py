@@ -24,6 +24,7 @@ from harmony.presets import build_config
 from harmony.train.cli import with_init
 from harmony.train.step import Stepper
 from harmony.weights.apply import InitSummary
+from tests.conftest import Cli
 
 CAPTIONS = ["a photo of a dog", "two blue circles on a green background"]
 
@@ -142,7 +143,7 @@ def test_official_dino_ibot_dinov2_mae_layouts(tmp_path: Path) -> None:
     torch.testing.assert_close(student.visual.vit.cls_token, plain.cls_token + 1)
 
 
-def test_what_cannot_be_used_is_one_line_before_training(tmp_path: Path) -> None:
+def test_what_cannot_be_used_is_one_line_before_training(tmp_path: Path, cli: Cli) -> None:
     tiny = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
     save_file(tiny.state_dict(), str(tmp_path / "tiny.safetensors"))
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "tiny.safetensors").read_bytes()[:5000])
@@ -159,16 +160,22 @@ def test_what_cannot_be_used_is_one_line_before_training(tmp_path: Path) -> None
         with pytest.raises(CheckpointError, match=message) as info:
             started("dino-tiny-test", source)
         assert "\n" not in str(info.value)
+    for source in cases:  # and from the command line: one line, exit 1, nothing trained
+        proc = cli(
+            "train", "--preset", "dino-tiny-test", "--init", source, "--out", str(tmp_path / "run"), "--no-progress"
+        )
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "harmony: error: --init" in proc.stderr
+        assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_run_records_its_source_architecture_and_resumes_without_init(tmp_path: Path, cli: object) -> None:
+def test_a_run_records_its_source_architecture_and_resumes_without_init(tmp_path: Path, cli: Cli) -> None:
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
     save_file(reference.state_dict(), str(tmp_path / "vit.safetensors"))
     run = tmp_path / "run"
     args = ["--preset", "dino-tiny-test", "--out", str(run), "--no-progress", "--workers", "0"]
     proc = cli(
         "train", *args, "--max-steps", "1", "--init", f"timm:vit_tiny_patch16_224:{tmp_path / 'vit.safetensors'}"
-    )  # type: ignore[operator]
+    )
     assert proc.returncode == 0, proc.stderr
     assert "model.vision: tiny-test -> the source's (patch_size 8 -> 16, embed_dim 32 -> 192" in proc.stdout
     assert "interpolated to 2x2" in proc.stdout and "init: 150 tensors loaded from timm:vit_tiny" in proc.stdout
@@ -180,5 +187,5 @@ def test_a_run_records_its_source_architecture_and_resumes_without_init(tmp_path
     assert "visual.mask_token" in summary["new"] and any(
         k.startswith("objectives.ibot.student_head") for k in summary["new"]
     )
-    proc = cli("train", "--out", str(run), "--resume", "auto", "--max-steps", "2", "--no-progress")  # type: ignore[operator]
+    proc = cli("train", "--out", str(run), "--resume", "auto", "--max-steps", "2", "--no-progress")
     assert proc.returncode == 0 and "init:" not in proc.stdout, proc.stdout + proc.stderr

@@ -38,7 +38,7 @@ def timm_file(name: str, path: Path) -> Source:
     """`timm:MODEL_NAME:FILE`."""
     what = f"--init timm:{name}:{path}"
     try:
-        vit = meta_vit(name, num_classes=0)
+        vit = meta_vit(name, what, num_classes=0)
     except RuntimeError as exc:  # timm: unknown model name
         raise CheckpointError(f"{what}: {str(exc).splitlines()[0]}") from None
     return Source(

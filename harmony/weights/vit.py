@@ -20,12 +20,16 @@ from harmony.models.sizes import VisionSize
 from harmony.weights.source import State
 
 
-def meta_vit(name: str | None = None, **kwargs: Any) -> VisionTransformer:
-    """A timm ViT (by name, or `VisionTransformer(**kwargs)`) on the meta device: its architecture, no weights."""
+def meta_vit(name: str | None = None, what: str = "", **kwargs: Any) -> VisionTransformer:
+    """A timm ViT (by name, or `VisionTransformer(**kwargs)`) on the meta device: its architecture, no weights;
+    `what` names the source in errors."""
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False, **kwargs) if name else VisionTransformer(**kwargs)
     if not isinstance(model, VisionTransformer):
-        raise CheckpointError(f"timm model '{name}' is a {type(model).__name__}, not a ViT; Harmony's towers are ViTs")
+        where = f"{what}: " if what else ""
+        raise CheckpointError(
+            f"{where}timm model '{name}' is a {type(model).__name__}, not a ViT; Harmony's towers are ViTs"
+        )
     return model
 
 
