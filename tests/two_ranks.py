@@ -36,6 +36,8 @@ MOCOV3_RUN += ("train.log_every=1",)
 CAPTIONS_RUN = ("train", "--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0")
 CAPTIONS_RUN += ("--no-progress", "--batch-size", "8", "--max-steps", "3", "model.context_length=77")
 CAPTIONS_RUN += ("train.log_every=1",)
+# a locked image tower and a text tower held for 2 steps (`model.freeze`, `model.freeze_until_step`)
+FROZEN = ("model.freeze=image", "model.freeze_until_step=2")
 
 # scenario -> `harmony` arguments of a two-rank training (its run folder is given as --out)
 TRAININGS: dict[str, tuple[str, ...]] = {
@@ -43,6 +45,8 @@ TRAININGS: dict[str, tuple[str, ...]] = {
     "fsdp": (*HARMONY_RUN, "train.strategy=fsdp"),
     "ddp_accumulating": (*HARMONY_RUN, "--accum-steps", "2", "train.strategy=ddp"),
     "fsdp_accumulating": (*HARMONY_RUN, "--accum-steps", "2", "train.strategy=fsdp"),
+    "ddp_frozen": (*HARMONY_RUN, *FROZEN, "train.strategy=ddp"),
+    "fsdp_frozen": (*HARMONY_RUN, *FROZEN, "train.strategy=fsdp"),
     "siglip": SIGLIP_RUN,
     "mocov3": MOCOV3_RUN,
     "cut_captions": CAPTIONS_RUN,  # each rank cuts its captions to its own batch's length
