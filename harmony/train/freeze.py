@@ -70,7 +70,6 @@ class Freezing:
             locked |= {id(p): p for p in hits}
         for param in locked.values():
             param.requires_grad_(False)
-        self.locked = len(locked)
         self.until = cfg.model.freeze_until_step
         self.held_names = {
             f"student.{TOWER_MODULES[word]}.{name}"

@@ -28,7 +28,7 @@ def build_optimizer(
     module: nn.Module, cfg: OptimConfig, lr_scales: dict[str, float] | None = None
 ) -> tuple[torch.optim.AdamW, list[str]]:
     """AdamW over the parameters of `module` that require a gradient, and their names in the optimiser's order
-    (for its state by name: `state_by_name`). `lr_scales` (by name, default 1) multiply the scheduled lr: a pair
+    (for its state by name: `load_state_by_name`). `lr_scales` (by name, default 1) multiply the scheduled lr: a pair
     of groups (decay, no decay) per scale, largest first; scale 1's pair is always there."""
     exempt = no_decay_names(module)
     scales = lr_scales or {}

@@ -90,17 +90,21 @@ class Stepper:
             self.task.student.visual.compile()
 
     def _wrap(self) -> None:
-        """DDP around the task over the parameters that train now (several processes, not FSDP); a wrapper built
-        for other parameters (before `freeze_until_step`) is taken apart first, its hooks removed."""
+        """DDP around the task over the parameters that train now (several processes, not FSDP). A wrapper built
+        for other parameters (before `freeze_until_step`) is taken apart first, its hooks removed, and the new one
+        broadcasts nothing: the ranks hold equal weights, and per-process buffers (BatchNorm statistics on CPU)
+        stay their own."""
         if self.dist.world_size == 1 or self.fsdp:
             return
-        if isinstance(self.model, DistributedDataParallel):
-            self.model._remove_autograd_hooks()
+        old = self.model if isinstance(self.model, DistributedDataParallel) else None
+        if old is not None:
+            old._remove_autograd_hooks()
         self.model = DistributedDataParallel(
             self.task,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             forward_sync_buffers=False,
             find_unused_parameters=self.accumulator.last_backward_is_partial,
+            init_sync=old is None,
         )
 
     @property
@@ -116,8 +120,9 @@ class Stepper:
             model, optim = full_state(self.task, self.optimizer)
         else:
             model, optim = self.task.state_dict(), self.optimizer.state_dict()
+        names = {} if self.fsdp else {"optimizer_params": self.param_names}  # FSDP's state is keyed by name
         return {
-            "optimizer_params": self.param_names,
+            **names,
             "step": self.step,
             "bad_steps": int(self.bad_steps),
             "strategy": self.strategy,
