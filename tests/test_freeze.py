@@ -247,3 +247,32 @@ def test_two_ranks_with_a_frozen_tower_equal_one_rank(
         assert torch.equal(state[key], single[key]), key
         assert torch.equal(state[key.replace("student.", "teacher.", 1)], state[key]), key
     assert not torch.equal(state["student.text.ln_final.weight"], single["teacher.text.ln_final.weight"])
+
+
+def resume_after_the_warm_up_on_this_rank(strategy: str, folder: Path) -> None:
+    """Run on each of two ranks (tests/two_ranks.py): 4 steps with the text tower held for 2, then the same run
+    continued from its checkpoint after step 3 (the released tower's AdamW state, DDP over it, FSDP's optimiser
+    state by name): rank 0 finds the same weights and optimiser moments, bit for bit."""
+    import torch.distributed as dist
+
+    from harmony.cli import main
+    from tests.two_ranks import HARMONY
+
+    args = ["train", *HARMONY, *FROZEN, f"train.strategy={strategy}", "--max-steps", "4", "train.save_every=1"]
+    assert main([*args, "--out", str(folder / "whole")]) == 0
+    resumed = ["train", "--no-progress", "--resume", str(folder / "whole" / "checkpoints" / "step_00000003.pt")]
+    assert main([*resumed, "--out", str(folder / "resumed")]) == 0
+    if dist.get_rank() == 0:
+        whole, again = (ckpt.load(folder / run / "checkpoints" / "last.pt") for run in ("whole", "resumed"))
+        for key, value in whole["model"].items():
+            assert torch.equal(again["model"][key], value), key
+        moments = {name: state["exp_avg"] for name, state in again["optimizer"]["state"].items()}
+        assert moments  # FSDP keeps the optimiser state by parameter name
+        for name, state in whole["optimizer"]["state"].items():
+            assert torch.equal(moments[name], state["exp_avg"]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_resume_after_the_warm_up_exactly(two_ranks: TwoRanks, strategy: str) -> None:
+    two_ranks.folder(f"{strategy}_frozen_resumed")

@@ -65,9 +65,20 @@ def global_batchnorm(folder: Path) -> None:
     normalise_this_ranks_rows(dist.get_rank(), folder)
 
 
+def frozen_resumed(strategy: str) -> Callable[[Path], None]:
+    def check(folder: Path) -> None:
+        from tests.test_freeze import resume_after_the_warm_up_on_this_rank
+
+        resume_after_the_warm_up_on_this_rank(strategy, folder)
+
+    return check
+
+
 CHECKS: dict[str, Callable[[Path], None]] = {
     "text_distill_and_sharded_clipping": text_distill_and_sharded_clipping,
     "global_batchnorm": global_batchnorm,
+    "ddp_frozen_resumed": frozen_resumed("ddp"),
+    "fsdp_frozen_resumed": frozen_resumed("fsdp"),
 }
 
 

@@ -147,6 +147,9 @@ class Stepper:
                 f"{what} holds {state.get('strategy', 'plain')} optimiser state; this run is {self.strategy} "
                 "(resume with the same train.strategy, or start a new run from its weights)"
             )
+        self.step = int(state["step"])
+        if self.freezing.update(self.step):  # what trains at that step, before FSDP's optimiser state is matched
+            self._wrap()
         if self.fsdp:
             from harmony.train.sharding import load_full_state
 
@@ -160,7 +163,6 @@ class Stepper:
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
-        self.step = int(state["step"])
         self.bad_steps.fill_(int(state.get("bad_steps", 0)))
 
     def _load_optimizer(self, state: dict[str, Any], what: str) -> None:
