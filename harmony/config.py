@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import yaml
 
+from harmony.models.parts import parse_pattern
 from harmony.models.sizes import TEXT_SIZES, VISION_SIZES, TextSize, VisionSize
 from harmony.objective_config import HeadConfig, ObjectivesConfig
 from harmony.typed import NONE_WORDS, ConfigError, from_dict, merge, to_dict
@@ -25,7 +26,14 @@ __all__ = ["Config", "ConfigError", "dump_yaml", "from_dict", "set_override", "t
 class ModelConfig:
     """`vision` / `text` name a size (`harmony.models.sizes`); a model started from another library's weights
     (`model.init`) records that source's architecture in `vision_arch` / `text_arch`, which then decide (and
-    `vision` / `text` only name the source)."""
+    `vision` / `text` only name the source).
+
+    `freeze` lists what of the towers is not trained (`harmony.models.parts`): `image` / `text` (a whole tower),
+    or one part of one: `TOWER.embed` (the embedding stage), `TOWER.blocks.I` or `TOWER.blocks.I-J` (blocks I to
+    J, from 0), `TOWER.norm` (the final norm), `image.patch_embed`, `image.pos_embed`, `image.cls_token`,
+    `image.mask_token`, `image.norm_pre`, `text.token_embedding`, `text.positional_embedding`. `image` with a
+    CLIP preset is LiT (a locked image tower). `freeze_until_step` N > 0 trains neither tower (projections, heads
+    and decoders do train) before step N; from N on both train, except what `freeze` names."""
 
     vision: str = "tiny-test"
     text: str = "tiny-test"
@@ -44,6 +52,8 @@ class ModelConfig:
     # 0.02. The jax scheme leaves the early plateau of small ViTs far sooner (docs/tuning.md).
     vision_init: Literal["jax", "timm"] = "jax"
     head: HeadConfig = field(default_factory=HeadConfig)
+    freeze: list[str] = field(default_factory=list)
+    freeze_until_step: int = 0
 
     def vision_spec(self) -> VisionSize:
         """The vision tower's architecture: `vision_arch`, else the named size."""
@@ -131,6 +141,10 @@ class OptimConfig:
     # per_param: each parameter's gradient norm is clipped at clip_grad separately (DINO, iBOT, the code
     # behind the paper); global: the norm of all gradients together (torch's clip_grad_norm_)
     clip_mode: Literal["per_param", "global"] = "per_param"
+    # layer-wise lr decay (BEiT): a tower's layer l of L blocks gets lr x layer_decay ** (L + 1 - l), the
+    # embedding stage being layer 0 and what follows the blocks (and projections, heads, decoders) scale 1;
+    # 1.0: off (harmony.models.parts)
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -273,6 +287,7 @@ def validate(cfg: Config) -> None:
             f"config key 'train.accum_steps' ({cfg.train.accum_steps}) must divide train.batch_size "
             f"({cfg.train.batch_size}) into equal micro-batches"
         )
+    _validate_freezing(cfg)
     if cfg.model.context_length < 3:
         raise ConfigError("config key 'model.context_length' must be at least 3 (start, one word, end)")
     for key, value in {"train.max_steps": cfg.train.max_steps, "data.num_workers": cfg.data.num_workers}.items():
@@ -349,6 +364,20 @@ def _check_weights(cfg: Config) -> None:
                 f"config key 'data.weights' must be positive, got {weight:g} for '{spec}': leave the source out of "
                 "data_spec instead"
             )
+
+
+def _validate_freezing(cfg: Config) -> None:
+    """`model.freeze` patterns (grammar and block ranges), `model.freeze_until_step`, `optim.layer_decay`."""
+    depths = {"image": cfg.model.vision_spec().depth, "text": cfg.model.text_spec().layers}
+    for pattern in cfg.model.freeze:
+        try:
+            parse_pattern(pattern, depths)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'model.freeze': {exc}") from None
+    if cfg.model.freeze_until_step < 0:
+        raise ConfigError(f"config key 'model.freeze_until_step' must be >= 0, got {cfg.model.freeze_until_step}")
+    if not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"config key 'optim.layer_decay' must be in (0, 1] (1: off), got {cfg.optim.layer_decay}")
 
 
 def check_batch_per_process(cfg: Config, processes: int) -> None:
