@@ -82,25 +82,45 @@ def test_open_clip_vit_b16_openai_architecture(tmp_path: Path) -> None:
     close(F.normalize(vit(x), dim=-1), student.encode_image(x))
 
 
-@torch.no_grad()
-def test_transformers_clip_vit_b16_folder_and_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def transformers_clip(folder: Path, **vision: int) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """A transformers CLIPModel with random weights saved to `folder`, and its features of IMAGES / CAPTIONS."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPConfig(
-        vision_config={"patch_size": 16, "image_size": 224}, text_config={}, projection_dim=512
-    )
     torch.manual_seed(0)
+    small = (
+        {}
+        if vision
+        else {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+    )
+    text = {} if vision else small
+    config = transformers.CLIPConfig(
+        vision_config={"patch_size": 16, "image_size": 224, **vision, **small}, text_config=text, projection_dim=64
+    )
     reference = transformers.CLIPModel(config).eval()
-    snapshot = tmp_path / "hub" / "models--someone--clip-b16" / "snapshots" / "abc123"
-    reference.save_pretrained(str(snapshot))
-    x = images(224)
-    ids = CaptionTokenizer(77)(CAPTIONS)
-    theirs_image = F.normalize(reference.get_image_features(pixel_values=x).pooler_output, dim=-1)
-    theirs_text = F.normalize(reference.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    reference.save_pretrained(str(folder))
+    x, ids = images(224), CaptionTokenizer(77)(CAPTIONS)
+    with torch.no_grad():
+        image = F.normalize(reference.get_image_features(pixel_values=x).pooler_output, dim=-1)
+        text_features = F.normalize(reference.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    return reference, image, text_features
+
+
+@torch.no_grad()
+def test_transformers_clip_vit_b16_folder(tmp_path: Path) -> None:
+    _, image, text = transformers_clip(tmp_path / "b16", hidden_size=768, num_hidden_layers=12)
+    student, _ = started("clip-tiny-test", str(tmp_path / "b16"), "data.augment.global_size=224")
+    assert student.visual.spec.pre_norm and student.visual.spec.depth == 12 and student.visual.spec.act == "quick_gelu"
+    close(student.encode_image(images(224)), image)
+    close(student.encode_text(CaptionTokenizer(77)(CAPTIONS)), text)
+
+
+@torch.no_grad()
+def test_transformers_clip_from_the_local_hub_cache_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshot = tmp_path / "hub" / "models--someone--clip-small" / "snapshots" / "abc123"
+    _, image, text = transformers_clip(snapshot)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    for source in (str(snapshot), "hf-hub:someone/clip-b16"):
-        student, _ = started("clip-tiny-test", source, "data.augment.global_size=224")
-        close(student.encode_image(x), theirs_image)
-        close(student.encode_text(ids), theirs_text)
+    student, _ = started("clip-tiny-test", "hf-hub:someone/clip-small", "data.augment.global_size=224")
+    close(student.encode_image(images(224)), image)
+    close(student.encode_text(CaptionTokenizer(77)(CAPTIONS)), text)
     with pytest.raises(CheckpointError, match=r"not in the local Hugging Face cache.*huggingface-cli download other/x"):
         started("clip-tiny-test", "hf-hub:other/x")
 
