@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "measure FLOPs, step time, memory (or `bench data`: loader images/s)",
         "harmony.cli:add_bench_parser",
     ),
-    "export": ("export encoders for timm or open_clip", "harmony.export:add_export_parser"),
+    "export": ("export encoders for timm, open_clip or transformers", "harmony.export.cli:add_export_parser"),
     "repro": ("train and evaluate every method of a suite; write report.md", "harmony.repro.cli:add_repro_parser"),
     "demo": ("Harmony vs CLIP on the built-in data (minutes on a CPU)", "harmony.repro.cli:add_demo_parser"),
     "check": ("check the machine (e.g. `harmony check gpu`)", "harmony.check:add_check_parser"),

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import yaml
 
+from harmony.models.parts import parse_pattern
+from harmony.models.sizes import TEXT_SIZES, VISION_SIZES, TextSize, VisionSize
 from harmony.objective_config import HeadConfig, ObjectivesConfig
 from harmony.typed import NONE_WORDS, ConfigError, from_dict, merge, to_dict
 
@@ -22,8 +24,26 @@ __all__ = ["Config", "ConfigError", "dump_yaml", "from_dict", "set_override", "t
 
 @dataclass
 class ModelConfig:
+    """`vision` / `text` name a size (`harmony.models.sizes`); a model started from another library's weights
+    (`model.init`) records that source's architecture in `vision_arch` / `text_arch`, which then decide (and
+    `vision` / `text` only name the source).
+
+    `freeze` lists what of the towers is not trained (`harmony.models.parts`): `image` / `text` (a whole tower),
+    or one part of one: `TOWER.embed` (the embedding stage), `TOWER.blocks.I` or `TOWER.blocks.I-J` (blocks I to
+    J, from 0), `TOWER.norm` (the final norm), `image.patch_embed`, `image.pos_embed`, `image.cls_token`,
+    `image.mask_token`, `image.norm_pre`, `text.token_embedding`, `text.positional_embedding`. `image` with a
+    CLIP preset is LiT (a locked image tower). `freeze_until_step` N > 0 trains neither tower (projections, heads
+    and decoders do train) before step N; from N on both train, except what `freeze` names."""
+
     vision: str = "tiny-test"
     text: str = "tiny-test"
+    vision_arch: VisionSize | None = None
+    text_arch: TextSize | None = None
+    # the weights a new run starts from (`--init`, harmony.weights.resolve): a Harmony run, timm, open_clip,
+    # transformers' CLIP or an official DINO/iBOT/DINOv2/MAE checkpoint; `init_weights` picks a run's student
+    # or EMA teacher (auto: the teacher where it holds every tower)
+    init: str = ""
+    init_weights: Literal["auto", "student", "teacher"] = "auto"
     embed_dim: int = 512
     context_length: int = 77
     drop_path_rate: float = 0.0
@@ -32,6 +52,15 @@ class ModelConfig:
     # 0.02. The jax scheme leaves the early plateau of small ViTs far sooner (docs/tuning.md).
     vision_init: Literal["jax", "timm"] = "jax"
     head: HeadConfig = field(default_factory=HeadConfig)
+    freeze: list[str] = field(default_factory=list)
+    freeze_until_step: int = 0
+
+    def vision_spec(self) -> VisionSize:
+        """The vision tower's architecture: `vision_arch`, else the named size."""
+        return self.vision_arch or VISION_SIZES[self.vision]
+
+    def text_spec(self) -> TextSize:
+        return self.text_arch or TEXT_SIZES[self.text]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,9 +101,14 @@ class DataConfig:
     """Loader settings. `csv_*` name the columns of a .csv/.tsv spec (open_clip's convention);
     `csv_separator` is auto (from the extension), comma, tab or one character. Images above
     `max_image_pixels` are refused unread. `shuffle_buffer` 0 keeps shard samples in stored order.
-    `alpha_background` is the colour transparent pixels are composited on (white, black, gray, #rrggbb, r,g,b)."""
+    `alpha_background` is the colour transparent pixels are composited on (white, black, gray, #rrggbb, r,g,b).
+    `weights`: one per `::`-separated part of `data_spec`, which then become separate sources, each sample drawn
+    from part i with probability weights[i] / sum(weights) (`harmony.data.mixing`); without them `::` joins the
+    parts into one source. `epoch_size` (0: the data's size; the sources' sizes summed under mixing) is the
+    samples per epoch of remote shards or a mix."""
 
     num_workers: int = 2
+    weights: list[float] = field(default_factory=list)
     epoch_size: int = 0
     shuffle_buffer: int = 1000
     resample_shards: bool = False
@@ -107,6 +141,10 @@ class OptimConfig:
     # per_param: each parameter's gradient norm is clipped at clip_grad separately (DINO, iBOT, the code
     # behind the paper); global: the norm of all gradients together (torch's clip_grad_norm_)
     clip_mode: Literal["per_param", "global"] = "per_param"
+    # layer-wise lr decay (BEiT): a tower's layer l of L blocks gets lr x layer_decay ** (L + 1 - l), the
+    # embedding stage being layer 0 and what follows the blocks (and projections, heads, decoders) scale 1;
+    # 1.0: off (harmony.models.parts)
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -222,13 +260,12 @@ def set_override(cfg: Config, assignment: str) -> Config:
 def validate(cfg: Config) -> None:
     """Semantic checks beyond types, each naming its key."""
     from harmony.core.colors import parse_background
-    from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
 
-    if cfg.model.vision not in VISION_SIZES:
+    if cfg.model.vision_arch is None and cfg.model.vision not in VISION_SIZES:
         raise ConfigError(
             f"config key 'model.vision' must be one of {', '.join(VISION_SIZES)}, got {cfg.model.vision!r}"
         )
-    if cfg.model.text not in TEXT_SIZES:
+    if cfg.model.text_arch is None and cfg.model.text not in TEXT_SIZES:
         raise ConfigError(f"config key 'model.text' must be one of {', '.join(TEXT_SIZES)}, got {cfg.model.text!r}")
     positive = {
         "train.batch_size": cfg.train.batch_size,
@@ -250,6 +287,7 @@ def validate(cfg: Config) -> None:
             f"config key 'train.accum_steps' ({cfg.train.accum_steps}) must divide train.batch_size "
             f"({cfg.train.batch_size}) into equal micro-batches"
         )
+    _validate_freezing(cfg)
     if cfg.model.context_length < 3:
         raise ConfigError("config key 'model.context_length' must be at least 3 (start, one word, end)")
     for key, value in {"train.max_steps": cfg.train.max_steps, "data.num_workers": cfg.data.num_workers}.items():
@@ -295,6 +333,7 @@ def validate(cfg: Config) -> None:
     for key, value in probs.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value}")
+    _check_weights(cfg)
     if str(cfg.data.device_augment).lower() not in ("auto", "true", "false"):
         raise ConfigError(
             f"config key 'data.device_augment' must be auto, true or false, got {cfg.data.device_augment!r}"
@@ -309,6 +348,36 @@ def validate(cfg: Config) -> None:
         for other, why in section.requires.items():
             if other not in sections:
                 raise ConfigError(f"config key 'objectives.{name}' needs 'objectives.{other}', {why}")
+
+
+def _check_weights(cfg: Config) -> None:
+    """`data.weights`: one positive weight per `::`-separated source of `data_spec`."""
+    weights, sources = cfg.data.weights, cfg.data_spec.split("::")
+    if weights and len(weights) != len(sources):
+        raise ConfigError(
+            f"config key 'data.weights' gives {len(weights)} weight(s) for the {len(sources)} source(s) of data_spec "
+            f"'{cfg.data_spec}' (its '::'-separated parts): give one weight per source"
+        )
+    for weight, spec in zip(weights, sources):
+        if weight <= 0:
+            raise ConfigError(
+                f"config key 'data.weights' must be positive, got {weight:g} for '{spec}': leave the source out of "
+                "data_spec instead"
+            )
+
+
+def _validate_freezing(cfg: Config) -> None:
+    """`model.freeze` patterns (grammar and block ranges), `model.freeze_until_step`, `optim.layer_decay`."""
+    depths = {"image": cfg.model.vision_spec().depth, "text": cfg.model.text_spec().layers}
+    for pattern in cfg.model.freeze:
+        try:
+            parse_pattern(pattern, depths)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'model.freeze': {exc}") from None
+    if cfg.model.freeze_until_step < 0:
+        raise ConfigError(f"config key 'model.freeze_until_step' must be >= 0, got {cfg.model.freeze_until_step}")
+    if not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"config key 'optim.layer_decay' must be in (0, 1] (1: off), got {cfg.optim.layer_decay}")
 
 
 def check_batch_per_process(cfg: Config, processes: int) -> None:

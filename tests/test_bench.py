@@ -162,3 +162,28 @@ def test_bench_on_a_missing_cuda_device_is_one_line(cli: Cli) -> None:
     proc = cli("bench", "--preset", "clip-tiny-test", "--device", "cuda", "--batch-size", "2")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "no usable CUDA device" in proc.stderr
+
+
+@pytest.mark.usefixtures("workers_here")
+def test_bench_compares_settings_with_the_preset_without_them(tmp_path: Path, cli: Cli) -> None:
+    """`--variant model.freeze=image`: a locked tower runs no backward, keeps no activations for it."""
+    out = tmp_path / "bench.json"
+    proc = cli(
+        "bench", "--preset", "clip-tiny-test", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+        "--variant", "model.freeze=image", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "settings (--variant) against the same preset without them" in proc.stdout
+    results = json.loads(out.read_text())
+    plain, frozen = results["clip-tiny-test"], results["clip-tiny-test [model.freeze=image]"]
+    assert frozen["variant"] == "model.freeze=image" and plain["variant"] == ""
+    vit, frozen_vit = plain["flops_by_component"]["student ViT"], frozen["flops_by_component"]["student ViT"]
+    assert frozen_vit < vit / 2  # its forward only (the backward is about twice the forward)
+    assert frozen["flops_by_component"]["text student"] == plain["flops_by_component"]["text student"]
+    assert frozen["saved_activations_bytes"] < plain["saved_activations_bytes"]
+    bad = cli(
+        "bench", "--preset", "mae-tiny-test", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+        "--variant", "model.freeze=text",
+    )  # fmt: skip
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "names the text tower" in bad.stderr

@@ -85,14 +85,18 @@ TRAIN_FLAG_VALUES = {
     "--workers": ("data.num_workers", "3", 3),
     "--image-key": ("data.csv_image_key", "path", "path"),
     "--caption-key": ("data.csv_caption_key", "title", "title"),
+    "--init-weights": ("model.init_weights", "teacher", "teacher"),
 }
+# --init opens its source to set the architecture: tests/test_init_sources.py checks it reaches config.yaml
+NEEDS_A_SOURCE = {"--init": "model.init"}
 
 
 def test_the_flag_table_covers_every_config_flag_of_train() -> None:
     not_config = {"preset", "out", "resume", "overwrite", "force", "print_config", "no_progress", "overrides"}
     dests = {a.dest for a in option_actions("train")} - not_config
     assert dests == set(FLAG_KEYS)
-    assert {FLAG_KEYS[flag[2:].replace("-", "_")] for flag in TRAIN_FLAG_VALUES} == set(FLAG_KEYS.values())
+    flags = {**TRAIN_FLAG_VALUES, **NEEDS_A_SOURCE}
+    assert {FLAG_KEYS[flag[2:].replace("-", "_")] for flag in flags} == set(FLAG_KEYS.values())
 
 
 @pytest.mark.parametrize("flag", sorted(TRAIN_FLAG_VALUES))

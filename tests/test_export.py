@@ -15,7 +15,9 @@ import timm
 import torch
 
 from harmony.cli import main
-from harmony.export import ExportError, check_against, export_open_clip, export_timm, timm_state_dict
+from harmony.export.common import ExportError, check_against
+from harmony.export.to_open_clip import export_open_clip
+from harmony.export.to_timm import export_timm, timm_state_dict
 from harmony.loading import load
 from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer

@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
     {"objectives"},  # the objective registry and plug-ins
     {"data"},  # views (from objectives' Needs), sources, loader
     {"factory"},  # models from a config
+    {"weights"},  # other libraries' weights to start a run from (--init)
     {"train"},
     {"loading"},  # trained encoders back from checkpoints
     {"export"},

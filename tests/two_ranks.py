@@ -36,6 +36,10 @@ MOCOV3_RUN += ("train.log_every=1",)
 CAPTIONS_RUN = ("train", "--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0")
 CAPTIONS_RUN += ("--no-progress", "--batch-size", "8", "--max-steps", "3", "model.context_length=77")
 CAPTIONS_RUN += ("train.log_every=1",)
+MIXED_RUN = ("train", "--preset", "clip-tiny-test", "--data", "builtin:shapes::builtin:shapes:val", "--workers", "0")
+MIXED_RUN += ("data.weights=0.3,0.7", "--batch-size", "8", "--max-steps", "3", "--no-progress", "train.log_every=1")
+# a locked image tower and a text tower held for 2 steps (`model.freeze`, `model.freeze_until_step`)
+FROZEN = ("model.freeze=image", "model.freeze_until_step=2")
 
 # scenario -> `harmony` arguments of a two-rank training (its run folder is given as --out)
 TRAININGS: dict[str, tuple[str, ...]] = {
@@ -43,9 +47,12 @@ TRAININGS: dict[str, tuple[str, ...]] = {
     "fsdp": (*HARMONY_RUN, "train.strategy=fsdp"),
     "ddp_accumulating": (*HARMONY_RUN, "--accum-steps", "2", "train.strategy=ddp"),
     "fsdp_accumulating": (*HARMONY_RUN, "--accum-steps", "2", "train.strategy=fsdp"),
+    "ddp_frozen": (*HARMONY_RUN, *FROZEN, "train.strategy=ddp"),
+    "fsdp_frozen": (*HARMONY_RUN, *FROZEN, "train.strategy=fsdp"),
     "siglip": SIGLIP_RUN,
     "mocov3": MOCOV3_RUN,
     "cut_captions": CAPTIONS_RUN,  # each rank cuts its captions to its own batch's length
+    "mixed_sources": MIXED_RUN,  # two sources drawn by weight, each rank its places of every batch
 }
 
 
@@ -61,9 +68,20 @@ def global_batchnorm(folder: Path) -> None:
     normalise_this_ranks_rows(dist.get_rank(), folder)
 
 
+def frozen_resumed(strategy: str) -> Callable[[Path], None]:
+    def check(folder: Path) -> None:
+        from tests.test_freeze import resume_after_the_warm_up_on_this_rank
+
+        resume_after_the_warm_up_on_this_rank(strategy, folder)
+
+    return check
+
+
 CHECKS: dict[str, Callable[[Path], None]] = {
     "text_distill_and_sharded_clipping": text_distill_and_sharded_clipping,
     "global_batchnorm": global_batchnorm,
+    "ddp_frozen_resumed": frozen_resumed("ddp"),
+    "fsdp_frozen_resumed": frozen_resumed("fsdp"),
 }
 
 

@@ -257,7 +257,7 @@ def resume_and_export(preset: str, device: str, folder: Path) -> dict[str, Any]:
     """Train 4 steps on `device` with a checkpoint at step 2; resuming from it gives the same losses
     for steps 3-4 (drop-path draws from the device RNG, so a lost RNG state shows); then
     `harmony export` of the device checkpoint gives timm weights with the model's features."""
-    from harmony.export import cmd_export
+    from harmony.export.cli import cmd_export
     from harmony.loading import load
     from harmony.train.loop import train
 

@@ -32,7 +32,7 @@ from harmony.config import ConfigError
 from harmony.data.augment import CropPlan
 from harmony.data.decode import DEFAULT_MAX_PIXELS, decode_pixels, open_image, orientation, upright_size
 from harmony.data.device_color import FLIP, GRAY, JITTER, PLAN_COLUMNS, SIGMA, SOLARIZE, photometric
-from harmony.data.errors import SKIP_REASONS, SampleError
+from harmony.data.errors import BATCH_COUNTS, SKIP_REASONS, SampleError
 from harmony.data.views import CROP_MAJOR, DERIVED, ViewMaker, add_indices
 
 KIND_JPEG, KIND_PIXELS = 0, 1
@@ -129,7 +129,7 @@ def _cpu_decode(data: torch.Tensor, background: tuple[int, int, int]) -> torch.T
 
 class DeviceAugment:
     """Turns a batch of bytes + plans (from `PlanMaker` via `collate`) into the worker path's batch, with
-    uint8 crops [G, B, 3, S, S] on `device`; `data_errors` stays on the host."""
+    uint8 crops [G, B, 3, S, S] on `device`; the batch's counts (`BATCH_COUNTS`) stay on the host."""
 
     def __init__(self, maker: ViewMaker, device: torch.device) -> None:
         self.aug, self.background, self.device = maker.aug, maker.background, device
@@ -189,14 +189,13 @@ class DeviceAugment:
         unreadable = [i for i, image in enumerate(images) if image is None]
         if unreadable:
             batch = replace_samples(batch, unreadable, images)
-        host = {"payload", "payload_offsets", "source", "global_plan", "local_plan", "data_errors"}
+        host = {"payload", "payload_offsets", "source", "global_plan", "local_plan", *BATCH_COUNTS}
         out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k not in host}
         ready = [image for image in images if image is not None]
         out["global"] = self.crops(ready, batch["global_plan"], self.aug.global_size)
         if "local_plan" in batch:
             out["local"] = self.crops(ready, batch["local_plan"], self.aug.local_size)
-        if "data_errors" in batch:
-            out["data_errors"] = batch["data_errors"]
+        out |= {key: batch[key] for key in BATCH_COUNTS if key in batch}
         return out
 
 
@@ -214,7 +213,7 @@ def replace_samples(batch: dict[str, torch.Tensor], bad: list[int], images: list
     index = torch.tensor(rows)
     out = {k: v for k, v in batch.items() if k not in DERIVED}
     for key, value in batch.items():
-        if key not in DERIVED and key not in ("payload", "payload_offsets", "data_errors"):
+        if key not in DERIVED and key not in ("payload", "payload_offsets", *BATCH_COUNTS):
             out[key] = value.index_select(1 if key in CROP_MAJOR else 0, index)
     errors = batch.get("data_errors", torch.zeros(len(SKIP_REASONS), dtype=torch.long)).clone()
     errors.view(-1, len(SKIP_REASONS))[0, SKIP_REASONS.index("image")] += len(bad)

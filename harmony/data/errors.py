@@ -7,6 +7,9 @@ from __future__ import annotations
 from harmony.core.errors import DataError as DataError
 
 SKIP_REASONS = ("image", "caption", "shard")
+# what a batch carries beside its samples: counts for the log (skips per reason; under mixing, samples per source),
+# never per sample and never moved to the device
+BATCH_COUNTS = ("data_errors", "data_sources")
 
 
 class SampleError(ValueError):

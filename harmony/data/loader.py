@@ -7,7 +7,9 @@ K ranks x B see exactly the images 1 rank x K*B sees. `start_step` resumes mid-e
 
 Unusable samples are skipped, never fatal: every batch carries `data_errors`, the samples skipped
 since that worker's previous batch, per reason (`SKIP_REASONS`; `.sum()` is the total), and
-`TrainData.skipped` keeps the running totals of this rank.
+`TrainData.skipped` keeps the running totals of this rank. Several sources mixed by weight (`data.weights`,
+`harmony.data.mixing`) are read as shard streams are, and their batches carry `data_sources` (counted in
+`TrainData.mixed`).
 
 With `data.device_augment` the workers ship image bytes + crop plans and `TrainData` renders the crops on
 `device` (see `device_augment`); batches then arrive with their tensors on that device.
@@ -15,31 +17,25 @@ With `data.device_augment` the workers ship image bytes + crop plans and `TrainD
 
 from __future__ import annotations
 
-import hashlib
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from harmony.config import Config, check_batch_per_process
 from harmony.core.distributed import DistInfo
 from harmony.data.csv_source import CsvSource
-from harmony.data.decode import RawSample
 from harmony.data.device_augment import DeviceAugment, PlanMaker, device_augment_enabled, prefetched
 from harmony.data.errors import SKIP_REASONS, DataError, SampleError
-from harmony.data.guard import ReadGuard, SkipTally, worker_message
-from harmony.data.sources import BuiltinSource, Layout, PassEnd, ShardSource, decode_sample, open_source
+from harmony.data.guard import SkipTally, worker_message
+from harmony.data.mixing import Mixture
+from harmony.data.shard_batches import ShardBatches, sample_seed
+from harmony.data.sources import BuiltinSource, ShardSource, open_source
 from harmony.data.views import ViewMaker, collate_for
 
 MapSource = BuiltinSource | CsvSource
-
-
-def sample_seed(seed: int, epoch: int, sample_id: int | str) -> int:
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{sample_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
 
 
 def epoch_permutation(size: int, seed: int, epoch: int) -> list[int]:
@@ -143,129 +139,41 @@ class MapViews(Dataset[dict[str, Any]]):
         )
 
 
-def shuffled(buffer: list[RawSample], sample: RawSample, size: int, rng: random.Random) -> RawSample | None:
-    """Shuffle-buffer step: fill up to `size`, then swap the new sample for a random buffered one (size 0:
-    no buffer, samples stay in stream order)."""
-    if size == 0:
-        return sample
-    if len(buffer) < size:
-        buffer.append(sample)
-        return None
-    slot = rng.randrange(len(buffer))
-    out, buffer[slot] = buffer[slot], sample
-    return out
-
-
-class ShardBatches(IterableDataset[dict[str, torch.Tensor]]):
-    """Each worker yields whole batches; DataLoader interleaves workers round-robin, so batch k of the
-    epoch comes from worker k % num_workers, which lets a resumed run skip what was consumed (without
-    decoding pixels: exact unless a skipped sample failed only at pixel decode)."""
-
-    def __init__(
-        self,
-        source: ShardSource,
-        maker: ViewMaker | PlanMaker,
-        cfg: Config,
-        dist: DistInfo,
-        epoch: int,
-        start_step: int,
-        steps: int,
-    ) -> None:
-        self.source, self.maker, self.dist, self.epoch, self.start_step = source, maker, dist, epoch, start_step
-        self.batch, self.steps = cfg.train.batch_size // dist.world_size, steps
-        self.workers = max(cfg.data.num_workers, 1)
-        self.seed, self.buffer = cfg.train.seed, max(cfg.data.shuffle_buffer, 0)
-        self.max_pixels = cfg.data.max_image_pixels
-        self.collate = collate_for(cfg)
-
-    def _header(self, item: dict[str, object] | SampleError) -> RawSample | SampleError:
-        """Caption and image header checks: cheap, done before the shuffle buffer."""
-        if isinstance(item, SampleError):
-            return item
-        try:
-            return decode_sample(item, self.max_pixels)
-        except SampleError as exc:
-            return exc
-
-    def _view(self, raw: RawSample) -> dict[str, Any] | SampleError:
-        try:
-            view = self.maker(raw.image, raw.caption, sample_seed(self.seed, self.epoch, raw.key))
-        except SampleError as exc:
-            return exc
-        view["index"] = torch.tensor(-1)
-        return view
-
-    def _raws(
-        self, layout: Layout, part: int, rng: random.Random, tally: SkipTally, guard: ReadGuard
-    ) -> Iterator[RawSample]:
-        """Header-checked samples of this part, shuffled through the buffer, which is flushed at the end of
-        every pass (so an epoch of whole passes sees every sample once)."""
-        buffer: list[RawSample] = []
-        for item in self.source.raw_samples(self.seed, self.epoch, layout, part):
-            if isinstance(item, PassEnd):
-                rng.shuffle(buffer)
-                yield from buffer
-                buffer.clear()
-                guard.end_pass(item.shards)
-                continue
-            raw = self._header(item)
-            if isinstance(raw, SampleError):
-                tally.add(raw)
-                guard.failed(raw)
-                continue
-            ready = shuffled(buffer, raw, self.buffer, rng)
-            if ready is not None:
-                yield ready
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        workers = self.workers
-        # DataLoader takes batches round-robin from worker 0; a run resumed at `start_step` needs batch
-        # start_step + i from the i-th worker, so worker ids rotate by start_step.
-        worker = ((info.id if info is not None else 0) + self.start_step) % workers
-        layout = Layout(self.dist.world_size, workers, self.batch, self.steps)
-        part = self.dist.rank * workers + worker
-        if layout.batches(part) == 0:
-            return
-        rng = random.Random(f"{self.seed}/{self.epoch}/shuffle/{part}")
-        tally, guard = SkipTally(), ReadGuard(self.source.spec, self.source.urls, part, layout.parts)
-        samples: list[dict[str, Any]] = []
-        batch_no = worker
-        for raw in self._raws(layout, part, rng, tally, guard):
-            view = {} if batch_no < self.start_step else self._view(raw)
-            if isinstance(view, SampleError):
-                tally.add(view)
-                guard.failed(view)
-                continue
-            guard.ok()
-            samples.append(view)
-            if len(samples) == self.batch:
-                errors = tally.take()
-                if batch_no >= self.start_step:
-                    yield {**self.collate(samples), "data_errors": errors}
-                samples = []
-                batch_no += workers
-                if batch_no >= self.steps:
-                    return
+def epoch_size(source: MapSource | ShardSource | Mixture) -> int:
+    """Samples per epoch: a map-style source's rows, else the epoch size the source or the mix settled."""
+    return len(source) if isinstance(source, (BuiltinSource, CsvSource)) else source.epoch_size
 
 
 @dataclass
 class TrainData:
-    """Epoch-wise batches for this rank; `skipped` counts this rank's skipped samples per reason."""
+    """Epoch-wise batches for this rank; `skipped` counts this rank's skipped samples per reason, `mixed` (with a
+    `Mixture`) the samples drawn from each source and how many of them were re-read."""
 
     cfg: Config
     dist: DistInfo
-    source: MapSource | ShardSource
+    source: MapSource | ShardSource | Mixture
     maker: ViewMaker | PlanMaker
     steps_per_epoch: int
     render: DeviceAugment | None = None
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    mixed: torch.Tensor | None = None
     _loader: DataLoader[Any] | None = None
     _sampler: EpochSampler | None = None
 
+    def __post_init__(self) -> None:
+        if self.mixture is not None:
+            self.mixed = self.mixture.no_counts()
+
+    @property
+    def mixture(self) -> Mixture | None:
+        return self.source if isinstance(self.source, Mixture) else None
+
     def left_out(self) -> str:
-        """'' or a line saying how many samples each epoch leaves out (the last partial global batch)."""
-        size = self.source.epoch_size if isinstance(self.source, ShardSource) else len(self.source)
+        """'' or a line saying how many samples each epoch leaves out (the last partial global batch); a mix leaves
+        none out, it draws as many as its whole batches take."""
+        if self.mixture is not None:
+            return ""
+        size = epoch_size(self.source)
         batch = self.cfg.train.batch_size
         extra = size - self.steps_per_epoch * batch
         if extra <= 0:
@@ -285,12 +193,14 @@ class TrainData:
                 counts = batch["data_errors"].reshape(-1, len(SKIP_REASONS)).sum(0).tolist()
                 for reason, count in zip(SKIP_REASONS, counts):
                     self.skipped[reason] += int(count)
+                if self.mixed is not None:
+                    self.mixed += batch["data_sources"]
                 yield batch
         except DataError as exc:
             raise DataError(worker_message(exc)) from None
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
-        if isinstance(self.source, ShardSource):
+        if isinstance(self.source, (ShardSource, Mixture)):
             dataset = ShardBatches(
                 self.source, self.maker, self.cfg, self.dist, epoch, start_step, self.steps_per_epoch
             )
@@ -352,8 +262,8 @@ def build_train_data(cfg: Config, maker: ViewMaker, dist: DistInfo, device: torc
     if cfg.train.batch_size % dist.world_size:
         raise DataError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist.world_size} processes")
     check_batch_per_process(cfg, dist.world_size)
-    source = open_source(cfg.data_spec, cfg)
-    size = source.epoch_size if isinstance(source, ShardSource) else len(source)
+    source = Mixture(cfg) if len(cfg.data.weights) > 1 else open_source(cfg.data_spec, cfg)
+    size = epoch_size(source)
     steps = size // cfg.train.batch_size
     if steps == 0:
         raise DataError(

@@ -14,6 +14,9 @@ samples per shard are known (local shards) the parts get shares of exactly that 
 What is left after `steps` global batches (less than one global batch, when the epoch is one pass) is spread
 over the parts as spares: a part uses them only to replace samples that turn out unusable when decoded, so
 nothing repeats within an epoch unless more samples fail than there are spares.
+
+A `Deal` says who takes what of one pass: `Layout` deals the epoch's own samples (every pass alike);
+`harmony.data.mixing.SourceDeal` deals one source of a mix, whose samples go to the parts whose batches drew them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,22 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class Deal(Protocol):
+    """How pass `pass_no` of a source is dealt to the loader's parts."""
+
+    @property
+    def parts(self) -> int: ...
+
+    def shares(self, pass_no: int) -> list[int]:
+        """Relative sizes of the parts' contiguous ranges of the pass."""
+        ...
+
+    def slot(self, position: int, pass_no: int) -> int:
+        """The part that takes the pass's sample at `position` when every part reads the whole pass."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +64,11 @@ class Layout:
         """Samples part `part` trains in one epoch."""
         return self.batches(part) * self.local_batch
 
-    def slot(self, position: int) -> int:
+    def shares(self, pass_no: int = 0) -> list[int]:
+        """Every pass alike: each part's range sized by the batches it makes."""
+        return [self.batches(part) for part in range(self.parts)]
+
+    def slot(self, position: int, pass_no: int = 0) -> int:
         """The part that takes the sample at `position` of a pass: the part making that position's batch, or,
         past the last whole global batch, the parts in turn (spares)."""
         global_batch = self.ranks * self.local_batch
@@ -81,16 +104,16 @@ class Segment:
     owns_end: bool
 
 
-def contiguous_segments(urls: list[str], counts: list[int], layout: Layout, part: int) -> list[Segment]:
-    """Part `part`'s share of one pass over `urls` (in pass order) with `counts` usable samples each: a
-    contiguous range of the pass, sized in proportion to the part's batches (module doc)."""
-    sizes = proportional(sum(counts), [layout.batches(p) for p in range(layout.parts)])
+def contiguous_segments(urls: list[str], counts: list[int], deal: Deal, part: int, pass_no: int = 0) -> list[Segment]:
+    """Part `part`'s share of pass `pass_no` over `urls` (in pass order) with `counts` usable samples each: a
+    contiguous range of the pass, sized in proportion to the part's share (module doc)."""
+    sizes = proportional(sum(counts), deal.shares(pass_no))
     bounds = list(itertools.accumulate(sizes, initial=0))
 
     def owner(position: int) -> int:
         """The part whose range holds `position`; past the end, the last part with a range."""
         if position >= bounds[-1]:
-            return max((p for p, size in enumerate(sizes) if size), default=layout.parts - 1)
+            return max((p for p, size in enumerate(sizes) if size), default=deal.parts - 1)
         return bisect.bisect_right(bounds, position) - 1
 
     segments, offset = [], 0

@@ -6,6 +6,9 @@
   lists, or anything webdataset opens (`pipe:aws s3 cp ... -`, URLs): WebDataset shards in the
   img2dataset layout (`key.jpg|jpeg|png|webp` + `key.txt`, optional `key.json`), iterable.
 
+With `data.weights`, the `::`-separated parts of a spec are separate sources instead, each sample drawn from
+one of them by weight (`harmony.data.mixing`).
+
 Every source hands out `RawSample`s whose image is opened lazily (header only), so the view maker
 decodes it once at the scale its crops need. Unusable samples raise `SampleError` (skipped, counted).
 """
@@ -29,7 +32,7 @@ from harmony.data.csv_source import CsvSource
 from harmony.data.decode import DEFAULT_MAX_PIXELS, RawSample, open_image
 from harmony.data.errors import DataError, SampleError
 from harmony.data.shapes import ShapesDataset
-from harmony.data.shard_plan import Layout, Segment, contiguous_segments
+from harmony.data.shard_plan import Deal, Layout, Segment, contiguous_segments
 from harmony.data.shard_reader import (
     IMAGE_EXTENSIONS,
     Sample,
@@ -156,11 +159,11 @@ class ShardSource:
         rng = random.Random(f"{seed}/{epoch}/{pass_no}/resample/{part}")
         return [rng.choice(self.urls) for _ in range(-(-len(self.urls) // parts))]
 
-    def raw_samples(self, seed: int, epoch: int, layout: Layout, part: int) -> Iterator[ShardItem]:
-        """Endless stream for part `part` of `layout`: sample dicts, a SampleError per unusable sample or
-        unreadable shard, and a PassEnd after each pass (shard order reshuffled every pass). A part reads up to
-        OPEN_SHARDS of its shards at once and draws every sample from a random one of them, so shards that
-        each hold one class still give mixed batches."""
+    def raw_samples(self, seed: int, epoch: int, layout: Deal, part: int) -> Iterator[ShardItem]:
+        """Endless stream for part `part` of `layout` (a `Layout`, or one source's share of a mix): sample dicts, a
+        SampleError per unusable sample or unreadable shard, and a PassEnd after each pass (shard order reshuffled
+        every pass). A part reads up to OPEN_SHARDS of its shards at once and draws every sample from a random one
+        of them, so shards that each hold one class still give mixed batches."""
         for pass_no in itertools.count():
             mix = mixing_rng(seed, epoch, pass_no)
             if self.resample:
@@ -169,12 +172,12 @@ class ShardSource:
             order = self.pass_order(seed, epoch, pass_no)
             urls = [self.urls[i] for i in order]
             if len(urls) < layout.parts:
-                yield from strided_samples(urls, layout, part, mix)
+                yield from strided_samples(urls, layout, part, mix, pass_no)
             elif self.counts is None:
                 yield from strided_samples(urls[part :: layout.parts], Layout(), 0, mix)
             else:
                 counts = [self.counts[i] for i in order]
-                segments = contiguous_segments(urls, counts, layout, part)
+                segments = contiguous_segments(urls, counts, layout, part, pass_no)
                 own = mixing_rng(seed, epoch, pass_no, part)
                 yield from interleave((segment_samples(s) for s in segments), OPEN_SHARDS, own)
                 yield PassEnd(tuple(s.url for s in segments))
@@ -244,18 +247,20 @@ def numbered(number: int, items: Iterator[T]) -> Iterator[tuple[int, T]]:
         yield number, item
 
 
-def strided_samples(urls: list[str], layout: Layout, part: int, rng: random.Random) -> Iterator[ShardItem]:
-    """One pass over `urls` read by every part alike (OPEN_SHARDS at once, interleaved by `rng`), keeping the
-    samples whose place among the pass's `named_sample`s `layout` deals to `part` (any other goes with the next
+def strided_samples(
+    urls: list[str], deal: Deal, part: int, rng: random.Random, pass_no: int = 0
+) -> Iterator[ShardItem]:
+    """Pass `pass_no` over `urls` read by every part alike (OPEN_SHARDS at once, interleaved by `rng`), keeping the
+    samples whose place among the pass's `named_sample`s `deal` deals to `part` (any other goes with the next
     one of those; a shard's read error to part `shard number % parts`); then a PassEnd."""
     shards = (numbered(number, read_shard(url)) for number, url in enumerate(urls))
     position = 0
     for number, item in interleave(shards, OPEN_SHARDS, rng):
         if isinstance(item, SampleError):
-            if number % layout.parts == part:
+            if number % deal.parts == part:
                 yield item
             continue
-        if layout.slot(position) == part:
+        if deal.slot(position, pass_no) == part:
             yield header_problem(item) or item
         position += named_sample(item)
     yield PassEnd(tuple(urls))

@@ -191,7 +191,6 @@ def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, to
 
 def view_maker_for(cfg: Config) -> ViewMaker:
     """The views a training run of `cfg` makes (its objectives' needs), without building the model."""
-    from harmony.models.sizes import VISION_SIZES
     from harmony.objectives.registry import make_tokenizer, needs_for_config
 
-    return ViewMaker(cfg, needs_for_config(cfg), make_tokenizer(cfg), VISION_SIZES[cfg.model.vision].patch_size)
+    return ViewMaker(cfg, needs_for_config(cfg), make_tokenizer(cfg), cfg.model.vision_spec().patch_size)

@@ -32,8 +32,7 @@ from harmony.eval.optim import autocast, warmup_schedule
 from harmony.eval.report import make_result
 from harmony.loading import Pretrained
 from harmony.models.normalize import normalize
-from harmony.models.sizes import VISION_SIZES
-from harmony.models.vision import VisionTower
+from harmony.models.vision import VisionTower, timm_kwargs
 
 
 @dataclass(frozen=True)
@@ -73,13 +72,9 @@ def classifier_from(visual: VisionTower, num_classes: int, drop_path: float, poo
     if pool not in ("avg", "token"):
         raise ConfigError(f"pool must be 'avg' or 'token', not '{pool}'")
     src = visual.vit
-    spec = VISION_SIZES[visual.size_name]
     model = VisionTransformer(
         img_size=src.patch_embed.img_size,
-        patch_size=visual.patch_size,
-        embed_dim=visual.embed_dim,
-        depth=len(src.blocks),
-        num_heads=spec.num_heads,
+        **timm_kwargs(visual.spec),
         num_classes=num_classes,
         global_pool="avg" if pool == "avg" else "token",
         dynamic_img_size=True,

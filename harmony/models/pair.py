@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harmony.core.distributed import local
+from harmony.models.sizes import TextSize, VisionSize
 from harmony.models.text import TextTower
 from harmony.models.vision import VisionTower
 
@@ -20,8 +21,8 @@ from harmony.models.vision import VisionTower
 class ImageTextModel(nn.Module):
     def __init__(
         self,
-        vision_size: str,
-        text_size: str | None,
+        vision_size: str | VisionSize,
+        text_size: str | TextSize | None,
         embed_dim: int,
         img_size: int,
         vocab_size: int,

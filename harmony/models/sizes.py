@@ -1,24 +1,43 @@
-"""Named model sizes. Vision sizes map to timm architectures so exported weights load in timm."""
+"""Model architectures: named sizes, and the fields that describe any ViT or CLIP text tower Harmony builds
+(an encoder started from another library's weights records its own architecture in `model.vision_arch` /
+`model.text_arch`). Vision sizes with a timm name export to timm under that name."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+Activation = Literal["gelu", "quick_gelu"]
 
 
 @dataclass(frozen=True)
 class VisionSize:
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
+    """A ViT (timm's `VisionTransformer` with a class token). `pre_norm`: a LayerNorm before the blocks and a
+    patch embedding without bias (CLIP's `ln_pre`); `act`: the MLP's activation (OpenAI's CLIP uses QuickGELU);
+    `layer_scale`: LayerScale's initial value (DINOv2), None for none; `norm_eps`: every LayerNorm's epsilon."""
+
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
     timm_name: str | None = None
+    mlp_ratio: float = 4.0
+    pre_norm: bool = False
+    act: Activation = "gelu"
+    layer_scale: float | None = None
+    norm_eps: float = 1e-6
 
 
 @dataclass(frozen=True)
 class TextSize:
-    width: int
-    layers: int
-    heads: int
+    """A CLIP text transformer (pre-LN, causal, pooled at end-of-text); `act` as for `VisionSize`."""
+
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    act: Activation = "gelu"
+    norm_eps: float = 1e-5
 
 
 VISION_SIZES: dict[str, VisionSize] = {

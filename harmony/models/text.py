@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmony.models.sizes import TEXT_SIZES
+from harmony.models.sizes import TEXT_SIZES, Activation, TextSize
 
 
 class CausalSelfAttention(nn.Module):
@@ -34,16 +34,25 @@ class CausalSelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, t, w))
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 class ResidualBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: float = 4.0, act: Activation = "gelu", eps: float = 1e-5
+    ) -> None:
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = CausalSelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(width, hidden))
-        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("gelu", QuickGELU() if act == "quick_gelu" else nn.GELU())
         self.mlp.add_module("c_proj", nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, causal: bool = True, key_padding: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,10 +63,12 @@ class ResidualBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of pre-LN blocks; causal for the text tower, bidirectional for decoders."""
 
-    def __init__(self, width: int, layers: int, heads: int) -> None:
+    def __init__(
+        self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: Activation = "gelu", eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.width = width
-        self.resblocks = nn.ModuleList(ResidualBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualBlock(width, heads, mlp_ratio, act, eps) for _ in range(layers))
         self.grad_checkpointing = False
         self.reset_parameters()
 
@@ -90,18 +101,18 @@ class Transformer(nn.Module):
 class TextTower(nn.Module):
     """Token ids [B, T] -> per-token features [B, T, width] (after the final LayerNorm)."""
 
-    def __init__(self, size: str, vocab_size: int, context_length: int, eot_id: int) -> None:
+    def __init__(self, size: str | TextSize, vocab_size: int, context_length: int, eot_id: int) -> None:
         super().__init__()
-        spec = TEXT_SIZES[size]
-        self.size_name = size
+        spec = TEXT_SIZES[size] if isinstance(size, str) else size
+        self.spec = spec
         self.width = spec.width
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.eot_id = eot_id
         self.token_embedding = nn.Embedding(vocab_size, spec.width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, spec.width))
-        self.transformer = Transformer(spec.width, spec.layers, spec.heads)
-        self.ln_final = nn.LayerNorm(spec.width)
+        self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_ratio, spec.act, spec.norm_eps)
+        self.ln_final = nn.LayerNorm(spec.width, eps=spec.norm_eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 

@@ -11,7 +11,8 @@ same module. The timm model lives at `self.vit`, so `self.vit.state_dict()` is a
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import partial
+from typing import Any, Literal
 
 import torch
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
@@ -19,7 +20,29 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from harmony.models.sizes import VISION_SIZES
+from harmony.models.sizes import VISION_SIZES, VisionSize
+
+
+def timm_kwargs(spec: VisionSize) -> dict[str, Any]:
+    """The arguments of timm's `VisionTransformer` that build this architecture; timm's defaults are left
+    implicit where the architecture uses them (so a named size builds exactly the modules it always did)."""
+    kwargs: dict[str, Any] = {
+        "patch_size": spec.patch_size,
+        "embed_dim": spec.embed_dim,
+        "depth": spec.depth,
+        "num_heads": spec.num_heads,
+    }
+    if spec.mlp_ratio != 4.0:
+        kwargs["mlp_ratio"] = spec.mlp_ratio
+    if spec.pre_norm:
+        kwargs["pre_norm"] = True
+    if spec.layer_scale is not None:
+        kwargs["init_values"] = spec.layer_scale
+    if spec.norm_eps != 1e-6:
+        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=spec.norm_eps)
+    if spec.act != "gelu":
+        kwargs["act_layer"] = spec.act
+    return kwargs
 
 
 class VisionTower(nn.Module):
@@ -33,26 +56,23 @@ class VisionTower(nn.Module):
 
     def __init__(
         self,
-        size: str,
+        size: str | VisionSize,
         img_size: int = 224,
         drop_path_rate: float = 0.0,
         use_mask_token: bool = True,
         init: Literal["jax", "timm"] = "jax",
     ) -> None:
         super().__init__()
-        spec = VISION_SIZES[size]
-        self.size_name = size
+        spec = VISION_SIZES[size] if isinstance(size, str) else size
+        self.spec = spec
         self.vit = VisionTransformer(
             img_size=img_size,
-            patch_size=spec.patch_size,
-            embed_dim=spec.embed_dim,
-            depth=spec.depth,
-            num_heads=spec.num_heads,
             num_classes=0,
             global_pool="token",
             dynamic_img_size=True,
             drop_path_rate=drop_path_rate,
             weight_init="jax" if init == "jax" else "",
+            **timm_kwargs(spec),
         )
         self.embed_dim = spec.embed_dim
         self.patch_size = spec.patch_size

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from harmony.config import Config
-from harmony.models.sizes import TEXT_SIZES, VISION_SIZES
 from harmony.objective_config import HeadConfig
 
 
@@ -291,8 +290,8 @@ class ModelDims:
 
     @classmethod
     def of(cls, cfg: Config, vocab_size: int) -> ModelDims:
-        vision = VISION_SIZES[cfg.model.vision]
-        return cls(vision.embed_dim, vision.patch_size, TEXT_SIZES[cfg.model.text].width, vocab_size, cfg.model.head)
+        vision = cfg.model.vision_spec()
+        return cls(vision.embed_dim, vision.patch_size, cfg.model.text_spec().width, vocab_size, cfg.model.head)
 
 
 class Objective(nn.Module):

@@ -16,6 +16,10 @@ knows any objective:
    (iBOT per-image means, MLM's global masked-token count, ...). Centres sum their statistics over the
    micro-batches and are folded in once per optimiser step, with the EMA teachers, by the caller.
 
+A frozen tower (`model.freeze`, or both towers before `model.freeze_until_step`) needs no gradient: its outputs
+are cached in step 1 for every pass of the step (not only those the coupled objectives read), are no leaves
+the coupled backward fills, and step 2 reuses them instead of running the tower again.
+
 Without batch-coupled objectives step 1 is skipped (plain accumulation of per-sample losses); with K = 1 a step
 is one pass over the whole batch (`PretrainTask.step_losses`).
 
@@ -30,7 +34,8 @@ wrapped module: every pass goes through its parameter gathering the same way, an
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from typing import Any, cast
 
@@ -40,7 +45,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harmony.data.views import split_batch
 from harmony.objectives.base import Batch, Encoded, Needs, StepInfo
+from harmony.train.freeze import towers_of
 from harmony.train.task import PretrainTask, StepLosses, call_pass
+
+# the student passes (`Needs` fields) each tower runs: the outputs made by one of them are that tower's alone
+TOWER_PASSES = {
+    "image": ("global_crops", "clean_crops", "local_crops", "dropped_crops"),
+    "text": ("text_clean", "text_masked"),
+}
 
 
 def random_state(device: torch.device) -> list[torch.Tensor]:
@@ -52,6 +64,19 @@ def set_random_state(device: torch.device, state: list[torch.Tensor]) -> None:
     torch.set_rng_state(state[0])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state[1], device)
+
+
+def tower_needs(needs: Needs, towers: Collection[str]) -> Needs:
+    """`needs` with only the student passes of `towers` (no teacher, no embeddings; every recipe kept)."""
+    blank = Needs()
+    off = {name for tower, passes in TOWER_PASSES.items() if tower not in towers for name in passes}
+    off |= {"teacher_crops", "teacher_text", "embeddings", "embeddings_dropped"}
+    return dataclasses.replace(needs, **{name: getattr(blank, name) for name in off})
+
+
+def frozen_towers(task: PretrainTask) -> list[str]:
+    """The student towers none of whose parameters trains now."""
+    return [word for word, tower in towers_of(task).items() if not any(p.requires_grad for p in tower.parameters())]
 
 
 def _concatenate(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -74,7 +99,7 @@ class Accumulator:
         amp_dtype: torch.dtype | None,
         scaler: torch.amp.GradScaler,
     ) -> None:
-        self.steps, self.device, self.amp_dtype, self.scale = steps, device, amp_dtype, scaler.scale
+        self.task, self.steps, self.device, self.amp_dtype, self.scale = task, steps, device, amp_dtype, scaler.scale
         coupled = [objective.needs() for objective in task.enabled().values() if objective.batch_coupled]
         self.has_coupled = bool(coupled)
         self.coupled_needs = Needs.union_of(coupled)
@@ -109,38 +134,49 @@ class Accumulator:
         total = torch.zeros((), device=self.device)
         metrics: dict[str, torch.Tensor] = {}
         cached: list[dict[str, torch.Tensor]] = [{} for _ in micros]
+        given: list[dict[str, torch.Tensor]] = [{} for _ in micros]
         states: list[list[torch.Tensor]] = []
         if self.has_coupled:
             with local():
-                coupled, cached, states = self._coupled(model, full, micros, info)
+                coupled, cached, given, states = self._coupled(model, full, micros, info)
             total = total + coupled.loss.detach()
             metrics.update(coupled.metrics)
         for i, micro in enumerate(micros):
             if states:  # the graph pass sees the random draws (drop path) of its cache pass
                 set_random_state(self.device, states[i])
             with local() if i < len(micros) - 1 else contextlib.nullcontext():
-                loss, micro_metrics = self._micro(model, micro, full, info, cached[i])
+                loss, micro_metrics = self._micro(model, micro, full, info, cached[i], given[i])
             if loss is not None:
                 total = total + loss.detach()
             for name, value in micro_metrics.items():
                 metrics[name] = metrics[name] + value if name in metrics else value
-            cached[i] = {}
+            cached[i], given[i] = {}, {}
         return StepLosses(total, metrics)
 
     def _coupled(
         self, model: nn.Module, batch: Batch, micros: list[Batch], info: StepInfo
-    ) -> tuple[StepLosses, list[dict[str, torch.Tensor]], list[list[torch.Tensor]]]:
+    ) -> tuple[StepLosses, list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], list[list[torch.Tensor]]]:
         """Step 1 (module doc): every micro-batch's cache pass, then the coupled losses and their backward on the
-        whole batch; returns those losses, each micro-batch's share of the cached outputs' gradients, and the
-        random state each cache pass started from."""
+        whole batch; returns those losses, each micro-batch's share of the cached outputs' gradients and of the
+        frozen towers' outputs, and the random state each cache pass started from."""
+        needs, keys = self.cache_needs, set(self.coupled_keys)
+        frozen: set[str] = set()
+        if towers := frozen_towers(self.task):
+            passes = {name for tower in towers for name in TOWER_PASSES[tower]}
+            extra = tower_needs(self.task.needs, towers)
+            needs = needs.union(extra)
+            frozen = {key for key in Encoded.batched_keys(extra) if Encoded.row(key).made_by[0] in passes}
+            keys |= frozen
         pieces = []
         states = []
         for micro in micros:
             states.append(random_state(self.device))
             with torch.no_grad(), self.autocast():
-                pieces.append(call_pass(model, PretrainTask.cache_outputs, micro, self.cache_needs, self.coupled_keys))
+                pieces.append(call_pass(model, PretrainTask.cache_outputs, micro, needs, keys))
         leaves = {
-            key: value.detach().requires_grad_(value.is_floating_point() and Encoded.row(key).trained)
+            key: value.detach().requires_grad_(
+                value.is_floating_point() and Encoded.row(key).trained and key not in frozen
+            )
             for key, value in _concatenate(pieces).items()
         }
         del pieces
@@ -149,19 +185,31 @@ class Accumulator:
         self.scale(coupled.loss).backward()
         size = batch["global"].shape[1] // self.steps
         cached: list[dict[str, torch.Tensor]] = [{} for _ in micros]
+        given: list[dict[str, torch.Tensor]] = [{} for _ in micros]
         for key, leaf in leaves.items():
+            dim = Encoded.row(key).batch_dim
             if leaf.grad is not None:
-                for i, grad in enumerate(leaf.grad.split(size, dim=Encoded.row(key).batch_dim)):
+                for i, grad in enumerate(leaf.grad.split(size, dim=dim)):
                     cached[i][key] = grad
-        return coupled, cached, states
+            if key in frozen:
+                for i, part in enumerate(leaf.split(size, dim=dim)):
+                    given[i][key] = part
+        return coupled, cached, given, states
 
     def _micro(
-        self, model: nn.Module, micro: Batch, full: Batch, info: StepInfo, grads: dict[str, torch.Tensor]
+        self,
+        model: nn.Module,
+        micro: Batch,
+        full: Batch,
+        info: StepInfo,
+        grads: dict[str, torch.Tensor],
+        given: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """Step 2 (module doc) for one micro-batch: its graph pass and one backward of the cached output
-        gradients `grads` and its per-sample losses; returns those losses (unscaled) and their metrics."""
+        """Step 2 (module doc) for one micro-batch: its graph pass (frozen towers' outputs `given`) and one backward
+        of the cached output gradients `grads` and its per-sample losses; returns those losses (unscaled) and their
+        metrics."""
         with self.autocast():
-            out = call_pass(model, PretrainTask.micro_losses, micro, full, info, tuple(grads))
+            out = call_pass(model, PretrainTask.micro_losses, micro, full, info, tuple(grads), given)
         tensors = list(out.outputs.values())
         backward_grads: list[torch.Tensor | None] = list(grads.values())
         if out.loss is not None:

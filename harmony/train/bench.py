@@ -3,7 +3,8 @@
 For each preset, in a fresh subprocess (so peak memory is that preset's alone): build the task and
 optimiser, make one real batch through the data views, count FLOPs of forward + backward with
 torch's FLOP formulas (broken down by component, see `harmony.train.flops`), list the forward passes, then time steps after a
-warm-up. Every preset is compared with `clip-<size>` measured in the same run.
+warm-up. Every preset is compared with `clip-<size>` measured in the same run, and with itself under each
+`--variant` (settings such as `model.freeze=image`: what they save, as ratios).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from typing import Any
 
 import torch
 
-from harmony.config import Config
+from harmony.config import Config, ConfigError
 from harmony.core.device import resolve_device
 from harmony.core.distributed import DistInfo
+from harmony.core.errors import run_reported
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.presets import build_config, split_preset
 from harmony.train.flops import ComponentFlops
+from harmony.train.freeze import check_towers
 from harmony.train.memory import SavedActivations
 from harmony.train.step import Stepper
 from harmony.train.task import PretrainTask
@@ -161,19 +164,48 @@ def worker_arguments(preset: str, args: argparse.Namespace, accum: int) -> list[
 
 
 def run_isolated(preset: str, args: argparse.Namespace, accum: int = 1) -> dict[str, Any]:
-    """Measure a preset in a fresh interpreter (clean peak memory); raise with its stderr on failure."""
+    """Measure a preset in a fresh interpreter (clean peak memory); a setting the worker refuses is its one-line
+    `ConfigError` here, any other failure raises with its stderr."""
     cmd = [sys.executable, "-m", "harmony.train.bench", *worker_arguments(preset, args, accum)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode == ConfigError.exit_code:
+        raise ConfigError(proc.stderr.strip().splitlines()[-1].removeprefix("harmony: error: "))
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark of {preset} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def variants_of(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(label, overrides) of each setting measured: the presets as given (label ''), then each `--variant`
+    (its space-separated `key=value` overrides, applied after the common ones)."""
+    return [("", []), *((" ".join(v.split()), v.split()) for v in args.variant if v.strip())]
+
+
+def with_variant(args: argparse.Namespace, overrides: list[str]) -> argparse.Namespace:
+    """`args` with a variant's overrides after the common ones."""
+    return argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *overrides]})
+
+
+def measure_all(presets: list[str], args: argparse.Namespace, ks: list[int]) -> list[dict[str, Any]]:
+    """Every preset at every K under every variant, each in its own worker, labelled with its variant."""
+    results = []
+    for label, overrides in variants_of(args):
+        for preset in presets:
+            for k in ks:
+                results.append({**run_isolated(preset, with_variant(args, overrides), k), "variant": label})
+    return results
+
+
+def _key(r: dict[str, Any], preset: str | None = None, accum: int | None = None) -> tuple[str, int, str]:
+    """What a result is compared by: preset, K, variant (preset or K replaced when given)."""
+    return (preset or r["preset"], accum or r.get("accum_steps", 1), r.get("variant", ""))
+
+
 def with_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_name = {(r["preset"], r.get("accum_steps", 1)): r for r in results}
+    by_key = {_key(r): r for r in results}
     for r in results:
         _, size = split_preset(r["preset"])
-        clip = by_name.get((f"clip-{size}", r.get("accum_steps", 1)))
+        clip = by_key.get(_key(r, preset=f"clip-{size}"))
         if clip is None:
             continue
         r["ratio_to_clip"] = {
@@ -184,8 +216,8 @@ def with_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _label(r: dict[str, Any]) -> str:
-    k = r.get("accum_steps", 1)
-    return r["preset"] + (f" K={k}" if k != 1 else "")
+    k, variant = r.get("accum_steps", 1), r.get("variant", "")
+    return r["preset"] + (f" K={k}" if k != 1 else "") + (f" [{variant}]" if variant else "")
 
 
 # (result key, header, unit divisor, column width, number format) of the accumulation table
@@ -197,31 +229,56 @@ ACCUMULATION_COLUMNS = (
 )
 
 
-def format_accumulation(results: list[dict[str, Any]]) -> str:
-    """Per preset, each K against K = 1: peak memory, saved activations, step time and FLOPs (the extra
-    compute of the caching pass), as ratios."""
-    base = {r["preset"]: r for r in results if r.get("accum_steps", 1) == 1}
-    head = f"{'preset':<26}{'K':>3}{'micro':>7}" + "".join(
-        f"{title:>{width}}{'x K=1':>7}" for _, title, _, width, _ in ACCUMULATION_COLUMNS
-    )
-    lines = ["gradient accumulation (train.accum_steps = K; the same numbers, less memory)", head, "-" * len(head)]
-    for r in results:
-        one, k = base.get(r["preset"]), r.get("accum_steps", 1)
-        row = f"{r['preset']:<26}{k:>3}{r['batch_size'] // k:>7}"
+def _ratio_table(title: str, head: str, rows: list[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> str:
+    """A table of `ACCUMULATION_COLUMNS`: each row's figures and their ratio to its base."""
+    head += "".join(f"{name:>{width}}{'x base':>8}" for _, name, _, width, _ in ACCUMULATION_COLUMNS)
+    lines = [title, head, "-" * len(head)]
+    for start, r, base in rows:
+        row = start
         for key, _, unit, width, number in ACCUMULATION_COLUMNS:
-            ratio = r[key] / one[key] if one and one[key] else float("nan")
-            row += f"{r[key] / unit:>{width}{number}}{ratio:>7.2f}"
+            ratio = r[key] / base[key] if base and base[key] else float("nan")
+            row += f"{r[key] / unit:>{width}{number}}{ratio:>8.2f}"
         lines.append(row)
     return "\n".join(lines)
 
 
+def format_accumulation(results: list[dict[str, Any]]) -> str:
+    """Per preset, each K against K = 1: peak memory, saved activations, step time and FLOPs (the extra
+    compute of the caching pass), as ratios."""
+    base = {_key(r): r for r in results if r.get("accum_steps", 1) == 1}
+    width = max(len(r["preset"] + (f" [{r['variant']}]" if r.get("variant") else "")) for r in results) + 2
+    rows = []
+    for r in results:
+        k, name = r.get("accum_steps", 1), r["preset"] + (f" [{r['variant']}]" if r.get("variant") else "")
+        rows.append((f"{name:<{width}}{k:>3}{r['batch_size'] // k:>7}", r, base.get(_key(r, accum=1))))
+    title = "gradient accumulation (train.accum_steps = K; the same numbers, less memory; base: K=1)"
+    return _ratio_table(title, f"{'preset':<{width}}{'K':>3}{'micro':>7}", rows)
+
+
+def format_variants(results: list[dict[str, Any]]) -> str:
+    """Each `--variant` row against the same preset and K without it: what the setting saves (FLOPs of the
+    backward of a frozen tower, activations, memory, time)."""
+    base = {_key(r): r for r in results if not r.get("variant")}
+    rows = [r for r in results if r.get("variant")]
+    width = max(len(r["preset"]) + (len(f" K={r['accum_steps']}") if r.get("accum_steps", 1) != 1 else 0) for r in rows)
+    variant_width = max(len(r["variant"]) for r in rows) + 2
+    table = []
+    for r in rows:
+        k = r.get("accum_steps", 1)
+        name = r["preset"] + (f" K={k}" if k != 1 else "")
+        table.append((f"{name:<{width + 2}}{r['variant']:<{variant_width}}", r, base.get((r["preset"], k, ""))))
+    title = "settings (--variant) against the same preset without them (base)"
+    return _ratio_table(title, f"{'preset':<{width + 2}}{'variant':<{variant_width}}", table)
+
+
 def format_results(results: list[dict[str, Any]]) -> str:
-    head = f"{'preset':<28}{'GFLOP/step':>12}{'x clip':>8}{'step s':>9}{'x clip':>8}{'img/s':>9}{'peak MB':>10}{'x clip':>8}"
+    width = max(28, *(len(_label(r)) + 2 for r in results))
+    head = f"{'preset':<{width}}{'GFLOP/step':>12}{'x clip':>8}{'step s':>9}{'x clip':>8}{'img/s':>9}{'peak MB':>10}{'x clip':>8}"
     lines = [head, "-" * len(head)]
     for r in results:
         ratio = r.get("ratio_to_clip", {})
         lines.append(
-            f"{_label(r):<28}{r['flops_per_step'] / 1e9:>12.2f}{ratio.get('flops_per_step', float('nan')):>8.2f}"
+            f"{_label(r):<{width}}{r['flops_per_step'] / 1e9:>12.2f}{ratio.get('flops_per_step', float('nan')):>8.2f}"
             f"{r['step_time_s']:>9.3f}{ratio.get('step_time_s', float('nan')):>8.2f}{r['images_per_s']:>9.1f}"
             f"{r['peak_memory_bytes'] / 2**20:>10.0f}{ratio.get('peak_memory_bytes', float('nan')):>8.2f}"
         )
@@ -262,13 +319,16 @@ def accumulation_values(text: str, batch_size: int) -> list[int]:
 def cmd_bench_step(args: argparse.Namespace) -> int:
     ks = accumulation_values(args.accum_steps, args.batch_size)
     presets = presets_to_run(args)
-    for preset in presets:  # a wrong preset or override is one line here (ConfigError), not a worker's traceback
-        bench_config(preset, args.overrides, args.device, args.batch_size, ks[0])
+    for _, overrides in variants_of(args):  # a wrong preset or override is one line here (ConfigError)
+        for preset in presets:
+            check_towers(bench_config(preset, [*args.overrides, *overrides], args.device, args.batch_size, ks[0]))
     resolve_device(args.device)  # likewise `--device cuda` on a machine without one (ConfigError)
-    results = with_ratios([run_isolated(p, args, k) for p in presets for k in ks])
+    results = with_ratios(measure_all(presets, args, ks))
     print(format_results(results))
     if len(ks) > 1:
         print("\n" + format_accumulation(results))
+    if args.variant:
+        print("\n" + format_variants(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({_label(r): r for r in results}, indent=2) + "\n")
@@ -286,11 +346,18 @@ def add_bench_step_arguments(p: argparse.ArgumentParser) -> None:
         default="1",
         help="micro-batches per step (train.accum_steps), or a list (1,2,4) to compare memory and time per K",
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'key=value ...'",
+        help="also measure every preset with these overrides (repeatable), e.g. model.freeze=image, and compare",
+    )
     p.add_argument("--json", help="write per-preset results here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every preset")
 
 
-def worker(argv: list[str]) -> None:
+def worker(argv: list[str]) -> int:
     """The measuring worker `run_isolated` starts: one preset at one K, its result as a JSON line on stdout."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", required=True)
@@ -299,7 +366,8 @@ def worker(argv: list[str]) -> None:
     accum = int(args.accum_steps)
     result = measure(args.worker, list(args.overrides), args.device, args.batch_size, args.steps, args.warmup, accum)
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1:])
+    sys.exit(run_reported(lambda: worker(sys.argv[1:])))

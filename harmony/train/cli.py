@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harmony.config import Config, ConfigError, dump_yaml
 from harmony.presets import build_config, load_preset
 from harmony.train.runfolder import continues_in
+
+if TYPE_CHECKING:
+    from harmony.weights.source import Source
 
 # flag (argparse dest) -> config key: every flag of `harmony train` that sets a config value
 FLAG_KEYS = {
@@ -23,6 +28,8 @@ FLAG_KEYS = {
     "workers": "data.num_workers",
     "image_key": "data.csv_image_key",
     "caption_key": "data.csv_caption_key",
+    "init": "model.init",
+    "init_weights": "model.init_weights",
 }
 
 
@@ -44,21 +51,39 @@ def _run_folder(args: argparse.Namespace) -> Path:
     return Path("runs") / load_preset(args.preset).name
 
 
-def resolve_config(args: argparse.Namespace, out: Path) -> tuple[Config, str | None]:
-    """The config to train and what to resume from ('auto', a checkpoint path, or None)."""
+def with_init(cfg: Config) -> tuple[Config, Source | None]:
+    """A new run's config with the architecture of its `model.init` source (printed, setting by setting)."""
+    if not cfg.model.init:
+        return cfg, None
+    from harmony.weights.apply import configure
+    from harmony.weights.resolve import open_init_source
+
+    source = open_init_source(cfg.model.init, cfg.model.init_weights)
+    cfg, changes = configure(cfg, source)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in changes:
+            print(f"--init {cfg.model.init}: {line}")
+    return cfg, source
+
+
+def resolve_config(args: argparse.Namespace, out: Path) -> tuple[Config, str | None, Source | None]:
+    """The config to train, what to resume from ('auto', a checkpoint path, or None), and the source a new run
+    starts from (`--init`)."""
     overrides = explicit_overrides(args)
     if not args.resume:
         assert args.preset is not None
-        return build_config(args.preset, overrides), None
+        cfg, source = with_init(build_config(args.preset, overrides))
+        return cfg, None, source
     from harmony.train.resume import resume_point, resumed_config
 
     point = resume_point(out, args.resume)
     if point.config is None:  # nothing to continue yet: a fresh run into this folder
         if args.preset is None:
             raise ConfigError(f"--resume {args.resume}: {out} holds no run to continue; give --preset to start one")
-        return build_config(args.preset, overrides), args.resume
+        cfg, source = with_init(build_config(args.preset, overrides))
+        return cfg, args.resume, source
     cfg = resumed_config(point, args.preset, overrides, args.force)
-    return cfg, str(point.checkpoint) if point.checkpoint else args.resume
+    return cfg, str(point.checkpoint) if point.checkpoint else args.resume, None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -67,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = _run_folder(args)
     if args.overwrite and continues_in(out, args.resume):
         raise ConfigError("--resume continues the run in --out and --overwrite deletes it: give one of them")
-    cfg, resume = resolve_config(args, out)
+    cfg, resume, source = resolve_config(args, out)
     if args.print_config:
         sys.stdout.write(dump_yaml(cfg))
         return 0
@@ -76,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_dir(out)
     from harmony.train.loop import train
 
-    result = train(cfg, out, resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
+    result = train(cfg, out, resume=resume, progress=not args.no_progress, overwrite=args.overwrite, init=source)
     if result.is_main:
         print(result.summary())
     return 0
@@ -109,6 +134,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workers", type=int, help="data loader workers per process")
     p.add_argument("--seed", type=int, help="random seed (train.seed)")
+    p.add_argument(
+        "--init",
+        help="start from these weights (model.init): a Harmony run, timm:NAME:FILE, open_clip:NAME:FILE, hf-hub:ORG/NAME, "
+        "dino:/ibot:/dinov2:/mae:FILE, or a timm / open_clip / transformers folder; the source decides the architecture",
+    )
+    p.add_argument(
+        "--init-weights", choices=["auto", "student", "teacher"], help="a run's (or DINO/iBOT's) student or EMA teacher"
+    )
     p.add_argument("--image-key", help="CSV/TSV column with the image paths (data.csv_image_key)")
     p.add_argument("--caption-key", help="CSV/TSV column with the captions (data.csv_caption_key)")
     p.add_argument(

@@ -6,6 +6,8 @@ It knows nothing about individual objectives: the task returns a weighted loss a
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,9 @@ from harmony.train.preemption import StopRequest
 from harmony.train.runfolder import claim
 from harmony.train.step import Stepper, TrainingError
 from harmony.typed import changed_keys
+from harmony.weights.apply import InitSummary
+from harmony.weights.resolve import open_init_source
+from harmony.weights.source import Source
 
 
 @dataclass
@@ -53,6 +58,7 @@ class _Window:
     steps: int = 0
     data: float = 0.0
     errors: int = 0
+    mixed: torch.Tensor | None = None  # under mixing: [drawn, re-read] x sources
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -70,24 +76,34 @@ class Trainer:
     """Data + `Stepper` + checkpoints + logging for one run folder."""
 
     def __init__(
-        self, cfg: Config, out_dir: Path, resume: str | None = None, progress: bool = True, overwrite: bool = False
+        self,
+        cfg: Config,
+        out_dir: Path,
+        resume: str | None = None,
+        progress: bool = True,
+        overwrite: bool = False,
+        init: Source | None = None,
     ) -> None:
         self.cfg, self.out_dir = cfg, out_dir
         requested = resolve_device(cfg.train.device)
         self.dist: DistInfo = init_distributed(requested.type)
         self.lock = claim(out_dir, resume, overwrite) if self.dist.is_main else None
         try:
-            self._build(resume, progress)
+            self._build(resume, progress, init)
         except BaseException:
             self._release()
             raise
 
-    def _build(self, resume: str | None, progress: bool) -> None:
+    def _build(self, resume: str | None, progress: bool, init: Source | None) -> None:
         cfg, out_dir = self.cfg, self.out_dir
         self.device = resolve_device(cfg.train.device, self.dist)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        self.stepper = Stepper(cfg, self.device, self.dist)
+        self.ckpt_dir = out_dir / "checkpoints"
+        checkpoint = self._checkpoint(resume)
+        if cfg.model.init and checkpoint is None and init is None:  # a run that never saved: start it again
+            init = open_init_source(cfg.model.init, cfg.model.init_weights)
+        self.stepper = Stepper(cfg, self.device, self.dist, init if checkpoint is None else None)
         task = self.stepper.task
         maker = ViewMaker(cfg, task.needs, self.stepper.tokenizer, task.student.visual.patch_size)
         self.data = build_train_data(cfg, maker, self.dist, self.device)
@@ -96,9 +112,8 @@ class Trainer:
         self.stepper.set_span(self.steps_per_epoch, self.total_steps)
         self.stopped: str | None = None
         self._captions_checked = False
-        self.ckpt_dir = out_dir / "checkpoints"
-        if resume:
-            self._resume(resume)
+        if checkpoint is not None:
+            self._resume(checkpoint)
         self.logger = MetricsLogger(
             out_dir, self.total_steps, self.step, self.dist.is_main, progress=progress, label=cfg.name
         )
@@ -107,6 +122,8 @@ class Trainer:
             (out_dir / "config.yaml").write_text(dump_yaml(cfg))
         if left_out := self.data.left_out():
             self.logger.message(left_out)
+        if self.stepper.init_summary is not None:
+            self._report_init(self.stepper.init_summary)
 
     def _release(self) -> None:
         if self.lock is not None:
@@ -118,19 +135,26 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def _resume(self, resume: str) -> None:
+    def _checkpoint(self, resume: str | None) -> Path | None:
+        """The checkpoint this run continues from: `resume` itself, or with 'auto' the newest in the folder."""
         if resume == "auto":
-            path = ckpt.latest(self.ckpt_dir)
-            if path is None:
-                return
-        else:
-            path = Path(resume)
+            return ckpt.latest(self.ckpt_dir)
+        return Path(resume) if resume else None
+
+    def _resume(self, path: Path) -> None:
         state = ckpt.load(path, map_location=self.device)
         self.stepper.load_state_dict(state, f"checkpoint '{path}'")
         changes = changed_keys(upgrade_keys(state.get("config", {})), to_dict(self.cfg))
         if self.dist.is_main:
             changed = " with changed settings: " + "; ".join(changes) if changes else ""
             print(f"resuming {path} (step {self.step}){changed}", flush=True)
+
+    def _report_init(self, summary: InitSummary) -> None:
+        """Say what `--init` loaded, what starts fresh and what was left out; init.json in the run folder."""
+        for line in summary.lines():
+            self.logger.message(line)
+        if self.dist.is_main:
+            (self.out_dir / "init.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
 
     def save(self, periodic: bool) -> Path:
         last = self.ckpt_dir / "last.pt"
@@ -187,9 +211,13 @@ class Trainer:
         )
 
     def _skip_summary(self) -> str:
-        """'data: skipped N samples (...)' over every rank, for the end of the run."""
+        """'data: skipped N samples (...)' over every rank, for the end of the run; under mixing, with what was
+        drawn from each source."""
         totals = all_reduce_sum(torch.tensor([float(v) for v in self.data.skipped.values()])).long().tolist()
-        return describe_skips(dict(zip(self.data.skipped, totals)))
+        summary = describe_skips(dict(zip(self.data.skipped, totals)))
+        if (mixture := self.data.mixture) is not None and self.data.mixed is not None:
+            summary += "; " + mixture.describe(all_reduce_sum(self.data.mixed))
+        return summary
 
     def _warn_on_identical_captions(self, batch: dict[str, torch.Tensor]) -> None:
         """Once, on the first batch: captions that are all the same teach the image-text objectives nothing."""
@@ -210,6 +238,8 @@ class Trainer:
         cfg, window = self.cfg, self.window
         window.data += time.perf_counter() - window.fetch_start
         window.errors += int(batch.pop("data_errors").sum())
+        if (mixed := batch.pop("data_sources", None)) is not None:
+            window.mixed = mixed if window.mixed is None else window.mixed + mixed
         batch.pop("index", None)
         metrics = self.stepper.train_step(to_device(batch, self.device))
         window.steps += 1
@@ -256,15 +286,26 @@ class Trainer:
             "bad_steps": int(self.stepper.bad_steps),
             "bad_steps_in_a_row": int(self.stepper.bad_in_a_row),
         }
+        if (mixture := self.data.mixture) is not None:
+            mixed = all_reduce_sum(window.mixed if window.mixed is not None else mixture.no_counts())
+            record |= mixture.record(mixed)
+            for line in mixture.ran_out(mixed):
+                self.logger.message(line)
         self.logger.log(record)
         return record
 
 
 def train(
-    cfg: Config, out_dir: Path, resume: str | None = None, progress: bool = True, overwrite: bool = False
+    cfg: Config,
+    out_dir: Path,
+    resume: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    init: Source | None = None,
 ) -> RunResult:
-    """Train `cfg` into `out_dir`; `resume` is 'auto' or a checkpoint, `overwrite` starts a used folder over."""
-    trainer = Trainer(cfg, out_dir, resume, progress, overwrite)
+    """Train `cfg` into `out_dir`; `resume` is 'auto' or a checkpoint, `overwrite` starts a used folder over,
+    `init` the source a new run starts from (else `model.init` is opened when the run starts fresh)."""
+    trainer = Trainer(cfg, out_dir, resume, progress, overwrite, init)
     try:
         return trainer.fit()
     finally:

@@ -1,9 +1,10 @@
-"""AdamW with two parameter groups: weight decay (scheduled) and none (biases, norms, tokens, tables);
-gradient clipping per parameter (DINO/iBOT/the authors) or over the global norm."""
+"""AdamW with two parameter groups, weight decay (scheduled) and none (biases, norms, tokens, tables), per lr
+scale (`optim.layer_decay`: one pair of groups per layer of the towers; 1.0 gives the one pair); gradient
+clipping per parameter (DINO/iBOT/the authors) or over the global norm."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -23,26 +24,46 @@ def no_decay_names(module: nn.Module) -> set[str]:
     return names
 
 
-def build_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(
+    module: nn.Module, cfg: OptimConfig, lr_scales: dict[str, float] | None = None
+) -> tuple[torch.optim.AdamW, list[str]]:
+    """AdamW over the parameters of `module` that require a gradient, and their names in the optimiser's order
+    (for its state by name: `load_state_by_name`). `lr_scales` (by name, default 1) multiply the scheduled lr: a pair
+    of groups (decay, no decay) per scale, largest first; scale 1's pair is always there."""
     exempt = no_decay_names(module)
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    scales = lr_scales or {}
+    members: dict[tuple[float, bool], list[tuple[str, nn.Parameter]]] = {(1.0, True): [], (1.0, False): []}
     for name, param in module.named_parameters():
         if param.requires_grad:
-            (no_decay if name in exempt else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "scheduled_wd": True},
-        {"params": no_decay, "weight_decay": 0.0, "scheduled_wd": False},
-    ]
+            members.setdefault((scales.get(name, 1.0), name not in exempt), []).append((name, param))
+    groups, names = [], []
+    for (scale, decay), named in sorted(members.items(), key=lambda item: (-item[0][0], not item[0][1])):
+        group = {"params": [p for _, p in named], "weight_decay": cfg.weight_decay if decay else 0.0}
+        groups.append({**group, "scheduled_wd": decay, "lr_scale": scale})
+        names += [name for name, _ in named]
     # Fused (CUDA and CPU): one kernel per group, and a device-side skip of non-finite steps.
-    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, fused=True, foreach=False)
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, fused=True, foreach=False), names
 
 
 def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """The step's lr (times each group's `lr_scale`) and weight decay (in the groups that decay)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
         if group.get("scheduled_wd"):
             group["weight_decay"] = weight_decay
+
+
+def load_state_by_name(
+    optimizer: torch.optim.Optimizer, names: list[str], saved: dict[str, Any], saved_names: list[str]
+) -> None:
+    """Load `saved` (an optimiser `state_dict` whose parameters were `saved_names`, in its order) into `optimizer`
+    (parameters `names`) by parameter name: a parameter without saved state starts as new, saved state of a
+    parameter no longer trained is dropped; the groups' settings (lr scale, weight decay, betas) stay the
+    optimiser's own, from the config."""
+    by_name = {saved_names[int(i)]: state for i, state in saved["state"].items()}
+    current = optimizer.state_dict()
+    current["state"] = {i: by_name[name] for i, name in enumerate(names) if name in by_name}
+    optimizer.load_state_dict(current)
 
 
 def clip_gradients(

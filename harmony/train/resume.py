@@ -6,7 +6,10 @@ command line must not quietly swap the learning rate or the epochs the run was s
 what is given explicitly (`key=value`, `--epochs`, `--batch-size`, ...) changes it, and only the keys
 in `SAFE_ON_RESUME` may change without `--force`: every other key (model, objectives, data and its
 augmentations, optimiser, teacher, seed, batch size, precision, strategy, loader workers, which decide
-the order of shard data) makes the continued run differ from one that was never interrupted.
+the order of shard data) makes the continued run differ from one that was never interrupted. Among them
+`model.freeze`, `model.freeze_until_step` and `optim.layer_decay` change what trains and how fast; with
+`--force` the optimiser state is matched by parameter name (`harmony.train.step`), so a tower unlocked on resume
+starts its AdamW state fresh.
 """
 
 from __future__ import annotations

@@ -55,6 +55,21 @@ def load_full_state(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     set_model_state_dict(task, model, options=StateDictOptions(full_state_dict=True))
-    # Not strict: parameters that never had a gradient yet (the iBOT head's last layer is frozen in
-    # epoch 1) legitimately have no AdamW state; the model keys were checked strictly before.
-    set_optimizer_state_dict(task, optimizer, optim, options=StateDictOptions(full_state_dict=True, strict=False))
+    # Not strict: parameters that never had a gradient yet (the iBOT head's last layer is frozen in epoch 1, towers
+    # held by `model.freeze_until_step` or unlocked on resume) legitimately have no AdamW state; the model keys were
+    # checked strictly before. Those are hidden from the loader (requires_grad off while it runs): it gives every
+    # trained parameter a state by a zero-gradient step first, which would start their step count at 1.
+    names = {id(param): name for name, param in task.named_parameters()}
+    hidden = [
+        param
+        for group in optimizer.param_groups
+        for param in group["params"]
+        if param.requires_grad and names.get(id(param)) not in optim["state"]
+    ]
+    for param in hidden:
+        param.requires_grad_(False)
+    try:
+        set_optimizer_state_dict(task, optimizer, optim, options=StateDictOptions(full_state_dict=True, strict=False))
+    finally:
+        for param in hidden:
+            param.requires_grad_(True)

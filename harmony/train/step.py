@@ -16,9 +16,12 @@ from harmony.core.errors import TrainingError
 from harmony.objectives.base import StepInfo
 from harmony.objectives.registry import make_tokenizer
 from harmony.train.accumulate import Accumulator
-from harmony.train.optim import build_optimizer, clip_gradients, set_schedule
+from harmony.train.freeze import Freezing, lr_scales
+from harmony.train.optim import build_optimizer, clip_gradients, load_state_by_name, set_schedule
 from harmony.train.schedules import Schedules
 from harmony.train.task import PretrainTask
+from harmony.weights.apply import InitSummary, initialise
+from harmony.weights.source import Source
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -43,11 +46,14 @@ class Stepper:
     `train.accum_steps` micro-batches, exactly: `harmony.train.accumulate`), clipping, the update, the
     logit-scale clamp, and the once-per-step EMA/centre advance."""
 
-    def __init__(self, cfg: Config, device: torch.device, dist: DistInfo) -> None:
+    def __init__(self, cfg: Config, device: torch.device, dist: DistInfo, init: Source | None = None) -> None:
         self.cfg, self.device, self.dist = cfg, device, dist
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = make_tokenizer(cfg)
-        self.task = PretrainTask(cfg, self.tokenizer).to(device)
+        task = PretrainTask(cfg, self.tokenizer)
+        # the weights a new run starts from, loaded before the task is moved, wrapped or sharded
+        self.init_summary: InitSummary | None = initialise(task, init) if init is not None else None
+        self.task = task.to(device)
         self.amp_dtype = autocast_dtype(cfg.train.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.fsdp = cfg.train.strategy == "fsdp" and dist.world_size > 1
@@ -65,29 +71,46 @@ class Stepper:
         self.schedules = Schedules.from_config(self.cfg, steps_per_epoch, total_steps)
 
     def _prepare(self) -> None:
-        """Distribute the task (DDP over the whole task, every pass going through it, which averages the
-        gradients whatever `train.accum_steps` is: `harmony.train.accumulate`; or FSDP units per tower), then build
-        the optimiser over the final parameters."""
+        """Freeze what `model.freeze` names (`harmony.train.freeze`), distribute the task (DDP over the whole task,
+        every pass going through it, which averages the gradients whatever `train.accum_steps` is:
+        `harmony.train.accumulate`; or FSDP units per tower), then build the optimiser over the final parameters
+        and hold the towers when `model.freeze_until_step` says so."""
+        self.freezing = Freezing(self.task, self.cfg)
         if self.dist.world_size > 1:
             if self.fsdp:
                 from harmony.train.sharding import shard_task
 
                 shard_task(self.task)
-            else:
-                if self.device.type == "cuda":
-                    self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.task)
-                self.model = DistributedDataParallel(
-                    self.task,
-                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                    forward_sync_buffers=False,
-                    find_unused_parameters=self.accumulator.last_backward_is_partial,
-                )
+            elif self.device.type == "cuda":
+                self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.task)
+        trainable = self.task.student_modules()
+        self.freezing.bind(trainable)
+        self.params = [p for p in trainable.parameters() if p.requires_grad]
+        scales = lr_scales(trainable, self.cfg) if self.cfg.optim.layer_decay != 1.0 else None
+        self.optimizer, self.param_names = build_optimizer(trainable, self.cfg.optim, scales)
+        self.freezing.update(self.step)
+        self._wrap()
         if self.cfg.train.compile:
             # in place: parameter names (EMA pairs, checkpoints, export) stay those of the eager module
             self.task.student.visual.compile()
-        trainable = self.task.student_modules()
-        self.params = [p for p in trainable.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(trainable, self.cfg.optim)
+
+    def _wrap(self) -> None:
+        """DDP around the task over the parameters that train now (several processes, not FSDP). A wrapper built
+        for other parameters (before `freeze_until_step`) is taken apart first, its hooks removed, and the new one
+        broadcasts nothing: the ranks hold equal weights, and per-process buffers (BatchNorm statistics on CPU)
+        stay their own."""
+        if self.dist.world_size == 1 or self.fsdp:
+            return
+        old = self.model if isinstance(self.model, DistributedDataParallel) else None
+        if old is not None:
+            old._remove_autograd_hooks()
+        self.model = DistributedDataParallel(
+            self.task,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False,
+            find_unused_parameters=self.accumulator.last_backward_is_partial,
+            init_sync=old is None,
+        )
 
     @property
     def strategy(self) -> str:
@@ -102,7 +125,9 @@ class Stepper:
             model, optim = full_state(self.task, self.optimizer)
         else:
             model, optim = self.task.state_dict(), self.optimizer.state_dict()
+        names = {} if self.fsdp else {"optimizer_params": self.param_names}  # FSDP's state is keyed by name
         return {
+            **names,
             "step": self.step,
             "bad_steps": int(self.bad_steps),
             "strategy": self.strategy,
@@ -127,6 +152,9 @@ class Stepper:
                 f"{what} holds {state.get('strategy', 'plain')} optimiser state; this run is {self.strategy} "
                 "(resume with the same train.strategy, or start a new run from its weights)"
             )
+        self.step = int(state["step"])
+        if self.freezing.update(self.step):  # what trains at that step, before FSDP's optimiser state is matched
+            self._wrap()
         if self.fsdp:
             from harmony.train.sharding import load_full_state
 
@@ -134,20 +162,38 @@ class Stepper:
             load_full_state(self.task, self.optimizer, state["model"], state["optimizer"])
         else:
             load_state_strict(self.task, state["model"], what)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer(state, what)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
-        self.step = int(state["step"])
         self.bad_steps.fill_(int(state.get("bad_steps", 0)))
+
+    def _load_optimizer(self, state: dict[str, Any], what: str) -> None:
+        """The optimiser state of a plain checkpoint, by parameter name (`optimizer_params`; a checkpoint from
+        before it was saved loads by position, and must then train the same parameters)."""
+        from harmony.core.checkpoint import CheckpointError
+
+        names = state.get("optimizer_params")
+        if names is not None:
+            load_state_by_name(self.optimizer, self.param_names, state["optimizer"], names)
+            return
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{what} holds optimiser state for other parameters than this run trains ({exc}); resume with "
+                "the settings it was trained with"
+            ) from None
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimiser step. A non-finite loss or gradient skips the update on the device (fused
         AdamW's `found_inf`, as the fp16 loss scaler does), so no step waits for the host; the
         skips are counted in `bad_steps` / `bad_in_a_row` (device tensors read at log steps)."""
         info = StepInfo(self.step, self.steps_per_epoch)
+        if self.freezing.update(self.step):  # the towers' warm-up ends (or a resumed run starts after it)
+            self._wrap()
         set_schedule(self.optimizer, self.schedules.lr(self.step), self.schedules.weight_decay(self.step))
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = self.accumulator.step(self.model, batch, info)

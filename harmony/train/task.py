@@ -144,48 +144,55 @@ class PretrainTask(nn.Module):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def encode(self, batch: Batch, needs: Needs | None = None) -> Encoded:
-        """Every forward pass the objectives' union of needs (or `needs`) asks for, each run once (module doc)."""
+    def encode(self, batch: Batch, needs: Needs | None = None, given: dict[str, torch.Tensor] | None = None) -> Encoded:
+        """Every forward pass the objectives' union of needs (or `needs`) asks for, each run once (module doc). A
+        student tower pass whose every output is in `given` (flat names, `Encoded.batched`: the outputs of a frozen
+        tower that gradient accumulation computed in its caching pass) is not run again."""
         needs = needs or self.needs
         student = self.student
         images = normalize(batch["global"])  # [G, B, 3, H, W]
         num_global, bsz = images.shape[:2]
-        enc = Encoded(images=images, grid=student.visual.grid(images.shape[-2], images.shape[-1]))
+        grid = student.visual.grid(images.shape[-2], images.shape[-1])
+        enc = Encoded.from_batched(given or {}, images=images, grid=grid)
         masks = batch.get("ibot_mask")
         clean = sorted(needs.clean_crops)
 
         # Student, global resolution: every global crop (iBOT-masked if masks) + clean crops, one call.
         inputs, input_masks = [], []
-        if needs.global_crops:
+        run_global = needs.global_crops and not enc.has("global_crops")
+        if run_global:
             inputs.append(images.flatten(0, 1))
             input_masks.append(masks.flatten(0, 1) if masks is not None else None)
         separate_clean = clean if (masks is not None or not needs.global_crops) else []
-        if separate_clean:
-            inputs.append(images[separate_clean].flatten(0, 1))
-            input_masks.append(torch.zeros_like(masks[separate_clean]).flatten(0, 1) if masks is not None else None)
+        run_clean = [] if set(separate_clean) <= set(enc.clean) else separate_clean
+        if run_clean:
+            inputs.append(images[run_clean].flatten(0, 1))
+            input_masks.append(torch.zeros_like(masks[run_clean]).flatten(0, 1) if masks is not None else None)
         if inputs:
             mask = torch.cat(input_masks) if input_masks[0] is not None else None  # type: ignore[arg-type]
             tokens = student.visual(torch.cat(inputs), mask=mask)
-            if needs.global_crops:
+            if run_global:
                 enc.global_crops = tokens[: num_global * bsz].unflatten(0, (num_global, bsz))
                 tokens = tokens[num_global * bsz :]
-            for i, g in enumerate(separate_clean):
+            for i, g in enumerate(run_clean):
                 enc.clean[g] = tokens[i * bsz : (i + 1) * bsz]
-            if not separate_clean and enc.has("global_crops"):
-                enc.clean = {g: enc.global_crops[g] for g in clean}
+        if not separate_clean and enc.has("global_crops"):
+            enc.clean = {g: enc.global_crops[g] for g in clean}
 
-        if needs.local_crops:
+        if needs.local_crops and not enc.has("local"):
             local = normalize(batch["local"])
             enc.local = student.visual(local.flatten(0, 1)).unflatten(0, local.shape[:2])
 
         if needs.dropped_crops:
             dropped = sorted(needs.dropped_crops)
-            keep = batch["mae_keep"][: len(dropped)].flatten(0, 1)
-            tokens = student.visual(images[dropped].flatten(0, 1), keep_index=keep)
-            enc.dropped = {g: tokens[i * bsz : (i + 1) * bsz] for i, g in enumerate(dropped)}
+            if not set(dropped) <= set(enc.dropped):
+                keep = batch["mae_keep"][: len(dropped)].flatten(0, 1)
+                tokens = student.visual(images[dropped].flatten(0, 1), keep_index=keep)
+                enc.dropped = {g: tokens[i * bsz : (i + 1) * bsz] for i, g in enumerate(dropped)}
             enc.pos_embed = student.visual.position_table(enc.grid)
 
-        if needs.needs_text:
+        text_keys = [key for key, wanted in (("text", needs.text_clean), ("text_masked", needs.text_masked)) if wanted]
+        if text_keys and not all(enc.has(key) for key in text_keys):
             assert student.text is not None
             captions = [batch["text"]] if needs.text_clean else []
             if needs.text_masked:
@@ -240,10 +247,13 @@ class PretrainTask(nn.Module):
         enc = Encoded.from_batched(outputs, **self._shared_outputs(outputs["images"], needs))
         return _with_loss(*self.losses(enc, batch, step, coupled=True))
 
-    def micro_losses(self, micro: Batch, full: Batch, step: StepInfo, keys: Sequence[str]) -> MicroLosses:
-        """A micro-batch's encode and its per-sample objectives' losses, each weighed by its share of the whole
-        batch `full`, with its outputs `keys` (those the coupled pass has gradients for), in that order."""
-        enc = self.encode(micro)
+    def micro_losses(
+        self, micro: Batch, full: Batch, step: StepInfo, keys: Sequence[str], given: dict[str, torch.Tensor]
+    ) -> MicroLosses:
+        """A micro-batch's encode (reusing the `given` outputs of frozen towers) and its per-sample objectives'
+        losses, each weighed by its share of the whole batch `full`, with its outputs `keys` (those the coupled pass
+        has gradients for), in that order."""
+        enc = self.encode(micro, given=given)
         loss, metrics = self.losses(enc, micro, step, coupled=False, full=full)
         outputs = enc.batched()
         return MicroLosses(loss, metrics, {key: outputs[key] for key in keys})
