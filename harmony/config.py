@@ -287,6 +287,13 @@ def validate(cfg: Config) -> None:
             f"config key 'train.accum_steps' ({cfg.train.accum_steps}) must divide train.batch_size "
             f"({cfg.train.batch_size}) into equal micro-batches"
         )
+    patch = cfg.model.vision_spec().patch_size
+    for key, size in {"global_size": cfg.data.augment.global_size, "local_size": cfg.data.augment.local_size}.items():
+        if size % patch:
+            raise ConfigError(
+                f"config key 'data.augment.{key}' ({size}) must be a multiple of the patch size {patch} "
+                f"(e.g. {max(round(size / patch), 1) * patch})"
+            )
     _validate_freezing(cfg)
     if cfg.model.context_length < 3:
         raise ConfigError("config key 'model.context_length' must be at least 3 (start, one word, end)")

@@ -46,3 +46,10 @@ def test_the_cli_refuses_them_in_one_line(tmp_path: Path, cli: Cli) -> None:
         proc = cli("train", "--preset", "clip-tiny-test", "--out", str(tmp_path / "run"), *args)
         err = proc.stderr
         assert proc.returncode == 2 and err.startswith("harmony: error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_crops_that_the_patches_do_not_tile_are_refused() -> None:
+    with pytest.raises(
+        ConfigError, match=r"'data.augment.local_size' \(20\) must be a multiple of the patch size 8 \(e.g. 16\)"
+    ):
+        build_config("dino-tiny-test", ["data.augment.local_size=20"])

@@ -39,9 +39,19 @@ def configure(cfg: Config, source: Source) -> tuple[Config, list[str]]:
     for key in ("context_length", "embed_dim"):
         if key in model and model[key] != getattr(cfg.model, key):
             changes.append(f"model.{key}: {getattr(cfg.model, key)} -> {model[key]}")
-    updated = from_dict(Config, merge(to_dict(cfg), {"model": model}))
+    augment: dict[str, int] = {}
+    if source.vision is not None:  # crops the source's patches tile: the nearest multiple of its patch size
+        patch = source.vision.patch_size
+        for key in ("global_size", "local_size"):
+            size = getattr(cfg.data.augment, key)
+            if size % patch:
+                augment[key] = max(round(size / patch), 1) * patch
+                changes.append(
+                    f"data.augment.{key}: {size} -> {augment[key]} (a multiple of the source's patch size {patch})"
+                )
+    updated = from_dict(Config, merge(to_dict(cfg), {"model": model, "data": {"augment": augment}}))
     validate(updated)
-    size = cfg.data.augment.global_size
+    size = updated.data.augment.global_size
     if source.vision is not None and source.image_size and source.image_size != size:
         patch = source.vision.patch_size
         changes.append(
