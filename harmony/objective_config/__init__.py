@@ -1,0 +1,68 @@
+"""The `objectives:` block of the config: one optional section per registered objective, in the order the
+objectives run. Torch-free, below `harmony.config`, so configs load without the models.
+
+Adding an objective: its section (a dataclass deriving from `ObjectiveSection`) in a module of this package,
+and a field here named by its config key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from harmony.objective_config.section import DecoderConfig, HeadConfig, ObjectiveSection
+from harmony.objective_config.sections import (
+    BYOLConfig,
+    ClipConfig,
+    FLIPConfig,
+    IBOTConfig,
+    MAEConfig,
+    MaskedDistillConfig,
+    MLMConfig,
+    MoCoV3Config,
+    SigLIPConfig,
+    SimCLRConfig,
+    SimSiamConfig,
+    TextDistillConfig,
+)
+
+__all__ = [
+    "BYOLConfig",
+    "ClipConfig",
+    "DecoderConfig",
+    "FLIPConfig",
+    "HeadConfig",
+    "IBOTConfig",
+    "MAEConfig",
+    "MLMConfig",
+    "MaskedDistillConfig",
+    "MoCoV3Config",
+    "ObjectiveSection",
+    "ObjectivesConfig",
+    "SigLIPConfig",
+    "SimCLRConfig",
+    "SimSiamConfig",
+    "TextDistillConfig",
+]
+
+
+@dataclass
+class ObjectivesConfig:
+    clip: ClipConfig | None = None
+    ibot: IBOTConfig | None = None
+    mae: MAEConfig | None = None
+    mlm: MLMConfig | None = None
+    text_distill: TextDistillConfig | None = None
+    simclr: SimCLRConfig | None = None
+    masked_distill: MaskedDistillConfig | None = None
+    byol: BYOLConfig | None = None
+    simsiam: SimSiamConfig | None = None
+    mocov3: MoCoV3Config | None = None
+    siglip: SigLIPConfig | None = None
+    flip: FLIPConfig | None = None
+
+    def enabled(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def sections(self) -> dict[str, ObjectiveSection]:
+        """{name: section} of the enabled objectives, in field order."""
+        return {name: getattr(self, name) for name in self.enabled()}
