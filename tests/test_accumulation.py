@@ -68,6 +68,7 @@ FAMILIES = [
     "byol-tiny-test",
     "simsiam-tiny-test",
     "mocov3-tiny-test",
+    "mocov2-tiny-test",
     "siglip-tiny-test",
     "flip-tiny-test",
     "clip+mlm+tdist-tiny-test",

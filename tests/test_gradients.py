@@ -105,6 +105,7 @@ def prefixes(names: set[str]) -> set[str]:
         ),
         ("simsiam-tiny-test", "simsiam", {"student.visual", "objectives.simsiam"}, {"student.text"}),
         ("mocov3-tiny-test", "mocov3", {"student.visual", "objectives.mocov3"}, {"student.text"}),
+        ("mocov2-tiny-test", "mocov2", {"student.visual", "objectives.mocov2"}, {"student.text"}),
         (
             "siglip-tiny-test",
             "siglip",

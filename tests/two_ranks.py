@@ -33,6 +33,8 @@ SIGLIP_RUN = ("train", "--preset", "siglip-tiny-test", "--batch-size", "8", "--m
 SIGLIP_RUN += ("train.log_every=1",)
 MOCOV3_RUN = ("train", "--preset", "mocov3-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress")
 MOCOV3_RUN += ("train.log_every=1",)
+MOCOV2_RUN = ("train", "--preset", "mocov2-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress")
+MOCOV2_RUN += ("train.log_every=1",)
 CAPTIONS_RUN = ("train", "--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0")
 CAPTIONS_RUN += ("--no-progress", "--batch-size", "8", "--max-steps", "3", "model.context_length=77")
 CAPTIONS_RUN += ("train.log_every=1",)
@@ -51,6 +53,7 @@ TRAININGS: dict[str, tuple[str, ...]] = {
     "fsdp_frozen": (*HARMONY_RUN, *FROZEN, "train.strategy=fsdp"),
     "siglip": SIGLIP_RUN,
     "mocov3": MOCOV3_RUN,
+    "mocov2": MOCOV2_RUN,
     "cut_captions": CAPTIONS_RUN,  # each rank cuts its captions to its own batch's length
     "mixed_sources": MIXED_RUN,  # two sources drawn by weight, each rank its places of every batch
 }
