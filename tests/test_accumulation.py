@@ -61,6 +61,7 @@ def train(preset: str, accum: int, steps: int = 3, *overrides: str) -> tuple[lis
 FAMILIES = [
     "clip-tiny-test",
     "slip-tiny-test",
+    "simclr-tiny-test",
     "ibot-tiny-test",
     "dino-tiny-test",
     "mae-tiny-test",

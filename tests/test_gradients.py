@@ -97,6 +97,7 @@ def prefixes(names: set[str]) -> set[str]:
             {"student.visual", "objectives.mlm"},
         ),
         ("slip-tiny-test", "simclr", {"student.visual", "objectives.simclr"}, {"student.text"}),
+        ("simclr-tiny-test", "simclr", {"student.visual", "objectives.simclr"}, set()),
         (
             "maskclip-tiny-test",
             "masked_distill",

@@ -65,6 +65,12 @@ def text_distill_and_sharded_clipping(folder: Path) -> None:
     text_distill_and_clipping_on_this_rank(dist.get_rank(), folder)
 
 
+def simclr_global_batch(folder: Path) -> None:
+    from tests.test_simclr import contrast_this_ranks_rows
+
+    contrast_this_ranks_rows(dist.get_rank(), folder)
+
+
 def global_batchnorm(folder: Path) -> None:
     from tests.test_global_batchnorm import normalise_this_ranks_rows
 
@@ -83,6 +89,7 @@ def frozen_resumed(strategy: str) -> Callable[[Path], None]:
 CHECKS: dict[str, Callable[[Path], None]] = {
     "text_distill_and_sharded_clipping": text_distill_and_sharded_clipping,
     "global_batchnorm": global_batchnorm,
+    "simclr_global_batch": simclr_global_batch,
     "ddp_frozen_resumed": frozen_resumed("ddp"),
     "fsdp_frozen_resumed": frozen_resumed("fsdp"),
 }

@@ -54,19 +54,17 @@ class DINOHead(nn.Module):
 
 
 class SimCLRProjector(nn.Module):
-    """SLIP's image-SSL projector: Linear-BN-ReLU x2 then Linear."""
+    """SimCLR's projector: (Linear-BN-ReLU) x (num_layers - 1), then Linear. Three layers in SLIP (as SimCLR v2),
+    two in the SimCLR paper."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
-        )
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+        for a, b in itertools.pairwise(dims):
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(dims[-1], out_dim))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

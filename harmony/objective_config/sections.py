@@ -143,7 +143,8 @@ class TextDistillConfig(MaskedCaptionSection, SelfDistillationSection):
 
 @dataclass
 class SimCLRConfig(ObjectiveSection):
-    """SLIP's image-image contrast between the two global crops (MLP projection, NT-Xent)."""
+    """SimCLR's image-image contrast between the two global crops (MLP projection of `num_layers` linear layers,
+    NT-Xent); the defaults are SLIP's."""
 
     min_batch: ClassVar[int] = 2
     min_batch_per_process: ClassVar[int] = 2
@@ -153,9 +154,15 @@ class SimCLRConfig(ObjectiveSection):
     temperature: float = 0.1
     hidden_dim: int = 4096
     out_dim: int = 256
+    num_layers: int = 3
 
     def positives(self) -> dict[str, float]:
-        return {"hidden_dim": self.hidden_dim, "out_dim": self.out_dim, "temperature": self.temperature}
+        return {
+            "hidden_dim": self.hidden_dim,
+            "out_dim": self.out_dim,
+            "temperature": self.temperature,
+            "num_layers": self.num_layers,
+        }
 
 
 @dataclass
