@@ -71,16 +71,16 @@ class SimCLRProjector(nn.Module):
 
 
 def batchnorm_mlp(
-    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, output_norm: Literal["affine", "plain", "none"]
+    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, output_norm: Literal["plain", "none"]
 ) -> nn.Sequential:
-    """SimSiam's / MoCo v3's heads: (Linear-BN-ReLU) x (num_layers - 1), then Linear, then a BN with learnt
-    scale and shift (`affine`), without them (`plain`) or none. The BNs are `GlobalBatchNorm1d` (statistics of
-    the global batch, as the methods' SyncBN); a Linear followed by a BN has no bias (the BN removes it)."""
+    """SimSiam's / MoCo v3's heads: (Linear-BN-ReLU) x (num_layers - 1), then Linear, then a BN without learnt
+    scale and shift (`plain`, as both authors' code) or none. The BNs are `GlobalBatchNorm1d` (statistics of the
+    global batch, as the methods' SyncBN); a Linear followed by a BN has no bias (the BN removes it)."""
     layers: list[nn.Module] = []
     dims = [in_dim] + [hidden_dim] * (num_layers - 1)
     for a, b in itertools.pairwise(dims):
         layers += [nn.Linear(a, b, bias=False), GlobalBatchNorm1d(b), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-1], out_dim, bias=output_norm == "none"))
-    if output_norm != "none":
-        layers.append(GlobalBatchNorm1d(out_dim, affine=output_norm == "affine"))
+    if output_norm == "plain":
+        layers.append(GlobalBatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
