@@ -53,6 +53,15 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
+class StandardizedLinear(nn.Linear):
+    """Linear layer with weight standardisation (Qiao et al. 2019): each output's weight row is shifted to mean 0
+    and scaled to variance 1 at every call, so the layer needs no batch statistics after it (with GroupNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(self.weight, dim=1, unbiased=False, keepdim=True)
+        return F.linear(x, (self.weight - mean) * torch.rsqrt(var + 1e-5), self.bias)
+
+
 class SimCLRProjector(nn.Module):
     """SimCLR's projector: (Linear-BN-ReLU) x (num_layers - 1), then Linear. Three layers in SLIP (as SimCLR v2),
     two in the SimCLR paper."""
