@@ -57,6 +57,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, prefix=key)  # type: ignore[arg-type]
     if origin is Literal:
         choices = typing.get_args(tp)
+        if value is None and "none" in choices:  # `key=none` reads as null; here it is the choice of that name
+            return "none"
         if value not in choices:
             raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
         return value

@@ -61,6 +61,7 @@ def train(preset: str, accum: int, steps: int = 3, *overrides: str) -> tuple[lis
 FAMILIES = [
     "clip-tiny-test",
     "slip-tiny-test",
+    "simclr-tiny-test",
     "ibot-tiny-test",
     "dino-tiny-test",
     "mae-tiny-test",
@@ -68,6 +69,7 @@ FAMILIES = [
     "byol-tiny-test",
     "simsiam-tiny-test",
     "mocov3-tiny-test",
+    "mocov2-tiny-test",
     "siglip-tiny-test",
     "flip-tiny-test",
     "clip+mlm+tdist-tiny-test",

@@ -97,6 +97,7 @@ def prefixes(names: set[str]) -> set[str]:
             {"student.visual", "objectives.mlm"},
         ),
         ("slip-tiny-test", "simclr", {"student.visual", "objectives.simclr"}, {"student.text"}),
+        ("simclr-tiny-test", "simclr", {"student.visual", "objectives.simclr"}, set()),
         (
             "maskclip-tiny-test",
             "masked_distill",
@@ -105,6 +106,7 @@ def prefixes(names: set[str]) -> set[str]:
         ),
         ("simsiam-tiny-test", "simsiam", {"student.visual", "objectives.simsiam"}, {"student.text"}),
         ("mocov3-tiny-test", "mocov3", {"student.visual", "objectives.mocov3"}, {"student.text"}),
+        ("mocov2-tiny-test", "mocov2", {"student.visual", "objectives.mocov2"}, {"student.text"}),
         (
             "siglip-tiny-test",
             "siglip",

@@ -1,4 +1,4 @@
-"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP), end to end: each is
+"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP, MoCo v2, SimCLR), end to end: each is
 listed by `harmony presets`, trains two steps with finite losses in its range, and the benchmark's FLOP
 breakdown has its parts; then what is particular to one of them (SigLIP's scale and bias, FLIP's evaluation on
 full images). Training runs `harmony train` in this process; the benchmark's measurement is `harmony bench`'s
@@ -52,6 +52,13 @@ SMOKE = {
         heads=True,
     ),
     "flip": Smoke(lambda v: math.isfinite(v) and v > 0, frozenset({"student ViT", "text student"})),
+    "simclr": Smoke(
+        lambda v: math.isfinite(v) and v > 0, frozenset({"student ViT", "heads"}), heads=True, no_teacher=True
+    ),
+    # InfoNCE over the key and 64 queued negatives: at most about log 65 while the queue fills
+    "mocov2": Smoke(
+        lambda v: 0.0 <= v <= math.log(65) + 0.5, frozenset({"student ViT", "teacher ViT", "heads"}), heads=True
+    ),
 }
 
 

@@ -35,18 +35,49 @@ def test_simsiam_loss_is_the_symmetric_negative_cosine_with_a_stop_gradient_on_z
 
 
 def test_simsiam_heads_are_the_papers() -> None:
-    """Projector Linear-BN-ReLU x2, Linear-BN (affine); predictor a bottleneck Linear-BN-ReLU-Linear."""
+    """Projector Linear-BN-ReLU x2, Linear-BN without learnt scale and shift (`affine=False` in the authors' code);
+    predictor a bottleneck Linear-BN-ReLU-Linear."""
     task, _ = make_task_and_batch("simsiam-tiny-test")
     objective = task.objectives["simsiam"]
     kinds = [type(m).__name__ for m in objective.projector]
     assert kinds == ["Linear", "GlobalBatchNorm1d", "ReLU"] * 2 + ["Linear", "GlobalBatchNorm1d"]
-    assert objective.projector[-1].affine
+    assert not objective.projector[-1].affine
+    assert objective.projector[-1].weight is None and objective.projector[-1].bias is None
+    assert not any(name.startswith("projector.7.") for name, _ in objective.named_parameters())
     assert [type(m).__name__ for m in objective.predictor] == ["Linear", "GlobalBatchNorm1d", "ReLU", "Linear"]
     cfg = task.cfg.objectives.simsiam
     assert objective.predictor[0].weight.shape == (cfg.predictor_hidden_dim, cfg.out_dim)
     assert objective.predictor[-1].weight.shape == (cfg.out_dim, cfg.predictor_hidden_dim)
     assert cfg.predictor_hidden_dim < cfg.out_dim  # the bottleneck
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in objective.modules())
+
+
+def authors_projector(prev_dim: int, dim: int) -> torch.nn.Sequential:
+    """The projector of the SimSiam authors' `builder.py`, written from it: the encoder's fc becomes three
+    layers, the last Linear's bias unused (it is followed by BN) and the last BN without scale and shift."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(prev_dim, prev_dim, bias=False),
+        torch.nn.BatchNorm1d(prev_dim),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Linear(prev_dim, prev_dim, bias=False),
+        torch.nn.BatchNorm1d(prev_dim),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Linear(prev_dim, dim, bias=False),
+        torch.nn.BatchNorm1d(dim, affine=False),
+    )
+
+
+def test_simsiam_projector_is_the_authors_on_identical_tensors() -> None:
+    """The same trained tensors (no learnt scale or shift at the output) and the same outputs, in train mode."""
+    task, _ = make_task_and_batch("simsiam-tiny-test", overrides=("objectives.simsiam.hidden_dim=32",))
+    ours = task.objectives["simsiam"].projector
+    assert task.student.visual.embed_dim == 32  # the authors' hidden width is the encoder's
+    theirs = authors_projector(32, task.cfg.objectives.simsiam.out_dim)
+    assert [tuple(p.shape) for p in ours.parameters()] == [tuple(p.shape) for p in theirs.parameters()]
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
 def test_simsiam_objective_matches_a_direct_computation_on_the_student() -> None:

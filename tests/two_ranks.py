@@ -33,6 +33,8 @@ SIGLIP_RUN = ("train", "--preset", "siglip-tiny-test", "--batch-size", "8", "--m
 SIGLIP_RUN += ("train.log_every=1",)
 MOCOV3_RUN = ("train", "--preset", "mocov3-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress")
 MOCOV3_RUN += ("train.log_every=1",)
+MOCOV2_RUN = ("train", "--preset", "mocov2-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress")
+MOCOV2_RUN += ("train.log_every=1",)
 CAPTIONS_RUN = ("train", "--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0")
 CAPTIONS_RUN += ("--no-progress", "--batch-size", "8", "--max-steps", "3", "model.context_length=77")
 CAPTIONS_RUN += ("train.log_every=1",)
@@ -51,6 +53,7 @@ TRAININGS: dict[str, tuple[str, ...]] = {
     "fsdp_frozen": (*HARMONY_RUN, *FROZEN, "train.strategy=fsdp"),
     "siglip": SIGLIP_RUN,
     "mocov3": MOCOV3_RUN,
+    "mocov2": MOCOV2_RUN,
     "cut_captions": CAPTIONS_RUN,  # each rank cuts its captions to its own batch's length
     "mixed_sources": MIXED_RUN,  # two sources drawn by weight, each rank its places of every batch
 }
@@ -60,6 +63,12 @@ def text_distill_and_sharded_clipping(folder: Path) -> None:
     from tests.test_fidelity import text_distill_and_clipping_on_this_rank
 
     text_distill_and_clipping_on_this_rank(dist.get_rank(), folder)
+
+
+def simclr_global_batch(folder: Path) -> None:
+    from tests.test_simclr import contrast_this_ranks_rows
+
+    contrast_this_ranks_rows(dist.get_rank(), folder)
 
 
 def global_batchnorm(folder: Path) -> None:
@@ -80,6 +89,7 @@ def frozen_resumed(strategy: str) -> Callable[[Path], None]:
 CHECKS: dict[str, Callable[[Path], None]] = {
     "text_distill_and_sharded_clipping": text_distill_and_sharded_clipping,
     "global_batchnorm": global_batchnorm,
+    "simclr_global_batch": simclr_global_batch,
     "ddp_frozen_resumed": frozen_resumed("ddp"),
     "fsdp_frozen_resumed": frozen_resumed("fsdp"),
 }

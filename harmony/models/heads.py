@@ -53,36 +53,43 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
-class SimCLRProjector(nn.Module):
-    """SLIP's image-SSL projector: Linear-BN-ReLU x2 then Linear."""
+class StandardizedLinear(nn.Linear):
+    """Linear layer with weight standardisation (Qiao et al. 2019): each output's weight row is shifted to mean 0
+    and scaled to variance 1 at every call, so the layer needs no batch statistics after it (with GroupNorm)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(self.weight, dim=1, unbiased=False, keepdim=True)
+        return F.linear(x, (self.weight - mean) * torch.rsqrt(var + 1e-5), self.bias)
+
+
+class SimCLRProjector(nn.Module):
+    """SimCLR's projector: (Linear-BN-ReLU) x (num_layers - 1), then Linear. Three layers in SLIP (as SimCLR v2),
+    two in the SimCLR paper."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
-        )
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+        for a, b in itertools.pairwise(dims):
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(dims[-1], out_dim))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
 def batchnorm_mlp(
-    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, output_norm: Literal["affine", "plain", "none"]
+    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, output_norm: Literal["plain", "none"]
 ) -> nn.Sequential:
-    """SimSiam's / MoCo v3's heads: (Linear-BN-ReLU) x (num_layers - 1), then Linear, then a BN with learnt
-    scale and shift (`affine`), without them (`plain`) or none. The BNs are `GlobalBatchNorm1d` (statistics of
-    the global batch, as the methods' SyncBN); a Linear followed by a BN has no bias (the BN removes it)."""
+    """SimSiam's / MoCo v3's heads: (Linear-BN-ReLU) x (num_layers - 1), then Linear, then a BN without learnt
+    scale and shift (`plain`, as both authors' code) or none. The BNs are `GlobalBatchNorm1d` (statistics of the
+    global batch, as the methods' SyncBN); a Linear followed by a BN has no bias (the BN removes it)."""
     layers: list[nn.Module] = []
     dims = [in_dim] + [hidden_dim] * (num_layers - 1)
     for a, b in itertools.pairwise(dims):
         layers += [nn.Linear(a, b, bias=False), GlobalBatchNorm1d(b), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-1], out_dim, bias=output_norm == "none"))
-    if output_norm != "none":
-        layers.append(GlobalBatchNorm1d(out_dim, affine=output_norm == "affine"))
+    if output_norm == "plain":
+        layers.append(GlobalBatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)

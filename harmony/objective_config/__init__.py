@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from harmony.objective_config.mocov2 import MoCoV2Config
 from harmony.objective_config.section import DecoderConfig, HeadConfig, ObjectiveSection
 from harmony.objective_config.sections import (
     BYOLConfig,
@@ -35,6 +36,7 @@ __all__ = [
     "MAEConfig",
     "MLMConfig",
     "MaskedDistillConfig",
+    "MoCoV2Config",
     "MoCoV3Config",
     "ObjectiveSection",
     "ObjectivesConfig",
@@ -59,6 +61,7 @@ class ObjectivesConfig:
     mocov3: MoCoV3Config | None = None
     siglip: SigLIPConfig | None = None
     flip: FLIPConfig | None = None
+    mocov2: MoCoV2Config | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]

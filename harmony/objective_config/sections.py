@@ -4,7 +4,7 @@ distillation, SimCLR, BYOL, SimSiam, MoCo v3, SigLIP, FLIP): one dataclass per r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from harmony.objective_config.section import (
     DROPPED_CROPS,
@@ -73,6 +73,13 @@ class IBOTConfig(SelfDistillationSection):
     mask_min_patches: int = 16
     mask_aspect_min: float = 0.3
     freeze_last_layer_epochs: float = 1.0
+    # the lecture's ablations: `student` makes the teacher the student's current weights (no momentum teacher: its
+    # targets are the student's own outputs on the clean global crops, without gradient); `mse` puts the squared
+    # distance between the teacher's and the student's distributions in place of the cross-entropy; `predictor`
+    # adds an MLP on the student side, between the head's MLP and its last layer
+    teacher: Literal["ema", "student"] = "ema"
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    predictor: bool = False
 
     def probabilities(self) -> dict[str, float]:
         return {"mask_probability": self.mask_probability}
@@ -143,7 +150,8 @@ class TextDistillConfig(MaskedCaptionSection, SelfDistillationSection):
 
 @dataclass
 class SimCLRConfig(ObjectiveSection):
-    """SLIP's image-image contrast between the two global crops (MLP projection, NT-Xent)."""
+    """SimCLR's image-image contrast between the two global crops (MLP projection of `num_layers` linear layers,
+    NT-Xent); the defaults are SLIP's."""
 
     min_batch: ClassVar[int] = 2
     min_batch_per_process: ClassVar[int] = 2
@@ -153,9 +161,15 @@ class SimCLRConfig(ObjectiveSection):
     temperature: float = 0.1
     hidden_dim: int = 4096
     out_dim: int = 256
+    num_layers: int = 3
 
     def positives(self) -> dict[str, float]:
-        return {"hidden_dim": self.hidden_dim, "out_dim": self.out_dim, "temperature": self.temperature}
+        return {
+            "hidden_dim": self.hidden_dim,
+            "out_dim": self.out_dim,
+            "temperature": self.temperature,
+            "num_layers": self.num_layers,
+        }
 
 
 @dataclass
@@ -180,6 +194,10 @@ class MaskedDistillConfig(SelfDistillationSection):
         return {DROPPED_CROPS: ("keep_ratio", self.keep_ratio)}
 
 
+# the groups of GroupNorm in BYOL's heads with `norm: gn_ws`
+BYOL_GROUPS = 16
+
+
 @dataclass
 class BYOLConfig(ObjectiveSection):
     """BYOL between the two global crops: online projector + predictor (MLPs), EMA target, 2 - 2 cos."""
@@ -190,9 +208,19 @@ class BYOLConfig(ObjectiveSection):
     weight: float = 1.0
     hidden_dim: int = 4096
     out_dim: int = 256
+    # the heads' normalisation: BatchNorm (the paper's), none, or GroupNorm over BYOL_GROUPS groups after
+    # weight-standardised linear layers (the lecture's ablations)
+    norm: Literal["bn", "none", "gn_ws"] = "bn"
 
     def positives(self) -> dict[str, float]:
         return {"hidden_dim": self.hidden_dim, "out_dim": self.out_dim}
+
+    def check(self, key: str) -> None:
+        if self.norm == "gn_ws" and self.hidden_dim % BYOL_GROUPS:
+            raise ConfigError(
+                f"config key '{key}.hidden_dim' must be a multiple of {BYOL_GROUPS} with norm gn_ws "
+                f"(GroupNorm's {BYOL_GROUPS} groups), got {self.hidden_dim}"
+            )
 
 
 @dataclass

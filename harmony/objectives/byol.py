@@ -3,16 +3,21 @@
 For global crops a, b: z = projector(CLS_student(x)), p = predictor(z), z' = target_projector(CLS_teacher(x)),
     L = mean_b [2 - 2 cos(p_a, sg(z'_b))] + mean_b [2 - 2 cos(p_b, sg(z'_a))]
 (the paper's symmetrised loss). The target tower is the task's EMA teacher (momentum from `teacher.*`),
-the target projector the EMA copy of the online one; the predictor has no target copy.
+the target projector the EMA copy of the online one; the predictor has no target copy. `norm` gives the
+lecture's ablations of the heads: without BatchNorm, or with GroupNorm and weight standardisation.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harmony.models.heads import StandardizedLinear
 from harmony.objective_config import BYOLConfig
+from harmony.objective_config.sections import BYOL_GROUPS
 from harmony.objectives.base import Batch, Encoded, LossOutput, StepInfo, register
 from harmony.objectives.target_projector import TargetProjectorObjective
 
@@ -26,8 +31,18 @@ def byol_loss(p_a: torch.Tensor, p_b: torch.Tensor, z_a: torch.Tensor, z_b: torc
     return term(p_a, z_b) + term(p_b, z_a)
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """BYOL's projector/predictor: Linear - BatchNorm - ReLU - Linear."""
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, norm: Literal["bn", "none", "gn_ws"] = "bn") -> nn.Sequential:
+    """BYOL's projector/predictor: Linear - BatchNorm - ReLU - Linear (`bn`, the paper's); without the BatchNorm
+    (`none`); or with a weight-standardised first Linear and GroupNorm in place of the BatchNorm (`gn_ws`)."""
+    if norm == "none":
+        return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+    if norm == "gn_ws":
+        return nn.Sequential(
+            StandardizedLinear(in_dim, hidden_dim),
+            nn.GroupNorm(BYOL_GROUPS, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim),
+        )
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
     )
@@ -41,7 +56,10 @@ class BYOLObjective(TargetProjectorObjective):
 
     def __init__(self, cfg: BYOLConfig, embed_dim: int) -> None:
         super().__init__(cfg)
-        self.set_heads(mlp(embed_dim, cfg.hidden_dim, cfg.out_dim), mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim))
+        self.set_heads(
+            mlp(embed_dim, cfg.hidden_dim, cfg.out_dim, cfg.norm),
+            mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim, cfg.norm),
+        )
 
     def forward(self, enc: Encoded, batch: Batch, step: StepInfo) -> LossOutput:
         p_a = self.predictor(self.projector(enc.clean[0][:, 0]))

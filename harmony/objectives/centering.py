@@ -27,6 +27,11 @@ def soft_cross_entropy(targets: torch.Tensor, student_logits: torch.Tensor, temp
     return -(targets * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(dim=-1)
 
 
+def soft_squared_error(targets: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row ||p - softmax(s / tau)||^2 summed over the K outputs: the MSE ablation of `soft_cross_entropy`."""
+    return (F.softmax(student_logits.float() / temperature, dim=-1) - targets).square().sum(dim=-1)
+
+
 class Center(nn.Module):
     """EMA of the all-reduced mean of raw teacher logits.
 

@@ -1,7 +1,9 @@
-"""SLIP's image self-supervision: SimCLR (NT-Xent) between the two global crops.
+"""SimCLR (NT-Xent) between the two global crops: SLIP's image self-supervision, and the image-only `simclr`
+method (Chen et al. 2020).
 
 For view a: logits against every gathered b (positive at the own index) and every other gathered a
-(own index excluded); symmetric for b; L = 1/2 (CE_a + CE_b), temperature 0.1.
+(own index excluded); symmetric for b; L = 1/2 (CE_a + CE_b), temperature 0.1. The projector has
+`num_layers` linear layers (SLIP: 3; the SimCLR paper: 2, to 128 dimensions).
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ def simclr_loss(
 
 @register
 class SimCLRObjective(CropPairObjective):
-    """SLIP's SimCLR: NT-Xent between the projected CLS tokens of the two clean global crops."""
+    """SimCLR: NT-Xent between the projected CLS tokens of the two clean global crops."""
 
     key = "simclr"
 
     def __init__(self, cfg: SimCLRConfig, embed_dim: int) -> None:
         super().__init__(cfg)
-        self.projector = SimCLRProjector(embed_dim, cfg.hidden_dim, cfg.out_dim)
+        self.projector = SimCLRProjector(embed_dim, cfg.hidden_dim, cfg.out_dim, cfg.num_layers)
 
     def flop_parts(self) -> dict[str, list[torch.nn.Module]]:
         return {"heads": [self.projector]}

@@ -3,7 +3,8 @@
 For global crops a, b: z = projector(CLS_student(x)), p = predictor(z), D(p, z) = -cos(p, sg(z)),
     L = 1/2 D(p_a, z_b) + 1/2 D(p_b, z_a)
 (Chen & He 2021). Both branches are the student: no EMA teacher, the stop-gradient alone prevents collapse.
-Projector: 3 layers Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN; predictor: the bottleneck Linear-BN-ReLU-Linear.
+Projector: 3 layers Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN (no learnt scale and shift, as the authors' code);
+predictor: the bottleneck Linear-BN-ReLU-Linear.
 The BNs use the global batch (`GlobalBatchNorm1d`), as the paper's SyncBN.
 """
 
@@ -42,7 +43,7 @@ class SimSiamObjective(CropPairObjective):
 
     def __init__(self, cfg: SimSiamConfig, embed_dim: int) -> None:
         super().__init__(cfg)
-        self.projector = batchnorm_mlp(embed_dim, cfg.hidden_dim, cfg.out_dim, num_layers=3, output_norm="affine")
+        self.projector = batchnorm_mlp(embed_dim, cfg.hidden_dim, cfg.out_dim, num_layers=3, output_norm="plain")
         self.predictor = batchnorm_mlp(
             cfg.out_dim, cfg.predictor_hidden_dim, cfg.out_dim, num_layers=2, output_norm="none"
         )
