@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from harmony.eval.detdata import coco_ground_truth, open_detection
 from harmony.presets import build_config
 from harmony.repro.suite import adjusted, load_suite
 from harmony.typed import flatten, to_dict
-from tests.conftest import Cli, tiny
+from tests.conftest import REPO, Cli, tiny
 
 
 def build_miniature(root: Path, classes: int = 1000) -> dict[str, str]:
@@ -79,14 +80,22 @@ def assignments(values: dict[str, str]) -> list[str]:
     return ["--set", *(f"{k}={v}" for k, v in values.items())]
 
 
-# a budget that runs in seconds: tiny models, two steps, every evaluation cut to a few steps
-SHRUNK = ["--size", "tiny-test", "--workers", "0", "--train-set", "train.max_steps=2", "train.batch_size=8"]
-SHRUNK += ["data.num_workers=0", "--eval-set", "zeroshot.classnames=", "zeroshot.templates=simple"]
-SHRUNK += ["finetune.epochs=1", "finetune.batch_size=8", "finetune.warmup_epochs=0", "linear.epochs=2"]
-SHRUNK += ["segment.fpn_steps=2", "segment.batch_size=2", "segment.crop_size=32", "segment.warmup_steps=1"]
-SHRUNK += ["segment.fpn_channels=16", "detect.epochs=1", "detect.batch_size=2", "detect.warmup_steps=1"]
-SHRUNK += ["detect.train_sizes=32", "detect.test_size=32", "detect.fpn_channels=16", "detect.box_head=32"]
-SHRUNK += ["detect.rois_per_image=16", "detect.proposals=50", "detect.detections_per_image=10"]
+def readme_commands() -> list[list[str]]:
+    """The `harmony repro --suite paper-table1` commands of the README's "Reproducing the paper at full scale"."""
+    text = (REPO / "README.md").read_text().split("## Reproducing the paper at full scale", 1)[1].split("\n## ", 1)[0]
+    lines = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S)).replace("\\\n", " ").splitlines()
+    return [shlex.split(line)[1:] for line in lines if line.startswith("harmony repro --suite paper-table1")]
+
+
+def on_miniature(command: list[str], values: dict[str, str], out: Path | None = None) -> list[str]:
+    """A README command with its data paths (and output folder) replaced by the miniature's."""
+    replaced = [
+        f"{word.split('=')[0]}={values[word.split('=')[0]]}" if word.split("=")[0] in values else word
+        for word in command
+    ]
+    if out is not None:
+        replaced[replaced.index("--out") + 1] = str(out)
+    return replaced
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +113,7 @@ def broken_copy(tmp_path: Path, miniature: tuple[Path, dict[str, str]]) -> tuple
 def test_dry_run_of_the_miniature_passes_and_estimates_the_compute(
     miniature: tuple[Path, dict[str, str]], cli: Cli
 ) -> None:
-    command = ["repro", "--suite", "paper-table1", "--dry-run", *assignments(miniature[1])]
+    command = on_miniature(next(c for c in readme_commands() if "--dry-run" in c), miniature[1])
     proc = cli(*command, "--size", "tiny-test", "--methods", "clip,harmony", "--gpu", "a100", "--mfu", "0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "problem" not in proc.stdout and proc.stderr == ""
@@ -172,8 +181,8 @@ def test_dry_run_names_a_missing_folder_or_image(
 def test_the_miniature_trains_and_evaluates_end_to_end(tmp_path: Path, cli: Cli) -> None:
     values = build_miniature(tmp_path / "miniature", classes=3)  # 1000 zero-shot classes would take a minute
     out = tmp_path / "repro"
-    args = ["repro", "--suite", "paper-table1", *assignments(values), "--out", str(out), "--device", "cpu"]
-    proc = cli(*args, *SHRUNK, "--methods", "clip,harmony")
+    command = on_miniature(next(c for c in readme_commands() if "--size" in c), values, out)
+    proc = cli(*command, "--eval-set", "zeroshot.classnames=", "zeroshot.templates=simple")  # 3 classes, not 1000
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"clip-tiny-test", "harmony-tiny-test"}
