@@ -149,7 +149,8 @@ def test_dry_run_names_each_broken_thing_in_one_line(
         for line in problems
     ), problems
     assert any(f"'{captions}' has no 'annotations'" in line for line in problems), problems
-    assert len(problems) == 4, "the missing class is named once for linear and once for fine-tuning's check"
+    assert any("has 999 class folders but class names 'imagenet' name 1000 classes" in line for line in problems)
+    assert len(problems) == 4, problems
     assert "compute estimate" not in proc.stdout, "nothing is estimated or trained over broken data"
 
 
