@@ -38,7 +38,9 @@ class Findings:
     train_samples: int = 0
 
     def problem(self, text: str) -> None:
-        self.problems.append(text)
+        """Record a problem once (two tasks reading one folder find it twice)."""
+        if text not in self.problems:
+            self.problems.append(text)
 
 
 def check_suite_data(suite: Suite) -> Findings:

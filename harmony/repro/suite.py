@@ -147,19 +147,18 @@ def _suite_text(name: str) -> tuple[str, str]:
     raise ConfigError(f"unknown suite '{name}': built-in suites are {', '.join(suite_names())}, or give a .yaml file")
 
 
-@dataclass
-class _Variables:
-    entries: dict[str, Variable] = field(default_factory=dict)
-
-
 def _declared(name: str, raw: Any) -> dict[str, Variable]:
     """The `variables` section: `name: description` or `name: {description: ..., default: ...}`."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"suite '{name}': 'variables' must map names to descriptions")
-    spelled = {str(k): ({"description": v} if isinstance(v, str) else v) for k, v in raw.items()}
-    declared: dict[str, Variable] = from_dict(_Variables, {"entries": spelled}).entries
+    declared: dict[str, Variable] = {}
+    for var, spec in raw.items():
+        spelled = {"description": spec} if isinstance(spec, str) else spec
+        if not isinstance(spelled, dict):
+            raise ConfigError(f"suite '{name}': variable '{var}' needs a description (or description and default)")
+        declared[str(var)] = from_dict(Variable, spelled, prefix=f"variables.{var}")
     return declared
 
 
