@@ -211,7 +211,10 @@ def check_class_folders(task: Task, train: str, found: Findings) -> str:
                 f"'{task.data}' has {count} class folders but class names '{named}' name "
                 f"{len(class_name_set(str(named)))} classes"
             )
-    return f"{count} classes" + (" in both splits" if len(splits) == 2 else "")
+    if len(splits) == 1:
+        return f"{count} classes"
+    trained = len(classes[splits[0]])
+    return f"{count} classes in both splits" if trained == count else f"{trained} training, {count} evaluation classes"
 
 
 def check_segmentation_split(spec: str, found: Findings) -> str:
