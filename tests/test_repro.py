@@ -100,9 +100,11 @@ def test_micro_suite_end_to_end_and_resume(
 
 
 def test_builtin_suites_load() -> None:
-    assert {"demo", "shapes-tiny", "shapes-small"} <= set(suite_names())
+    assert {"demo", "shapes-tiny", "shapes-small", "paper-table1", "paper-table4"} <= set(suite_names())
+    data = {"train_data": "cc3m", "imagenet": "imagenet", "ade20k": "ade20k"}
+    given = {"paper-table1": {**data, "coco": "coco"}, "paper-table4": data}
     for name in suite_names():
-        suite = load_suite(name)
+        suite = load_suite(name, given.get(name))
         assert "clip" in suite.methods and "harmony" in suite.methods, name
     table = load_suite("shapes-tiny")
     assert table.methods == ["clip", "slip", "maskclip", "ibot", "mae", "harmony"]

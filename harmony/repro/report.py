@@ -12,6 +12,8 @@ import torch
 
 from harmony.repro.suite import Suite
 
+PAPER_NOTE = "Values in %; difference = ours - paper, in points."
+
 
 def metric(evals: dict[str, Any], path: str) -> float | None:
     """`task.metric` from a method's evaluation results (None when skipped or missing)."""
@@ -40,6 +42,21 @@ def markdown_table(suite: Suite, runs: dict[str, dict[str, Any]], bold: bool = T
             text = f"{100 * value:.1f}"
             cells.append(f"**{text}**" if bold and best[c] is not None and value == best[c] else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paper_table(suite: Suite, runs: dict[str, dict[str, Any]]) -> str:
+    """Ours beside the paper's reported numbers, one row per method and metric the paper reports, with the
+    difference (ours - paper, in points); '' when the suite holds no paper numbers."""
+    if not suite.paper.results:
+        return ""
+    lines = ["| method | metric | ours | paper | difference |", "|---|---|---:|---:|---:|"]
+    for preset, run in runs.items():
+        reported = suite.paper.results.get(suite.method_of(preset), {})
+        for column, paper in reported.items():
+            ours = metric(run["evals"], suite.columns[column])
+            cells = ("—", "—") if ours is None else (f"{100 * ours:.1f}", f"{100 * ours - paper:+.1f}")
+            lines.append(f"| {preset} | {column} | {cells[0]} | {paper:.1f} | {cells[1]} |")
     return "\n".join(lines)
 
 
@@ -121,6 +138,8 @@ def write_report(suite: Suite, out: Path, runs: dict[str, dict[str, Any]]) -> Pa
     charts = bar_charts(suite, runs, out)
     curves = loss_curves(runs, out / "loss_curves.png")
     budget = ", ".join(suite.train.overrides) or "preset defaults"
+    own = {m: o for m, o in suite.train.per_method.items() if f"{m}-{suite.size}" in runs}
+    versus = paper_table(suite, runs)
     times = ", ".join(
         f"{n}: {r['train'].get('train_time_s', 0) / 60:.1f} min"
         for n, r in runs.items()
@@ -137,8 +156,14 @@ def write_report(suite: Suite, out: Path, runs: dict[str, dict[str, Any]]) -> Pa
         suite.description,
         "",
         f"- model size: `{suite.size}`; training data: `{suite.train.data}`; budget (same for every method): {budget}",
+        *[f"- `{m}` also: {', '.join(o)}" for m, o in own.items()],
         f"- evaluation data: `{suite.eval.data}`"
         + (f", training split `{suite.eval.train}`" if suite.eval.train else ""),
+        *[
+            f"- `{t.name}`: `{t.data}`" + (f", training split `{t.train}`" if t.train else "")
+            for t in map(suite.eval.task, suite.eval.tasks)
+            if (t.data, t.train) != (suite.eval.data, suite.eval.train)
+        ],
         f"- device: {device}; training time per method: {times or 'reused from earlier runs'}",
         "",
         "Values in %, best in bold; — where a protocol does not apply (no text tower).",
@@ -147,6 +172,7 @@ def write_report(suite: Suite, out: Path, runs: dict[str, dict[str, Any]]) -> Pa
         "",
         *[f"![{p.stem}]({p.name})" for p in charts],
         "",
+        *([f"## Beside the paper ({suite.paper.source})", "", PAPER_NOTE, "", versus, ""] if versus else []),
         "## Loss curves",
         "",
         f"![loss curves]({curves.name})",

@@ -40,7 +40,7 @@ def _train_command(suite: Suite, preset: str, run_dir: Path, fresh: bool) -> lis
         str(run_dir),
         *(["--overwrite"] if fresh else ["--resume", "auto"]),
         "--no-progress",
-        *suite.train.overrides,
+        *suite.overrides_for(preset),
     ]
 
 
@@ -53,7 +53,7 @@ def train_method(suite: Suite, preset: str, run_dir: Path, echo: bool = True) ->
     """Train one method unless a matching finished run exists; returns the finished marker. The
     training output goes to `train.log`, and its progress lines (one per log step) to the console."""
     marker = run_dir / "finished.json"
-    wanted = {"preset": preset, "data": suite.train.data, "overrides": suite.train.overrides}
+    wanted = {"preset": preset, "data": suite.train.data, "overrides": suite.overrides_for(preset)}
     fresh = False
     if marker.exists():
         done = json.loads(marker.read_text())
@@ -110,11 +110,13 @@ def evaluate_method(
     identity = pretrained.file_identity  # a retrained method is evaluated again
     results: dict[str, Any] = {}
     for task in suite.eval.tasks:
-        protocol, data, settings = suite.eval.task(task)
+        spec = suite.eval.task(task)
+        protocol, data, settings = spec.protocol, spec.data, spec.settings
         path = eval_dir / f"{task}.json"
         requested = {
             "protocol": protocol,
             "data": data,
+            **({"train": spec.train} if spec.train else {}),
             "settings": settings,
             "weights": pretrained.weights,
             "checkpoint": identity,
@@ -134,7 +136,7 @@ def evaluate_method(
                 pretrained,
                 data,
                 device,
-                train_spec=suite.eval.train or None,
+                train_spec=spec.train or None,
                 cache_dir=cache,
                 maps_dir=eval_dir / "maps",
                 num_workers=suite.eval.workers,
