@@ -48,7 +48,7 @@ def cmd_repro(args: argparse.Namespace) -> int:
     import json
 
     from harmony.outputs import check_output_dir
-    from harmony.repro.report import plain_table
+    from harmony.repro.report import plain_tables
     from harmony.repro.runner import run_repro
 
     suite = suite_of(args)
@@ -57,7 +57,7 @@ def cmd_repro(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out or Path("runs") / "repro" / suite.name)
     report = run_repro(suite, out, with_ablations=args.ablations, device=args.device)
     runs = json.loads((out / "results.json").read_text())
-    print(plain_table(suite, runs))
+    print(plain_tables(suite, runs))
     print(f"report: {report}")
     return 0
 

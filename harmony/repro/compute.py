@@ -95,14 +95,14 @@ def estimate(suite: Suite, preset: str, counted_samples: int) -> Estimate:
     from harmony.train.loop import total_steps_of
 
     overrides = suite.overrides_for(preset)
-    cfg = build_config(preset, overrides)
+    cfg = build_config(suite.preset_of(preset), overrides)
     if suite.train.data.startswith("builtin:"):
         samples = cfg.data.builtin.num_train
     else:
         samples = cfg.data.epoch_size or counted_samples
     per_epoch = samples // cfg.train.batch_size
     steps = total_steps_of(cfg, per_epoch) if per_epoch or cfg.train.max_steps else 0
-    return Estimate(preset, step_flops(preset, overrides), cfg.train.batch_size, samples, steps)
+    return Estimate(preset, step_flops(suite.preset_of(preset), overrides), cfg.train.batch_size, samples, steps)
 
 
 def compute_table(estimates: list[Estimate], gpu: Accelerator) -> str:

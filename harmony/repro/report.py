@@ -1,4 +1,5 @@
-"""The reproduction report: one table (methods x metrics, best in bold), bar charts, loss curves."""
+"""The reproduction report: the table (methods x metrics, best in bold), the suite's further tables, the paper's
+numbers beside ours, bar charts, loss curves."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from harmony.repro.suite import Suite
+from harmony.repro.suite import Suite, TableSpec
 
 PAPER_NOTE = "Values in %; difference = ours - paper, in points."
 
@@ -22,15 +23,21 @@ def metric(evals: dict[str, Any], path: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def table_rows(suite: Suite, runs: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[float | None]]]:
-    names = list(runs)
-    values = [[metric(runs[name]["evals"], path) for path in suite.columns.values()] for name in names]
+def table_rows(
+    suite: Suite, runs: dict[str, dict[str, Any]], table: TableSpec | None = None
+) -> tuple[list[str], list[list[float | None]]]:
+    """Row names and values of the main table (every run, the suite's columns) or of one of `suite.tables`."""
+    names = list(runs) if table is None else [r for m in table.methods if (r := f"{m}-{suite.size}") in runs]
+    columns = suite.columns if table is None or not table.columns else table.columns
+    values = [[metric(runs[name]["evals"], path) for path in columns.values()] for name in names]
     return names, values
 
 
-def markdown_table(suite: Suite, runs: dict[str, dict[str, Any]], bold: bool = True) -> str:
-    names, values = table_rows(suite, runs)
-    columns = list(suite.columns)
+def markdown_table(
+    suite: Suite, runs: dict[str, dict[str, Any]], bold: bool = True, table: TableSpec | None = None
+) -> str:
+    names, values = table_rows(suite, runs, table)
+    columns = list(suite.columns if table is None or not table.columns else table.columns)
     best = [max((v for row in values if (v := row[c]) is not None), default=None) for c in range(len(columns))]
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, row in zip(names, values):
@@ -60,10 +67,12 @@ def paper_table(suite: Suite, runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plain_table(suite: Suite, runs: dict[str, dict[str, Any]]) -> str:
-    """The table for a terminal (values in %, '-' when not applicable)."""
-    names, values = table_rows(suite, runs)
-    columns = list(suite.columns)
+def plain_table(suite: Suite, runs: dict[str, dict[str, Any]], table: TableSpec | None = None) -> str:
+    """A table for a terminal (values in %, '-' when not applicable): the main one, or one of `suite.tables`."""
+    names, values = table_rows(suite, runs, table)
+    if not names:
+        return ""
+    columns = list(suite.columns if table is None or not table.columns else table.columns)
     width = max(len(n) for n in names) + 2
     head = f"{'method':<{width}}" + "".join(f"{c:>{max(len(c), 7) + 2}}" for c in columns)
     lines = [head, "-" * len(head)]
@@ -72,7 +81,22 @@ def plain_table(suite: Suite, runs: dict[str, dict[str, Any]]) -> str:
             f"{('-' if v is None else f'{100 * v:.1f}'):>{max(len(c), 7) + 2}}" for c, v in zip(columns, row)
         )
         lines.append(f"{name:<{width}}{cells}")
-    return "\n".join(lines)
+    return "\n".join([table.title, *lines] if table is not None and table.title else lines)
+
+
+def plain_tables(suite: Suite, runs: dict[str, dict[str, Any]]) -> str:
+    """The main table and each of the suite's further tables, for a terminal."""
+    parts = [plain_table(suite, runs), *(plain_table(suite, runs, t) for t in suite.tables)]
+    return "\n\n".join(p for p in parts if p)
+
+
+def further_tables(suite: Suite, runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The report's lines for the suite's further tables (a heading and a table each)."""
+    lines: list[str] = []
+    for index, table in enumerate(suite.tables):
+        if table_rows(suite, runs, table)[0]:
+            lines += [f"## {table.title or f'Table {index + 2}'}", "", markdown_table(suite, runs, table=table), ""]
+    return lines
 
 
 def bar_charts(suite: Suite, runs: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
@@ -170,6 +194,7 @@ def write_report(suite: Suite, out: Path, runs: dict[str, dict[str, Any]]) -> Pa
         "",
         markdown_table(suite, runs),
         "",
+        *further_tables(suite, runs),
         *[f"![{p.stem}]({p.name})" for p in charts],
         "",
         *([f"## Beside the paper ({suite.paper.source})", "", PAPER_NOTE, "", versus, ""] if versus else []),

@@ -33,7 +33,7 @@ def _train_command(suite: Suite, preset: str, run_dir: Path, fresh: bool) -> lis
         "harmony.cli",
         "train",
         "--preset",
-        preset,
+        suite.preset_of(preset),
         "--data",
         suite.train.data,
         "--out",
@@ -47,6 +47,11 @@ def _train_command(suite: Suite, preset: str, run_dir: Path, fresh: bool) -> lis
 def _progress_line(line: str, preset: str) -> bool:
     """The trainer's per-log-step line ('<preset> step 40/500 loss ... elapsed ...')."""
     return line.startswith(f"{preset} step ")
+
+
+def _progress_of(line: str, suite: Suite, run: str) -> str:
+    """A progress line named by the suite's run (`dino@resnet-tiny step ...`), not only by its preset."""
+    return run + line.rstrip()[len(suite.preset_of(run)) :]
 
 
 def train_method(suite: Suite, preset: str, run_dir: Path, echo: bool = True) -> dict[str, Any]:
@@ -81,8 +86,8 @@ def train_method(suite: Suite, preset: str, run_dir: Path, echo: bool = True) ->
             for line in proc.stdout:
                 log.write(line)
                 last = line.strip() or last
-                if echo and _progress_line(line, preset):
-                    print(f"[repro] {line.rstrip()}", flush=True)
+                if echo and _progress_line(line, suite.preset_of(preset)):
+                    print(f"[repro] {_progress_of(line, suite, preset)}", flush=True)
         except KeyboardInterrupt:
             # the trainer got the same Ctrl-C and is saving its checkpoint: let it finish (a second
             # Ctrl-C aborts both), so that the next `harmony repro` continues from there

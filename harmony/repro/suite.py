@@ -7,7 +7,7 @@ A suite is a YAML file; the built-in ones live in `harmony/presets/suites/`, and
 ```yaml
 description: Table 1 on my data
 size: vit-s16                    # every method runs as {method}-{size}
-methods: [clip, slip, maskclip, ibot, mae, harmony]
+methods: [clip, slip, maskclip, ibot, mae, harmony]   # METHOD@LABEL: METHOD's preset, with per_method settings
 ablations: [clip+ibot, clip+ibot+soft, clip+ibot+soft+mae, clip+mlm, clip+mlm+tdist]
 variables:                       # named paths, given as `--set name=value`; ${name} in train/eval
   shards: WebDataset shards of image-caption pairs
@@ -29,6 +29,8 @@ eval:
 columns:                         # table columns: label -> task.metric
   zero-shot top-1: zeroshot.top1
   k-NN top-1: knn.k20_top1
+tables:                          # more tables of the report (optional): a title, rows, columns (default: above)
+  - {title: Masked image modelling, methods: [mae, ibot, harmony]}
 paper:                           # the reported numbers (in %), method -> column -> value
   source: Table 1
   results:
@@ -99,6 +101,15 @@ class EvalSpec:
 
 
 @dataclass
+class TableSpec:
+    """One more table of the report: its rows (methods of the suite) and columns (the suite's when empty)."""
+
+    title: str = ""
+    methods: list[str] = field(default_factory=list)
+    columns: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class PaperResults:
     """What a paper reports for the suite's table: `results[method][column]` in %, `source` saying where."""
 
@@ -118,6 +129,7 @@ class Suite:
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     columns: dict[str, str] = field(default_factory=dict)
+    tables: list[TableSpec] = field(default_factory=list)
     paper: PaperResults = field(default_factory=PaperResults)
 
     def presets(self, with_ablations: bool) -> list[str]:
@@ -126,6 +138,11 @@ class Suite:
 
     def method_of(self, preset: str) -> str:
         return preset[: -len(self.size) - 1] if preset.endswith(f"-{self.size}") else preset
+
+    def preset_of(self, run: str) -> str:
+        """The preset a run of the suite trains: `dino@resnet-tiny` (a method entry `dino@resnet`, which
+        differs from `dino` by its per-method settings) trains `dino-tiny`."""
+        return f"{self.method_of(run).split('@', 1)[0]}-{self.size}"
 
     def overrides_for(self, preset: str) -> list[str]:
         """A method's training settings: the suite's for every method, then the method's own."""
@@ -253,6 +270,17 @@ def check_suite(suite: Suite) -> None:
                 f"suite '{name}': column '{column}' reads '{source}', but task '{task_name}' is not in eval.tasks"
             )
     listed = set(suite.methods) | set(suite.ablations)
+    for index, table in enumerate(suite.tables):
+        for method in table.methods:
+            if method not in listed:
+                raise ConfigError(
+                    f"suite '{name}': tables[{index}] lists '{method}', which is not in methods or ablations"
+                )
+        for column, source in table.columns.items():
+            if "." not in source or source.split(".", 1)[0] not in suite.eval.tasks:
+                raise ConfigError(
+                    f"suite '{name}': tables[{index}] column '{column}' reads '{source}', not a task's metric"
+                )
     for section, methods in (("train.per_method", suite.train.per_method), ("paper.results", suite.paper.results)):
         for method in methods:
             if method not in listed:
