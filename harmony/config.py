@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 
 from harmony.models.parts import parse_pattern
-from harmony.models.sizes import TEXT_SIZES, VISION_SIZES, TextSize, VisionSize
+from harmony.models.sizes import CNN_PREFIX, TEXT_SIZES, VISION_SIZES, CNNSize, TextSize, VisionSize, cnn_size
 from harmony.objective_config import HeadConfig, ObjectivesConfig
 from harmony.typed import NONE_WORDS, ConfigError, from_dict, merge, to_dict
 
@@ -24,7 +24,8 @@ __all__ = ["Config", "ConfigError", "dump_yaml", "from_dict", "set_override", "t
 
 @dataclass
 class ModelConfig:
-    """`vision` / `text` name a size (`harmony.models.sizes`); a model started from another library's weights
+    """`vision` / `text` name a size (`harmony.models.sizes`), `vision` also a timm CNN (`timm:resnet50`,
+    `timm:resnet-tiny`: a pooled image tower without patch tokens); a model started from another library's weights
     (`model.init`) records that source's architecture in `vision_arch` / `text_arch`, which then decide (and
     `vision` / `text` only name the source).
 
@@ -56,8 +57,19 @@ class ModelConfig:
     freeze_until_step: int = 0
 
     def vision_spec(self) -> VisionSize:
-        """The vision tower's architecture: `vision_arch`, else the named size."""
+        """The ViT image tower's architecture: `vision_arch`, else the named size (see `cnn_spec` for a CNN)."""
         return self.vision_arch or VISION_SIZES[self.vision]
+
+    def cnn_spec(self) -> CNNSize | None:
+        """The CNN image tower `vision` names (`timm:NAME`), or None for a ViT."""
+        return None if self.vision_arch else cnn_size(self.vision)
+
+    def image_tower(self) -> VisionSize | CNNSize:
+        return self.cnn_spec() or self.vision_spec()
+
+    def patch_size(self) -> int:
+        """The side image crops must be a multiple of: the ViT's patch; 1 for a CNN (any size)."""
+        return 1 if self.cnn_spec() else self.vision_spec().patch_size
 
     def text_spec(self) -> TextSize:
         return self.text_arch or TEXT_SIZES[self.text]
@@ -261,9 +273,10 @@ def validate(cfg: Config) -> None:
     """Semantic checks beyond types, each naming its key."""
     from harmony.core.colors import parse_background
 
-    if cfg.model.vision_arch is None and cfg.model.vision not in VISION_SIZES:
+    if cfg.model.vision_arch is None and cfg.model.vision not in VISION_SIZES and not cfg.model.cnn_spec():
         raise ConfigError(
-            f"config key 'model.vision' must be one of {', '.join(VISION_SIZES)}, got {cfg.model.vision!r}"
+            f"config key 'model.vision' must be one of {', '.join(VISION_SIZES)} or a timm CNN ({CNN_PREFIX}NAME, "
+            f"e.g. {CNN_PREFIX}resnet50, {CNN_PREFIX}resnet-tiny), got {cfg.model.vision!r}"
         )
     if cfg.model.text_arch is None and cfg.model.text not in TEXT_SIZES:
         raise ConfigError(f"config key 'model.text' must be one of {', '.join(TEXT_SIZES)}, got {cfg.model.text!r}")
@@ -287,7 +300,10 @@ def validate(cfg: Config) -> None:
             f"config key 'train.accum_steps' ({cfg.train.accum_steps}) must divide train.batch_size "
             f"({cfg.train.batch_size}) into equal micro-batches"
         )
-    patch = cfg.model.vision_spec().patch_size
+    text = cfg.model.text_spec()
+    if text.causal and text.pool == "first":
+        raise ConfigError("config key 'model.text': a causal text tower pooled at its first token sees one token")
+    patch = cfg.model.patch_size()
     for key, size in {"global_size": cfg.data.augment.global_size, "local_size": cfg.data.augment.local_size}.items():
         if size % patch:
             raise ConfigError(
@@ -375,7 +391,14 @@ def _check_weights(cfg: Config) -> None:
 
 def _validate_freezing(cfg: Config) -> None:
     """`model.freeze` patterns (grammar and block ranges), `model.freeze_until_step`, `optim.layer_decay`."""
-    depths = {"image": cfg.model.vision_spec().depth, "text": cfg.model.text_spec().layers}
+    cnn = cfg.model.cnn_spec()
+    depths = {"image": 0 if cnn else cfg.model.vision_spec().depth, "text": cfg.model.text_spec().layers}
+    if cnn and (cfg.optim.layer_decay != 1.0 or any(p.strip().startswith("image.") for p in cfg.model.freeze)):
+        key = "optim.layer_decay" if cfg.optim.layer_decay != 1.0 else "model.freeze"
+        raise ConfigError(
+            f"config key '{key}': the CNN image tower {cfg.model.vision} has no ViT blocks or parts; freeze whole "
+            "towers (model.freeze=image), without layer decay"
+        )
     for pattern in cfg.model.freeze:
         try:
             parse_pattern(pattern, depths)

@@ -17,7 +17,7 @@ def build_pair(
     # the contrastive section that owns the learnable temperature (CLIP, FLIP, SigLIP), if any
     scale_owner = next((s for s in cfg.objectives.sections().values() if hasattr(s, "logit_scale_init")), None)
     model = ImageTextModel(
-        vision_size=cfg.model.vision_spec(),
+        vision_size=cfg.model.image_tower(),
         text_size=cfg.model.text_spec() if with_text else None,
         embed_dim=cfg.model.embed_dim,
         img_size=cfg.data.augment.global_size,

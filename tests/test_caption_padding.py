@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harmony.config import ConfigError, set_override, validate
 from harmony.core.distributed import DistInfo
 from harmony.data.loader import build_train_data
 from harmony.data.sources import BuiltinSource
@@ -61,10 +62,12 @@ def test_a_caption_that_fills_the_context_keeps_it_and_lengths_never_pass_it() -
     assert trim_captions({"global": torch.zeros(1)}) == {"global": torch.zeros(1)}
 
 
-@pytest.mark.parametrize("preset", ["harmony-tiny-test", "clip+mlm+tdist-tiny-test", "siglip-tiny-test"])
+@pytest.mark.parametrize(
+    "preset", ["harmony-tiny-test", "clip+mlm+tdist-tiny-test", "siglip-tiny-test", "align-tiny-test"]
+)
 def test_cut_captions_give_the_losses_and_gradients_of_padded_ones(preset: str) -> None:
-    """Exact because the text tower is causal (and the MLM decoder masks the padding): a bidirectional tower
-    would fail this."""
+    """Exact because the text tower is causal, or, bidirectional (ALIGN's), masks the padding out of its keys
+    (and the MLM decoder masks the padding)."""
     torch.manual_seed(0)
     cfg = tiny(preset, "model.context_length=77")
     maker = view_maker_for(cfg)
@@ -88,6 +91,27 @@ def test_cut_captions_give_the_losses_and_gradients_of_padded_ones(preset: str) 
     assert padded_grads.keys() == cut_grads.keys()
     for name in padded_grads:
         torch.testing.assert_close(cut_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_bidirectional_tower_reads_the_whole_caption_and_never_its_padding() -> None:
+    """Its first token sees the words after it (a causal tower's would see itself alone), and a caption's
+    features are the same however far its batch is padded."""
+    torch.manual_seed(0)
+    cfg = tiny("align-tiny-test", "model.context_length=77")
+    tokenizer = CaptionTokenizer(77)
+    model = PretrainTask(cfg, tokenizer).student
+    assert model.text is not None and not model.text.spec.causal
+    ids = tokenizer(["a red circle", "a red square", "a big green star in the upper corner"])
+    with torch.no_grad():
+        padded = model.encode_text(ids)
+        cut = model.encode_text(ids[:, :16])
+        garbage = model.encode_text(torch.where(tokenizer.real_positions(ids), ids, 320))  # padding of other ids
+    torch.testing.assert_close(cut, padded)
+    torch.testing.assert_close(garbage, padded)
+    assert not torch.allclose(padded[0], padded[1], atol=1e-4)  # the first token read the last word
+    bad = set_override(cfg, "model.text_arch={causal: true, pool: first}")
+    with pytest.raises(ConfigError, match="first token"):
+        validate(bad)
 
 
 @pytest.mark.parametrize("device_augment", ["false", "true"])

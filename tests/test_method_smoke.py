@@ -1,4 +1,4 @@
-"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP, MoCo v2, SimCLR), end to end: each is
+"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP, MoCo v2, SimCLR, ALIGN), end to end: each is
 listed by `harmony presets`, trains two steps with finite losses in its range, and the benchmark's FLOP
 breakdown has its parts; then what is particular to one of them (SigLIP's scale and bias, FLIP's evaluation on
 full images). Training runs `harmony train` in this process; the benchmark's measurement is `harmony bench`'s
@@ -33,6 +33,7 @@ class Smoke:
     heads: bool = False  # its heads cost FLOPs
     no_teacher: bool = False  # no EMA tower: no (or zero) teacher FLOPs
     positive: tuple[str, ...] = ()  # logged metrics that must be above 0
+    objective: str = ""  # the objective whose loss is checked, when not the method's own (ALIGN: clip)
 
 
 SMOKE = {
@@ -58,6 +59,10 @@ SMOKE = {
     # InfoNCE over the key and 64 queued negatives: at most about log 65 while the queue fills
     "mocov2": Smoke(
         lambda v: 0.0 <= v <= math.log(65) + 0.5, frozenset({"student ViT", "teacher ViT", "heads"}), heads=True
+    ),
+    # CLIP's loss on a CNN and a bidirectional text tower: near log N (N 8) at the start
+    "align": Smoke(
+        lambda v: 0.0 < v <= math.log(8) + 1.5, frozenset({"student CNN", "text student"}), objective="clip"
     ),
 }
 
@@ -95,7 +100,7 @@ def test_method_is_a_preset_trains_and_is_benched(method: str, trained: Callable
     rows = [json.loads(line) for line in (trained(method) / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
-        assert smoke.loss_in_range(row[f"loss_{method}"]), row
+        assert smoke.loss_in_range(row[f"loss_{smoke.objective or method}"]), row
         assert all(row[key] > 0.0 for key in smoke.positive), row
     result = benched(method)
     flops = result["flops_by_component"]

@@ -12,4 +12,5 @@ def test_methods_suite_holds_every_method_and_each_builds_at_its_size() -> None:
     assert set(suite.methods) == methods
     for preset in suite.presets(with_ablations=False):
         cfg = build_config(preset, suite.train.overrides)
-        assert cfg.model.vision == "tiny" and cfg.train.epochs == 2, preset
+        towers = "timm:resnet-tiny" if preset.startswith("align-") else "tiny"  # ALIGN's own towers (sizes/tiny.yaml)
+        assert cfg.model.vision == towers and cfg.train.epochs == 2, preset

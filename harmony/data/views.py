@@ -193,4 +193,4 @@ def view_maker_for(cfg: Config) -> ViewMaker:
     """The views a training run of `cfg` makes (its objectives' needs), without building the model."""
     from harmony.objectives.registry import make_tokenizer, needs_for_config
 
-    return ViewMaker(cfg, needs_for_config(cfg), make_tokenizer(cfg), cfg.model.vision_spec().patch_size)
+    return ViewMaker(cfg, needs_for_config(cfg), make_tokenizer(cfg), cfg.model.patch_size())

@@ -52,7 +52,7 @@ ATTENTION_FULL = AttentionSettings()
 @torch.no_grad()
 def attention_and_tokens(model: ImageTextModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(CLS->patch attention of the last block [B, heads, gh, gw], output tokens [B, 1 + N, D])."""
-    visual = model.visual
+    visual = model.vit()
     attn = visual.vit.blocks[-1].attn
     assert isinstance(attn, Attention)
     captured: list[torch.Tensor] = []

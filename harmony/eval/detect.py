@@ -213,7 +213,7 @@ def run_detect(
         raise DataError(f"'{train_spec}' and '{data_spec}' have different categories")
     native = _native_size(train, train_spec)
     train_sizes = tuple(size or native for size in s.train_sizes)
-    model = build_mask_rcnn(pretrained.model.visual, len(train.class_names), s, train_sizes)
+    model = build_mask_rcnn(pretrained.model.vit(), len(train.class_names), s, train_sizes)
     train_skips, test_skips, skips = Skips(), Skips(), Skips()
     curve = train_detector(model, train, s, device, num_workers, train_skips)
     truth, boxes, segms = detections_of(model, test, s.test_size or native, device, num_workers, test_skips)

@@ -20,6 +20,7 @@ import torch
 from harmony.eval.datasets import LabelledImages, extract
 from harmony.eval.images import Skips
 from harmony.loading import Pretrained
+from harmony.models.cnn import CNNTower
 from harmony.models.vision import VisionTower
 
 SUMMARY_BLOCKS = 4
@@ -31,12 +32,16 @@ def default_cache_dir() -> Path:
     return Path(root) / "features"
 
 
-def summary_blocks(visual: VisionTower) -> int:
-    return min(SUMMARY_BLOCKS, len(visual.vit.blocks))
+def summary_blocks(visual: VisionTower | CNNTower) -> int:
+    return 1 if isinstance(visual, CNNTower) else min(SUMMARY_BLOCKS, len(visual.vit.blocks))
 
 
-def token_summary(visual: VisionTower, images: torch.Tensor) -> torch.Tensor:
-    """[B, n + 1, D]: CLS of the last n blocks (normed), then the mean patch token of the last block."""
+def token_summary(visual: VisionTower | CNNTower, images: torch.Tensor) -> torch.Tensor:
+    """[B, n + 1, D]: CLS of the last n blocks (normed), then the mean patch token of the last block. A CNN's
+    pooled feature stands for both (n = 1): k-NN and the linear probe read it."""
+    if isinstance(visual, CNNTower):
+        pooled = visual(images)[:, 0]
+        return torch.stack([pooled, pooled], dim=1)
     outputs: list[tuple[torch.Tensor, torch.Tensor]] = visual.vit.forward_intermediates(  # type: ignore[assignment]
         images,
         indices=summary_blocks(visual),

@@ -4,7 +4,8 @@ A timm `VisionTransformer` of the same architecture gets the tower's weights, a 
 drop-path; AdamW with layer-wise lr decay (0.65) and weight decay 0.05 (timm's
 `create_optimizer_v2`), linear warm-up then cosine, random-resized-crop + flip, label smoothing and
 optional mixup/cutmix (timm's `Mixup`). Average pooling of patch tokens with the pre-trained final
-norm moved to `fc_norm`, as BEiT does, or the CLS token.
+norm moved to `fc_norm`, as BEiT does, or the CLS token. A CNN tower is fine-tuned as its own timm model with
+a new classifier (its global pooling; `pool` does not apply).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from harmony.eval.metrics import topk_accuracy
 from harmony.eval.optim import autocast, warmup_schedule
 from harmony.eval.report import make_result
 from harmony.loading import Pretrained
+from harmony.models.cnn import CNNTower, create_cnn
 from harmony.models.normalize import normalize
 from harmony.models.vision import VisionTower, timm_kwargs
 
@@ -93,6 +95,16 @@ def classifier_from(visual: VisionTower, num_classes: int, drop_path: float, poo
     return model
 
 
+def cnn_classifier(visual: CNNTower, num_classes: int, drop_path: float) -> nn.Module:
+    """The CNN tower's timm model with a fresh `num_classes` classifier (the only tensors not loaded)."""
+    model = create_cnn(visual.spec, drop_path)
+    model.reset_classifier(num_classes)  # type: ignore[operator]
+    missing, unexpected = model.load_state_dict(visual.net.state_dict(), strict=False)
+    if unexpected or not all(name.rsplit(".", 1)[-1] in ("weight", "bias") for name in missing) or len(missing) > 2:
+        raise RuntimeError(f"weights do not fit the classifier: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 def train_transform(size: int, scale: tuple[float, ...]) -> T.Compose:
     return T.Compose(
         [
@@ -104,7 +116,7 @@ def train_transform(size: int, scale: tuple[float, ...]) -> T.Compose:
 
 
 def fit_classifier(
-    model: VisionTransformer,
+    model: nn.Module,
     train: LabelledImages,
     s: FinetuneSettings,
     image_size: int,
@@ -180,7 +192,12 @@ def run_finetune(
     torch.manual_seed(s.seed)
     splits = labelled_splits(pretrained.config, data_spec, train_spec, background, s.max_train, s.max_eval, s.seed)
     train = splits.train
-    model = classifier_from(pretrained.model.visual, splits.num_classes, s.drop_path, s.pool)
+    visual = pretrained.model.visual
+    model = (
+        cnn_classifier(visual, splits.num_classes, s.drop_path)
+        if isinstance(visual, CNNTower)
+        else classifier_from(visual, splits.num_classes, s.drop_path, s.pool)
+    )
     train_skips, skips = Skips(), Skips()
     curve = fit_classifier(model, train, s, pretrained.image_size, device, num_workers, train_skips)
     model.eval()

@@ -315,7 +315,7 @@ def run_segment(
     size = s.crop_size or pretrained.image_size
     views = SegViews(splits.train, size, train=True, scale=(s.scale_range[0], s.scale_range[1]))
     run = ProtocolRun(views, splits.test, size, s, device, num_workers)
-    visual, num_classes = pretrained.model.visual, len(splits.class_names)
+    visual, num_classes = pretrained.model.vit(), len(splits.class_names)
     metrics: dict[str, float] = {}
     curves: dict[str, list[float]] = {}
     for protocol, train_protocol in (("linear", linear_protocol), ("fpn", fpn_protocol)):

@@ -26,6 +26,7 @@ from harmony.eval.retrieval import RETRIEVAL_FULL, RetrievalSettings, run_retrie
 from harmony.eval.segment import SEGMENT_FULL, SegmentSettings, run_segment
 from harmony.eval.zeroshot import ZEROSHOT_FULL, ZeroShotSettings, run_zeroshot
 from harmony.loading import Pretrained
+from harmony.models.vision import VisionTower
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Protocol:
     trains: bool = False  # takes `train_spec`
     caches: bool = False  # takes `cache_dir`
     loads: bool = True  # takes `num_workers` (a data loader)
+    patch_tokens: str = ""  # what it reads of the ViT's patch tokens (a CNN tower, which has none, is refused)
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -55,10 +57,20 @@ PROTOCOLS: dict[str, Protocol] = {
         run_finetune, FinetuneSettings(), FINETUNE_FULL, "full fine-tuning with layer-wise lr decay", trains=True
     ),
     "segment": Protocol(
-        run_segment, SegmentSettings(), SEGMENT_FULL, "semantic segmentation: frozen linear and ViT+FPN", trains=True
+        run_segment,
+        SegmentSettings(),
+        SEGMENT_FULL,
+        "semantic segmentation: frozen linear and ViT+FPN",
+        trains=True,
+        patch_tokens="a per-patch feature map",
     ),
     "detect": Protocol(
-        run_detect, DetectSettings(), DETECT_FULL, "Mask R-CNN detection and instance segmentation", trains=True
+        run_detect,
+        DetectSettings(),
+        DETECT_FULL,
+        "Mask R-CNN detection and instance segmentation",
+        trains=True,
+        patch_tokens="a feature pyramid built from the ViT's patch tokens",
     ),
     "attention": Protocol(
         run_attention,
@@ -66,6 +78,7 @@ PROTOCOLS: dict[str, Protocol] = {
         ATTENTION_FULL,
         "CLS attention and text-similarity maps (PNGs)",
         loads=False,
+        patch_tokens="the last block's CLS attention over the patches and each patch's embedding",
     ),
 }
 
@@ -85,6 +98,9 @@ def run_task(
     """One protocol by name, given only the arguments it takes (`background`: what transparent images
     are composited over)."""
     protocol = PROTOCOLS[task]
+    why_not = no_patch_tokens(task, pretrained)
+    if why_not:
+        raise ConfigError(why_not)
     extra: dict[str, Any] = {"background": background}
     if protocol.loads:
         extra["num_workers"] = num_workers
@@ -95,6 +111,17 @@ def run_task(
     if task == "attention" and maps_dir is not None:
         extra["out_dir"] = maps_dir
     return protocol.run(pretrained, data_spec, device, **extra, **settings)
+
+
+def no_patch_tokens(task: str, pretrained: Pretrained) -> str:
+    """Why `task` cannot run on these weights (it reads patch tokens, a CNN image tower has none), or ''."""
+    reads = PROTOCOLS[task].patch_tokens
+    if not reads or isinstance(pretrained.model.visual, VisionTower):
+        return ""
+    return (
+        f"harmony eval {task} reads {reads}; the CNN image tower {pretrained.config.model.vision} has no patch "
+        "tokens (one pooled feature per image): zeroshot, retrieval, knn, linear and finetune work on it"
+    )
 
 
 def run_suite(
@@ -123,6 +150,9 @@ def run_suite(
     for task in tasks:
         if PROTOCOLS[task].needs_text and not pretrained.model.has_text:
             results[task] = {"task": task, "skipped": f"no text tower in the {pretrained.weights} weights"}
+            continue
+        if no_patch_tokens(task, pretrained):
+            results[task] = {"task": task, "skipped": no_patch_tokens(task, pretrained)}
             continue
         own = (data_for or {}).get(task)
         result = run_task(

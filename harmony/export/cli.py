@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harmony.export.common import ExportError
+from harmony.export.common import ExportError, check_exportable
 from harmony.export.to_hf import export_hf
 from harmony.export.to_open_clip import export_open_clip
 from harmony.export.to_timm import check_timm_out, export_timm
@@ -43,6 +43,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     pretrained = load(args.checkpoint, weights=args.weights)
     if args.format == "open_clip" and pretrained.model.text is None:
         raise ExportError(no_text_tower(pretrained))
+    if args.format != "timm":
+        check_exportable(pretrained.model, args.format, pretrained.config.model.vision)
     provenance = {
         "checkpoint": str(pretrained.path.resolve()),
         "weights": pretrained.weights,

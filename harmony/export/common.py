@@ -13,11 +13,33 @@ from torch import nn
 
 from harmony.core.errors import CheckpointError
 from harmony.models.normalize import IMAGENET_MEAN, IMAGENET_STD
+from harmony.models.pair import ImageTextModel
 from harmony.models.vision import VisionTower
 
 
 class ExportError(CheckpointError):
     """The checkpoint cannot be exported in the requested format (a CheckpointError: the CLI exits 1)."""
+
+
+def vit_of(model: ImageTextModel) -> VisionTower:
+    """The model's ViT image tower; a CNN tower exports to timm alone (`check_exportable`)."""
+    if not isinstance(model.visual, VisionTower):
+        raise ExportError("a CNN image tower exports with --format timm only")
+    return model.visual
+
+
+def check_exportable(model: ImageTextModel, target: str, vision: str) -> None:
+    """Refuse, in one line, towers that open_clip's and transformers' CLIP classes do not hold: a CNN image tower,
+    and a bidirectional text tower pooled at its first token (ALIGN's), whose padding mask they do not apply."""
+    if not isinstance(model.visual, VisionTower):
+        raise ExportError(f"--format {target} holds ViT image towers; the CNN {vision} exports with --format timm")
+    text = model.text.spec if model.text is not None else None
+    if text is not None and (not text.causal or text.pool != "eot"):
+        raise ExportError(
+            f"--format {target} holds CLIP's causal text tower; this one is bidirectional, pooled at its first "
+            "token (its padding is masked out, which that format's text tower does not do): export the image "
+            "tower with --format timm"
+        )
 
 
 def image_size(visual: VisionTower) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from harmony.export.common import ExportError, check_against, cpu, image_size, readable
+from harmony.export.common import ExportError, check_against, cpu, image_size, readable, vit_of
 from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
 
@@ -35,7 +35,7 @@ def _split_qkv(weight: torch.Tensor) -> list[torch.Tensor]:
 
 def clip_vision_state(model: ImageTextModel) -> dict[str, torch.Tensor]:
     """The image tower under transformers' CLIP vision names (relative to the vision model)."""
-    own, spec = cpu(model.visual.vit.state_dict()), model.visual.spec
+    own, spec = cpu(vit_of(model).vit.state_dict()), vit_of(model).spec
     out = {
         "embeddings.class_embedding": own["cls_token"].reshape(-1),
         "embeddings.patch_embedding.weight": own["patch_embed.proj.weight"],
@@ -85,7 +85,7 @@ def clip_text_state(model: ImageTextModel) -> dict[str, torch.Tensor]:
 
 def vit_state(model: ImageTextModel, keys: set[str]) -> dict[str, torch.Tensor]:
     """A plain ViT under transformers' `ViTModel` names, in the installed version's spelling (`keys`)."""
-    own, spec = cpu(model.visual.vit.state_dict()), model.visual.spec
+    own, spec = cpu(vit_of(model).vit.state_dict()), vit_of(model).spec
     out = {
         "embeddings.cls_token": own["cls_token"],
         "embeddings.position_embeddings": own["pos_embed"],
@@ -122,7 +122,7 @@ def _prefixed(state: dict[str, torch.Tensor], prefix: str, keys: set[str]) -> di
 def _hf_model(model: ImageTextModel) -> tuple[Any, dict[str, torch.Tensor], str]:
     """(the transformers model on the meta device, our weights under its names, its class name)."""
     tf = _transformers()
-    spec = model.visual.spec
+    spec = vit_of(model).spec
     if spec.layer_scale is not None:
         raise ExportError("transformers' CLIP and ViT have no LayerScale; export this tower with --format timm")
     vision = {
@@ -130,7 +130,7 @@ def _hf_model(model: ImageTextModel) -> tuple[Any, dict[str, torch.Tensor], str]
         "intermediate_size": int(spec.embed_dim * spec.mlp_ratio),
         "num_hidden_layers": spec.depth,
         "num_attention_heads": spec.num_heads,
-        "image_size": image_size(model.visual),
+        "image_size": image_size(vit_of(model)),
         "patch_size": spec.patch_size,
         "hidden_act": spec.act,
         "layer_norm_eps": spec.norm_eps,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from harmony.export.common import ExportError, check_against, cpu, image_size, save_safetensors
+from harmony.export.common import ExportError, check_against, cpu, image_size, save_safetensors, vit_of
 from harmony.export.to_timm import timm_arch
 from harmony.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from harmony.models.pair import ImageTextModel
@@ -37,9 +37,9 @@ BLOCK_NAMES = {
 
 def native_vision(model: ImageTextModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """open_clip's own ViT (`vision_cfg`, `visual.*` weights) holding our vision tower exactly (module doc)."""
-    vit, spec = model.visual.vit, model.visual.spec
+    vit, spec = vit_of(model).vit, vit_of(model).spec
     vision_cfg: dict[str, Any] = {
-        "image_size": image_size(model.visual),
+        "image_size": image_size(vit_of(model)),
         "layers": spec.depth,
         "width": spec.embed_dim,
         "head_width": spec.embed_dim // spec.num_heads,
@@ -82,7 +82,7 @@ def native_vision(model: ImageTextModel) -> tuple[dict[str, Any], dict[str, torc
 
 def timm_trunk(model: ImageTextModel) -> bool:
     """Whether the image tower goes in as a timm trunk: timm names it, at that name's own resolution."""
-    return model.visual.spec.timm_name is not None and not timm_arch(model.visual).kwargs
+    return vit_of(model).spec.timm_name is not None and not timm_arch(vit_of(model)).kwargs
 
 
 def open_clip_state_dict(
@@ -94,7 +94,7 @@ def open_clip_state_dict(
     if native:
         state = native_vision(model)[1]
     else:
-        state = {f"visual.trunk.{k}": v for k, v in cpu(model.visual.vit.state_dict()).items()}
+        state = {f"visual.trunk.{k}": v for k, v in cpu(vit_of(model).vit.state_dict()).items()}
         state["visual.head.proj.weight"] = model.visual_projection.weight.detach().cpu().contiguous()
     state.update(cpu(model.text.state_dict()))
     state["text_projection"] = model.text_projection.detach().cpu().contiguous()
@@ -109,7 +109,7 @@ def open_clip_model_config(model: ImageTextModel, native: bool, logit_bias: floa
     """open_clip's `model_cfg` for our pair (module doc)."""
     text = model.text
     assert text is not None
-    vision, spec = model.visual.spec, text.spec
+    vision, spec = vit_of(model).spec, text.spec
     if vision.act != spec.act:
         raise ExportError(
             f"open_clip has one activation for both towers; this image tower uses {vision.act} and the text tower "
@@ -119,8 +119,8 @@ def open_clip_model_config(model: ImageTextModel, native: bool, logit_bias: floa
         native_vision(model)[0]
         if native
         else {
-            "image_size": image_size(model.visual),
-            "timm_model_name": timm_arch(model.visual).model_name,
+            "image_size": image_size(vit_of(model)),
+            "timm_model_name": timm_arch(vit_of(model)).model_name,
             "timm_model_pretrained": False,
             "timm_pool": "token",
             "timm_proj": "linear",
@@ -160,7 +160,7 @@ def export_open_clip(
         raise ExportError("--format open_clip needs a text tower; these weights have none")
     native = not timm_trunk(model)
     out.mkdir(parents=True, exist_ok=True)
-    size = image_size(model.visual)
+    size = image_size(vit_of(model))
     model_cfg = open_clip_model_config(model, native, logit_bias)
     state = open_clip_state_dict(model, logit_bias, native)
     with torch.device("meta"):

@@ -8,7 +8,11 @@ lets the plain call load with no missing keys. Any other `num_classes` (0 for fe
 
 The architecture is a timm model name where the tower has one (every named size, a tower started from timm),
 else a base name with every setting as a JSON argument; a LayerNorm epsilon other than timm's 1e-6 cannot be
-written as an argument, so a tower with one (CLIP's 1e-5) is written under the timm name of its architecture."""
+written as an argument, so a tower with one (CLIP's 1e-5) is written under the timm name of its architecture.
+
+A CNN image tower (`model.vision=timm:NAME`) is timm's own model already: its state dict is written as it is,
+without a classifier, for `timm.create_model(NAME, pretrained=False, num_classes=0, **model_args)` to load
+(`export_cnn_timm`; the sidecar's call loads the file itself, with num_classes=0)."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 
 from harmony.core.errors import CheckpointError, ConfigError
 from harmony.export.common import ExportError, check_against, cpu, data_config, image_size, save_safetensors
+from harmony.models.cnn import CNNTower
 from harmony.models.pair import ImageTextModel
 from harmony.models.sizes import VisionSize
 from harmony.models.vision import VisionTower
@@ -109,6 +114,8 @@ def export_timm(model: ImageTextModel, out: Path, provenance: dict[str, Any] | N
     `config.json` next to a `model.safetensors`, the folder loads with `timm.create_model('local-dir:...')`.
     """
     check_timm_out(out)
+    if isinstance(model.visual, CNNTower):
+        return export_cnn_timm(model.visual, out, provenance)
     arch = timm_arch(model.visual)
     with torch.device("meta"):
         reference = timm.create_model(arch.model_name, pretrained=False, **arch.kwargs)
@@ -158,5 +165,38 @@ def export_timm(model: ImageTextModel, out: Path, provenance: dict[str, Any] | N
         "classifier_head": head_note,
         "harmony": dict(provenance or {}),
     }
+    sidecar.write_text(json.dumps(recipe, indent=2) + "\n")
+    return [out, sidecar]
+
+
+def export_cnn_timm(visual: CNNTower, out: Path, provenance: dict[str, Any] | None = None) -> list[Path]:
+    """Write a CNN tower's timm state dict (no classifier) to `out` and the `timm.create_model` recipe beside it."""
+    name, kwargs = visual.spec.timm_name, dict(visual.spec.kwargs)
+    state = cpu(visual.net.state_dict())
+    with torch.device("meta"):
+        reference = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    check_against(state, reference, f"timm '{name}' with num_classes=0")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = data_config(visual.img_size)
+    overlay = {"file": str(out.resolve()), **data, "num_classes": 0}
+    save_safetensors(state, out, {"format": "pt", "harmony.export": "timm", "timm.model_name": name})
+    recipe = {
+        "architecture": name,
+        "num_classes": 0,
+        "num_features": visual.embed_dim,
+        "model_args": kwargs,
+        "pretrained_cfg": {**data, "num_classes": 0},
+        "create_model": {
+            "model_name": name,
+            "pretrained": True,
+            "num_classes": 0,
+            **kwargs,
+            "pretrained_cfg_overlay": overlay,
+        },
+        "python": _python_call(name, {"num_classes": 0, **kwargs}, overlay),
+        "classifier_head": "none: the pooled features (num_classes=0); pass num_classes=N for a fresh head",
+        "harmony": dict(provenance or {}),
+    }
+    sidecar = out.with_suffix(".json")
     sidecar.write_text(json.dumps(recipe, indent=2) + "\n")
     return [out, sidecar]

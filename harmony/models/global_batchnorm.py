@@ -1,28 +1,32 @@
 """BatchNorm over the global batch: the batch statistics of every rank together (SyncBN that runs on any device).
 
-In training mode, with n_r rows on rank r and N = sum_r n_r,
+In training mode, with n_r values per channel on rank r (rows, times the spatial positions of a feature map) and
+N = sum_r n_r,
     mean = sum_r sum_i x_ri / N,    var = sum_r sum_i (x_ri - mean)^2 / N,
     y = (x - mean) / sqrt(var + eps) * weight + bias,
 both sums through a differentiable all-reduce, so K ranks x B rows normalise (and back-propagate) exactly as
-1 rank x K*B rows. torch's `SyncBatchNorm` refuses CPU tensors (gloo runs); this module does not. Running
-statistics and eval mode are `nn.BatchNorm1d`'s (unbiased running variance, same state-dict names); at world
-size 1 it is `nn.BatchNorm1d`. Not a `_BatchNorm` subclass, so `convert_sync_batchnorm` leaves it alone.
+1 rank x K*B rows. torch's `SyncBatchNorm` refuses CPU tensors (gloo runs); these modules do not. Running
+statistics and eval mode are `nn.BatchNorm1d`'s / `nn.BatchNorm2d`'s (unbiased running variance, same state-dict
+names); at world size 1 they are those modules. Not `_BatchNorm` subclasses, so `convert_sync_batchnorm` leaves
+them alone. `to_global_batchnorm` converts the BatchNorm2d layers of a CNN (timm's `BatchNormAct2d` included).
 """
 
 from __future__ import annotations
 
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 from harmony.core.distributed import all_reduce_sum_with_grad
 
 
-class GlobalBatchNorm1d(nn.Module):
-    """`nn.BatchNorm1d` on [B, C] inputs whose training-mode statistics are those of the batch of all ranks."""
+class _GlobalBatchNorm(nn.Module):
+    """Training-mode statistics over every dimension but the channels (dim 1), summed over all ranks."""
 
     running_mean: torch.Tensor
     running_var: torch.Tensor
     num_batches_tracked: torch.Tensor
+    dims: int  # the input's number of dimensions
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True) -> None:
         super().__init__()
@@ -37,31 +41,82 @@ class GlobalBatchNorm1d(nn.Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 2 or x.shape[1] != self.num_features:
+        if x.ndim != self.dims or x.shape[1] != self.num_features:
+            layout = "B, C" if self.dims == 2 else "B, C, H, W"
             raise ValueError(
-                f"GlobalBatchNorm1d({self.num_features}) expects [B, {self.num_features}], got {tuple(x.shape)}"
+                f"{type(self).__name__}({self.num_features}) expects [{layout}] with C = {self.num_features}, "
+                f"got {tuple(x.shape)}"
             )
         values = x.float()
         if self.training:
             mean, var = self._global_statistics(values)
         else:
             mean, var = self.running_mean, self.running_var
-        out = (values - mean) * torch.rsqrt(var + self.eps)
+        shape = (-1,) + (1,) * (self.dims - 2)
+        out = (values - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.weight is not None and self.bias is not None:
-            out = out * self.weight + self.bias
+            out = out * self.weight.view(shape) + self.bias.view(shape)
         return out.to(x.dtype)
 
     def _global_statistics(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, biased variance) over the rows of every rank; updates the running statistics."""
-        count = values.new_full((1,), float(values.shape[0]))
-        sums = all_reduce_sum_with_grad(torch.cat([values.sum(dim=0), count]))
+        """(mean, biased variance) over the values of every rank; updates the running statistics."""
+        reduced = (0, *range(2, self.dims))
+        per_channel = values.numel() // self.num_features
+        count = values.new_full((1,), float(per_channel))
+        sums = all_reduce_sum_with_grad(torch.cat([values.sum(dim=reduced), count]))
         total = sums[-1].detach()
-        if values.shape[0] < 2 and total.item() < 2:  # a host sync only on a one-row rank
-            raise ValueError("GlobalBatchNorm1d needs more than one row per channel in training mode")
+        if per_channel < 2 and total.item() < 2:  # a host sync only on a rank with one value per channel
+            raise ValueError(f"{type(self).__name__} needs more than one row (value) per channel in training mode")
         mean = sums[:-1] / total
-        var = all_reduce_sum_with_grad(((values - mean) ** 2).sum(dim=0)) / total
+        centred = values - mean.view((-1,) + (1,) * (self.dims - 2))
+        var = all_reduce_sum_with_grad((centred**2).sum(dim=reduced)) / total
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * total / (total - 1), self.momentum)
         return mean, var
+
+
+class GlobalBatchNorm1d(_GlobalBatchNorm):
+    """`nn.BatchNorm1d` on [B, C] inputs whose training-mode statistics are those of the batch of all ranks."""
+
+    dims = 2
+
+
+class GlobalBatchNorm2d(_GlobalBatchNorm):
+    """`nn.BatchNorm2d` on [B, C, H, W] feature maps whose training-mode statistics are those of all ranks;
+    `after` (timm's `BatchNormAct2d`: its dropout and activation) runs on the normalised map."""
+
+    dims = 4
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine)
+        self.after: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.after(super().forward(x))
+
+
+def _converted(norm: nn.BatchNorm2d) -> GlobalBatchNorm2d:
+    """A `GlobalBatchNorm2d` holding `norm`'s own parameters (so their `requires_grad` and any reference to them
+    stay) and running statistics."""
+    if norm.running_mean is None or norm.running_var is None or norm.momentum is None:
+        raise ValueError("a BatchNorm2d without running statistics or with a cumulative average is not converted")
+    out = GlobalBatchNorm2d(norm.num_features, norm.eps, norm.momentum, norm.affine)
+    out.weight, out.bias = norm.weight, norm.bias
+    out.running_mean, out.running_var = norm.running_mean, norm.running_var
+    if norm.num_batches_tracked is not None:
+        out.num_batches_tracked = norm.num_batches_tracked
+    if isinstance(norm, BatchNormAct2d):
+        out.after = nn.Sequential(norm.drop, norm.act)
+    return out.train(norm.training)
+
+
+def to_global_batchnorm(module: nn.Module) -> nn.Module:
+    """`module` with every `nn.BatchNorm2d` (and timm's `BatchNormAct2d`) replaced, in place, by a
+    `GlobalBatchNorm2d` holding its parameters and running statistics under the same state-dict names."""
+    if isinstance(module, nn.BatchNorm2d):
+        return _converted(module)
+    for name, child in module.named_children():
+        setattr(module, name, to_global_batchnorm(child))
+    return module

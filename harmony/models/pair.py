@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harmony.core.distributed import local
-from harmony.models.sizes import TextSize, VisionSize
+from harmony.models.cnn import CNNTower
+from harmony.models.sizes import CNNSize, TextSize, VisionSize
 from harmony.models.text import TextTower
 from harmony.models.vision import VisionTower
 
@@ -21,7 +22,7 @@ from harmony.models.vision import VisionTower
 class ImageTextModel(nn.Module):
     def __init__(
         self,
-        vision_size: str | VisionSize,
+        vision_size: str | VisionSize | CNNSize,
         text_size: str | TextSize | None,
         embed_dim: int,
         img_size: int,
@@ -35,13 +36,17 @@ class ImageTextModel(nn.Module):
         logit_scale_max: float = 100.0,
     ) -> None:
         super().__init__()
-        self.visual = VisionTower(
-            vision_size,
-            img_size=img_size,
-            drop_path_rate=drop_path_rate,
-            use_mask_token=use_mask_token,
-            init=vision_init,
-        )
+        self.visual: VisionTower | CNNTower
+        if isinstance(vision_size, CNNSize):
+            self.visual = CNNTower(vision_size, img_size=img_size, drop_path_rate=drop_path_rate)
+        else:
+            self.visual = VisionTower(
+                vision_size,
+                img_size=img_size,
+                drop_path_rate=drop_path_rate,
+                use_mask_token=use_mask_token,
+                init=vision_init,
+            )
         self.logit_scale_max = logit_scale_max
         self.text: TextTower | None = None
         if text_size is not None:
@@ -52,6 +57,12 @@ class ImageTextModel(nn.Module):
             self.logit_scale = nn.Parameter(torch.full((1,), math.log(min(logit_scale_init, logit_scale_max))))
             nn.init.normal_(self.visual_projection.weight, std=self.visual.embed_dim**-0.5)
             nn.init.normal_(self.text_projection, std=self.text.width**-0.5)
+
+    def vit(self) -> VisionTower:
+        """The ViT image tower, for what reads its patch tokens or parts; ValueError for a CNN tower (none)."""
+        if not isinstance(self.visual, VisionTower):
+            raise ValueError("this model's image tower is a CNN: it has no patch tokens")
+        return self.visual
 
     @property
     def has_text(self) -> bool:
@@ -82,7 +93,7 @@ class ImageTextModel(nn.Module):
             local(self.logit_scale.data).clamp_(0.0, math.log(self.logit_scale_max))
 
     def image_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
-        """L2-normalised joint-space embedding from the CLS token of vision-tower output."""
+        """L2-normalised joint-space embedding from the CLS token of vision-tower output (a CNN's pooled feature)."""
         return F.normalize(self.visual_projection(tokens[:, 0]), dim=-1)
 
     def text_embedding(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

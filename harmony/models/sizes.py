@@ -1,13 +1,16 @@
 """Model architectures: named sizes, and the fields that describe any ViT or CLIP text tower Harmony builds
 (an encoder started from another library's weights records its own architecture in `model.vision_arch` /
-`model.text_arch`). Vision sizes with a timm name export to timm under that name."""
+`model.text_arch`). Vision sizes with a timm name export to timm under that name. `model.vision=timm:NAME`
+names a timm CNN instead (`CNNSize`, `cnn_size`): a pooled image tower without patch tokens."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 Activation = Literal["gelu", "quick_gelu"]
+TextPool = Literal["eot", "first"]
+CNN_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,9 @@ class VisionSize:
 
 @dataclass(frozen=True)
 class TextSize:
-    """A CLIP text transformer (pre-LN, causal, pooled at end-of-text); `act` as for `VisionSize`."""
+    """A pre-LN text transformer; `act` as for `VisionSize`. CLIP's is causal and pooled at the end-of-text token;
+    `causal=False, pool="first"` is a BERT-style bidirectional encoder pooled at its first token (the start-of-text
+    token, ALIGN's [CLS]), which masks the padding out of its attention."""
 
     width: int = 512
     layers: int = 12
@@ -38,6 +43,17 @@ class TextSize:
     mlp_ratio: float = 4.0
     act: Activation = "gelu"
     norm_eps: float = 1e-5
+    causal: bool = True
+    pool: TextPool = "eot"
+
+
+@dataclass(frozen=True)
+class CNNSize:
+    """A timm CNN image tower: `timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)`, its
+    globally pooled features the image feature (no class token, no patch tokens)."""
+
+    timm_name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 VISION_SIZES: dict[str, VisionSize] = {
@@ -54,4 +70,24 @@ TEXT_SIZES: dict[str, TextSize] = {
     "tiny": TextSize(width=128, layers=4, heads=4),
     "clip-base": TextSize(width=512, layers=12, heads=8),
     "clip-large": TextSize(width=768, layers=12, heads=12),
+    # bidirectional, first-token pooled (BERT-like, pre-LN): ALIGN's text encoder
+    "bert-tiny-test": TextSize(width=32, layers=2, heads=2, causal=False, pool="first"),
+    "bert-tiny": TextSize(width=128, layers=4, heads=4, causal=False, pool="first"),
+    "bert-small": TextSize(width=512, layers=4, heads=8, causal=False, pool="first"),
+    "bert-base": TextSize(width=768, layers=12, heads=12, causal=False, pool="first"),
+    "bert-large": TextSize(width=1024, layers=24, heads=16, causal=False, pool="first"),
 }
+
+# named CNNs that timm has no name for: `timm:resnet-tiny` is timm's ResNet-18 with one basic block per stage and
+# widths 16-128 (324k parameters), for CPU runs
+CNN_SIZES: dict[str, CNNSize] = {
+    "resnet-tiny": CNNSize("resnet18", {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}),
+}
+
+
+def cnn_size(vision: str) -> CNNSize | None:
+    """The CNN that `model.vision` names (`timm:NAME`: a size of `CNN_SIZES` or any timm model name), else None."""
+    if not vision.startswith(CNN_PREFIX):
+        return None
+    name = vision[len(CNN_PREFIX) :]
+    return CNN_SIZES.get(name) or CNNSize(name)

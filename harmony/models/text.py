@@ -1,10 +1,13 @@
-"""CLIP text transformer (pre-LN, causal) with fused attention and end-of-text pooling.
+"""CLIP text transformer (pre-LN, causal) with fused attention and end-of-text pooling, or its bidirectional
+variant pooled at the first token (BERT-style, ALIGN's text encoder; `TextSize.causal` / `TextSize.pool`).
 
 Parameter names follow open_clip's CLIP text tower (`token_embedding`, `positional_embedding`,
 `transformer.resblocks.*.attn.in_proj_weight`, `ln_final`, ...) so the weights export to open_clip
-unchanged. Attention runs through `scaled_dot_product_attention(is_causal=True)` (flash/efficient
-kernels) instead of an explicit mask. Pooling takes the end-of-text position by id, not by
-`argmax` over ids (which would pick the `[MASK]` id, the largest in the vocabulary).
+unchanged. Causal attention runs through `scaled_dot_product_attention(is_causal=True)` (flash/efficient
+kernels) instead of an explicit mask: no position sees the padding after it. A bidirectional tower masks the
+padding (everything after the first end-of-text) out of the keys, so a caption's features do not depend on how
+far its batch is padded. End-of-text pooling takes that position by id, not by `argmax` over ids (which would
+pick the `[MASK]` id, the largest in the vocabulary); first-token pooling takes the start-of-text token.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harmony.models.sizes import TEXT_SIZES, Activation, TextSize
+from harmony.models.tokenizer import real_positions
 
 
 class CausalSelfAttention(nn.Module):
@@ -126,9 +130,14 @@ class TextTower(nn.Module):
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"caption of {tokens.shape[1]} tokens exceeds the context length {self.context_length}")
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        return self.ln_final(self.transformer(x, causal=True))
+        if self.spec.causal:
+            return self.ln_final(self.transformer(x, causal=True))
+        padding = ~real_positions(tokens, self.eot_id)
+        return self.ln_final(self.transformer(x, causal=False, key_padding=padding))
 
     def pool(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Features at the end-of-text position of each caption: [B, width]."""
+        """Features at the end-of-text position (or the first token) of each caption: [B, width]."""
+        if self.spec.pool == "first":
+            return features[:, 0]
         eot = (tokens == self.eot_id).int().argmax(dim=-1)
         return features[torch.arange(features.shape[0], device=features.device), eot]

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from harmony.config import Config
+from harmony.models.cnn import cnn_width
 from harmony.objective_config import HeadConfig
 
 
@@ -53,8 +54,10 @@ class Needs:
     for a mask token), unmasked otherwise (DINO); `clean_crops` are the crops the student also sees without
     masks. `keep_ratio` / `text_mask_prob` are the MAE-style patch dropping and caption masking recipes;
     `embeddings` asks for the CLIP embeddings of crop 0 and the caption, taken from crop 0's patch-dropped
-    pass when `embeddings_dropped` (FLIP) and from its clean pass otherwise. Each field's metadata says how the
-    values of two objectives combine (`union`)."""
+    pass when `embeddings_dropped` (FLIP) and from its clean pass otherwise. `patch_tokens` says the objective
+    reads the image tower's patch tokens, not only its pooled (CLS) row; block masks and dropped patches imply it
+    (`reads_patch_tokens`), and a CNN image tower, which has none, refuses such an objective. Each field's metadata
+    says how the values of two objectives combine (`union`)."""
 
     num_global: int = field(default=1, metadata=LARGER)
     clean_crops: set[int] = field(default_factory=set, metadata=UNION)
@@ -92,6 +95,8 @@ class Needs:
         ),
     )
 
+    patch_tokens: bool = field(default=False, metadata=UNION)
+
     def union(self, other: Needs) -> Needs:
         """What serves both: each field merged by its rule; a recipe both use must be the same."""
         merged = {}
@@ -115,6 +120,11 @@ class Needs:
     @property
     def needs_teacher(self) -> bool:
         return bool(self.teacher_crops) or self.teacher_text
+
+    @property
+    def reads_patch_tokens(self) -> bool:
+        """Whether the image tower must give patch tokens (a ViT), not only a pooled feature."""
+        return self.patch_tokens or self.block_masks is not None or bool(self.dropped_crops)
 
 
 @dataclass
@@ -290,6 +300,9 @@ class ModelDims:
 
     @classmethod
     def of(cls, cfg: Config, vocab_size: int) -> ModelDims:
+        cnn = cfg.model.cnn_spec()
+        if cnn is not None:
+            return cls(cnn_width(cnn), 1, cfg.model.text_spec().width, vocab_size, cfg.model.head)
         vision = cfg.model.vision_spec()
         return cls(vision.embed_dim, vision.patch_size, cfg.model.text_spec().width, vocab_size, cfg.model.head)
 

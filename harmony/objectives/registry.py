@@ -10,7 +10,8 @@ import pkgutil
 from typing import Any
 
 import harmony.objectives as package
-from harmony.config import Config
+from harmony.config import Config, ConfigError
+from harmony.models.cnn import cnn_width
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.objectives.base import REGISTRY, ModelDims, Needs, Objective
 
@@ -33,8 +34,28 @@ def enabled_sections(cfg: Config) -> list[tuple[type[Objective], Any]]:
     return out
 
 
+def check_image_tower(cfg: Config) -> None:
+    """Refuse, before any module is built, a CNN image tower that timm cannot build, or one with an objective that
+    reads patch tokens (`Needs.reads_patch_tokens`: a CNN gives only its pooled feature)."""
+    cnn = cfg.model.cnn_spec()
+    if cnn is None:
+        return
+    try:
+        cnn_width(cnn)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'model.vision': {exc}") from None
+    for cls, section in enabled_sections(cfg):
+        if cls.needs_for(section).reads_patch_tokens:
+            raise ConfigError(
+                f"config key 'model.vision': objectives.{cls.key} needs patch tokens, which the CNN image tower "
+                f"{cfg.model.vision} does not have (it gives one pooled feature per image); use a ViT size, or "
+                f"switch it off with objectives.{cls.key}=null"
+            )
+
+
 def build_objectives(cfg: Config, vocab_size: int) -> dict[str, Objective]:
     """The enabled objectives (with their heads/decoders), sized from the config alone."""
+    check_image_tower(cfg)
     dims = ModelDims.of(cfg, vocab_size)
     return {cls.key: cls.build(section, dims) for cls, section in enabled_sections(cfg)}
 

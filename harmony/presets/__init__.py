@@ -67,13 +67,16 @@ def _strip(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k != "description"}
 
 
-def compose(size: dict[str, Any], method: dict[str, Any]) -> dict[str, Any]:
+def compose(size: dict[str, Any], method: dict[str, Any], method_name: str = "") -> dict[str, Any]:
     """Merge a size file and a method file. The method decides which objectives are on; the size
     file's `objectives` entries are size-dependent defaults (decoder widths, head sizes) applied only
-    to objectives the method enables, and the method's own values win."""
+    to objectives the method enables, and the method's own values win. A size file's `methods.<name>` entry
+    is what that method uses at that size in place of the size's own settings (ALIGN's CNN and text towers),
+    and wins over both."""
     size = _strip(size)
     size_objectives = size.pop("objectives", {}) or {}
-    data = merge(size, _strip(method))
+    own = (size.pop("methods", {}) or {}).get(method_name, {})
+    data = merge(merge(size, _strip(method)), own)
     enabled = data.get("objectives") or {}
     for name, defaults in size_objectives.items():
         if enabled.get(name) is not None:
@@ -93,7 +96,7 @@ def load_preset(name: str) -> Config:
             raise ConfigError(f"config file '{name}' is not valid YAML: {str(exc).splitlines()[0]}") from None
         return from_dict(Config, upgrade_keys(_strip(data)))
     method, size = split_preset(name)
-    data = compose(_yaml(_PRESETS / "sizes" / f"{size}.yaml"), _yaml(_PRESETS / "methods" / f"{method}.yaml"))
+    data = compose(_yaml(_PRESETS / "sizes" / f"{size}.yaml"), _yaml(_PRESETS / "methods" / f"{method}.yaml"), method)
     data["name"] = name
     return from_dict(Config, data)
 

@@ -24,6 +24,7 @@ from harmony.config import Config, ConfigError
 from harmony.core.device import resolve_device
 from harmony.core.distributed import DistInfo
 from harmony.core.errors import run_reported
+from harmony.models.cnn import CNNTower
 from harmony.models.tokenizer import CaptionTokenizer
 from harmony.presets import build_config, split_preset
 from harmony.train.flops import ComponentFlops
@@ -45,9 +46,10 @@ def peak_tflops(device: torch.device) -> float | None:
 
 def components(task: PretrainTask) -> dict[str, list[torch.nn.Module]]:
     """The parts a step's FLOPs are reported by."""
-    out: dict[str, list[torch.nn.Module]] = {"student ViT": [task.student.visual]}
+    kind = "CNN" if isinstance(task.student.visual, CNNTower) else "ViT"
+    out: dict[str, list[torch.nn.Module]] = {f"student {kind}": [task.student.visual]}
     if task.teacher is not None:
-        out["teacher ViT"] = [task.teacher.visual]
+        out[f"teacher {kind}"] = [task.teacher.visual]
     if task.student.text is not None:
         out["text student"] = [task.student.text]
     if task.teacher is not None and task.teacher.text is not None:

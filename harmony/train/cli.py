@@ -55,6 +55,11 @@ def with_init(cfg: Config) -> tuple[Config, Source | None]:
     """A new run's config with the architecture of its `model.init` source (printed, setting by setting)."""
     if not cfg.model.init:
         return cfg, None
+    if cfg.model.cnn_spec() is not None:
+        raise ConfigError(
+            f"--init starts ViT and CLIP text towers; model.vision={cfg.model.vision} is a CNN, which starts from "
+            "random weights (leave out --init, or the CNN)"
+        )
     from harmony.weights.apply import configure
     from harmony.weights.resolve import open_init_source
 
@@ -96,8 +101,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_yaml(cfg))
         return 0
+    from harmony.objectives.registry import check_image_tower
     from harmony.outputs import check_output_dir
 
+    check_image_tower(cfg)  # a CNN with an objective that reads patch tokens: refused before the folder is used
     check_output_dir(out)
     from harmony.train.loop import train
 

@@ -33,7 +33,7 @@ def towers_of(task: PretrainTask) -> dict[str, nn.Module]:
 
 def depths_of(cfg: Config) -> dict[str, int]:
     """Blocks per tower."""
-    return {"image": cfg.model.vision_spec().depth, "text": cfg.model.text_spec().layers}
+    return {"image": 0 if cfg.model.cnn_spec() else cfg.model.vision_spec().depth, "text": cfg.model.text_spec().layers}
 
 
 def check_towers(cfg: Config) -> None:

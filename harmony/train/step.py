@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from harmony.config import Config
+from harmony.config import Config, ConfigError
 from harmony.core.distributed import DistInfo
 from harmony.core.errors import TrainingError
+from harmony.models.global_batchnorm import to_global_batchnorm
 from harmony.objectives.base import StepInfo
 from harmony.objectives.registry import make_tokenizer
 from harmony.train.accumulate import Accumulator
@@ -41,6 +42,17 @@ def accumulation_steps(cfg: Config, dist: DistInfo) -> int:
     return steps
 
 
+def check_batchnorm_accumulation(task: PretrainTask, steps: int) -> None:
+    """Refuse gradient accumulation with BatchNorm in the image tower (a CNN's): each micro-batch would be
+    normalised by its own statistics, so K micro-batches would not give the numbers of the whole batch."""
+    if steps > 1 and any(isinstance(m, torch.nn.BatchNorm2d) for m in task.student.visual.modules()):
+        raise ConfigError(
+            f"config key 'train.accum_steps' ({steps}): the image tower {task.cfg.model.vision} has BatchNorm, whose "
+            "statistics would be those of each micro-batch, not of the batch; use 1, or a CNN without BatchNorm "
+            "(timm:convnext_tiny)"
+        )
+
+
 class Stepper:
     """Owns the task, its accumulator and its optimiser; `train_step(batch)` runs forward and backward (in
     `train.accum_steps` micro-batches, exactly: `harmony.train.accumulate`), clipping, the update, the
@@ -51,6 +63,7 @@ class Stepper:
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = make_tokenizer(cfg)
         task = PretrainTask(cfg, self.tokenizer)
+        check_batchnorm_accumulation(task, cfg.train.accum_steps)
         # the weights a new run starts from, loaded before the task is moved, wrapped or sharded
         self.init_summary: InitSummary | None = initialise(task, init) if init is not None else None
         self.task = task.to(device)
@@ -77,6 +90,10 @@ class Stepper:
         and hold the towers when `model.freeze_until_step` says so."""
         self.freezing = Freezing(self.task, self.cfg)
         if self.dist.world_size > 1:
+            # a CNN's BatchNorm over the global batch (SyncBN semantics on any device), student and teacher
+            for pair in (self.task.student, self.task.teacher):
+                if pair is not None:
+                    to_global_batchnorm(pair.visual)
             if self.fsdp:
                 from harmony.train.sharding import shard_task
 

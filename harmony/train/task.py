@@ -189,7 +189,7 @@ class PretrainTask(nn.Module):
                 keep = batch["mae_keep"][: len(dropped)].flatten(0, 1)
                 tokens = student.visual(images[dropped].flatten(0, 1), keep_index=keep)
                 enc.dropped = {g: tokens[i * bsz : (i + 1) * bsz] for i, g in enumerate(dropped)}
-            enc.pos_embed = student.visual.position_table(enc.grid)
+            enc.pos_embed = student.vit().position_table(enc.grid)
 
         text_keys = [key for key, wanted in (("text", needs.text_clean), ("text_masked", needs.text_masked)) if wanted]
         if text_keys and not all(enc.has(key) for key in text_keys):
@@ -298,5 +298,5 @@ class PretrainTask(nn.Module):
         if needs.embeddings:
             shared["logit_scale"] = self.student.scale()
         if needs.dropped_crops:
-            shared["pos_embed"] = self.student.visual.position_table(grid)
+            shared["pos_embed"] = self.student.vit().position_table(grid)
         return shared

@@ -21,6 +21,11 @@ def harmony_run(path: Path, weights: str) -> Source:
         cfg = from_dict(Config, known_only(Config, upgrade_keys(state["config"]))[0])
     except ConfigError as exc:
         raise CheckpointError(f"{what}: its config cannot be used here: {exc}") from None
+    if cfg.model.cnn_spec() is not None:
+        raise CheckpointError(
+            f"{what}: its image tower is the CNN {cfg.model.vision}; --init starts ViT towers only (continue that "
+            "run with --resume, or export it with --format timm)"
+        )
     model: State = state["model"]
     has_text = any(k.startswith("student.text.") for k in model)
     teacher_complete = any(k.startswith("teacher.visual.") for k in model) and (
