@@ -4,7 +4,9 @@ benchmark: tests/test_method_smoke.py; SLIP's use of the same loss: tests/test_l
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,23 @@ def test_two_ranks_contrast_over_the_global_batch_as_one_rank(two_ranks: TwoRank
     torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, whole["loss"])
     for key in ("a_grad", "b_grad"):
         torch.testing.assert_close(torch.cat([ranks[0][key], ranks[1][key]]) / 2, whole[key])
+
+
+@pytest.mark.slow
+def test_two_ranks_train_simclr_as_one_rank_with_the_whole_batch(
+    two_ranks: TwoRanks, one_rank: Callable[..., Path]
+) -> None:
+    """2 gloo ranks x 4 images train as 1 x 8: the projector's plain BatchNorm layers normalise over the global
+    batch (converted with several processes on any device), and the contrast reads the gathered rows."""
+    from tests.two_ranks import SIMCLR_RUN
+
+    two, one = two_ranks.folder("simclr") / "run", one_rank(*SIMCLR_RUN)
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+
+    assert len(losses(one)) == 3
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4, abs=1e-5)
 
 
 def test_simclr_num_layers_must_be_positive() -> None:

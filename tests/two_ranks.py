@@ -41,6 +41,9 @@ CAPTIONS_RUN += ("train.log_every=1",)
 MIXED_RUN = ("train", "--preset", "clip-tiny-test", "--data", "builtin:shapes::builtin:shapes:val", "--workers", "0")
 MIXED_RUN += ("data.weights=0.3,0.7", "--batch-size", "8", "--max-steps", "3", "--no-progress", "train.log_every=1")
 # DINO on a CNN image tower: its BatchNorm layers take the statistics of the global batch
+# SimCLR's projector has plain BatchNorm1d layers: over the global batch with several processes
+SIMCLR_RUN = ("train", "--preset", "simclr-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress")
+SIMCLR_RUN += ("train.log_every=1",)
 CNN_RUN = ("train", "--preset", "dino-tiny-test", "model.vision=timm:resnet-tiny", "--batch-size", "8")
 CNN_RUN += ("--max-steps", "3", "--no-progress", "train.log_every=1")
 # a locked image tower and a text tower held for 2 steps (`model.freeze`, `model.freeze_until_step`)
@@ -60,6 +63,7 @@ TRAININGS: dict[str, tuple[str, ...]] = {
     "cut_captions": CAPTIONS_RUN,  # each rank cuts its captions to its own batch's length
     "mixed_sources": MIXED_RUN,  # two sources drawn by weight, each rank its places of every batch
     "cnn_dino": CNN_RUN,
+    "simclr": SIMCLR_RUN,
 }
 
 

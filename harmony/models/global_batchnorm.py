@@ -8,7 +8,8 @@ both sums through a differentiable all-reduce, so K ranks x B rows normalise (an
 1 rank x K*B rows. torch's `SyncBatchNorm` refuses CPU tensors (gloo runs); these modules do not. Running
 statistics and eval mode are `nn.BatchNorm1d`'s / `nn.BatchNorm2d`'s (unbiased running variance, same state-dict
 names); at world size 1 they are those modules. Not `_BatchNorm` subclasses, so `convert_sync_batchnorm` leaves
-them alone. `to_global_batchnorm` converts the BatchNorm2d layers of a CNN (timm's `BatchNormAct2d` included).
+them alone. `to_global_batchnorm` converts the BatchNorm1d/2d layers of a module (a CNN's, timm's `BatchNormAct2d`
+included, and the BatchNorm of heads such as SimCLR's projector).
 """
 
 from __future__ import annotations
@@ -97,25 +98,27 @@ class GlobalBatchNorm2d(_GlobalBatchNorm):
         return self.after(super().forward(x))
 
 
-def _converted(norm: nn.BatchNorm2d) -> GlobalBatchNorm2d:
-    """A `GlobalBatchNorm2d` holding `norm`'s own parameters (so their `requires_grad` and any reference to them
-    stay) and running statistics."""
+def _converted(norm: nn.BatchNorm1d | nn.BatchNorm2d) -> _GlobalBatchNorm:
+    """A `GlobalBatchNorm1d`/`2d` holding `norm`'s own parameters (so their `requires_grad` and any reference to
+    them stay) and running statistics."""
     if norm.running_mean is None or norm.running_var is None or norm.momentum is None:
-        raise ValueError("a BatchNorm2d without running statistics or with a cumulative average is not converted")
-    out = GlobalBatchNorm2d(norm.num_features, norm.eps, norm.momentum, norm.affine)
+        raise ValueError("a BatchNorm without running statistics or with a cumulative average is not converted")
+    kind = GlobalBatchNorm2d if isinstance(norm, nn.BatchNorm2d) else GlobalBatchNorm1d
+    out = kind(norm.num_features, norm.eps, norm.momentum, norm.affine)
     out.weight, out.bias = norm.weight, norm.bias
     out.running_mean, out.running_var = norm.running_mean, norm.running_var
     if norm.num_batches_tracked is not None:
         out.num_batches_tracked = norm.num_batches_tracked
-    if isinstance(norm, BatchNormAct2d):
+    if isinstance(norm, BatchNormAct2d) and isinstance(out, GlobalBatchNorm2d):
         out.after = nn.Sequential(norm.drop, norm.act)
     return out.train(norm.training)
 
 
 def to_global_batchnorm(module: nn.Module) -> nn.Module:
-    """`module` with every `nn.BatchNorm2d` (and timm's `BatchNormAct2d`) replaced, in place, by a
-    `GlobalBatchNorm2d` holding its parameters and running statistics under the same state-dict names."""
-    if isinstance(module, nn.BatchNorm2d):
+    """`module` with every `nn.BatchNorm1d` / `nn.BatchNorm2d` (and timm's `BatchNormAct2d`) replaced, in place, by
+    a `GlobalBatchNorm1d` / `GlobalBatchNorm2d` holding its parameters and running statistics under the same
+    state-dict names."""
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return _converted(module)
     for name, child in module.named_children():
         setattr(module, name, to_global_batchnorm(child))

@@ -90,16 +90,13 @@ class Stepper:
         and hold the towers when `model.freeze_until_step` says so."""
         self.freezing = Freezing(self.task, self.cfg)
         if self.dist.world_size > 1:
-            # a CNN's BatchNorm over the global batch (SyncBN semantics on any device), student and teacher
-            for pair in (self.task.student, self.task.teacher):
-                if pair is not None:
-                    to_global_batchnorm(pair.visual)
+            # every BatchNorm (a CNN tower's, student and teacher, and the heads') over the global batch: SyncBN's
+            # semantics on any device, gloo included
+            to_global_batchnorm(self.task)
             if self.fsdp:
                 from harmony.train.sharding import shard_task
 
                 shard_task(self.task)
-            elif self.device.type == "cuda":
-                self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.task)
         trainable = self.task.student_modules()
         self.freezing.bind(trainable)
         self.params = [p for p in trainable.parameters() if p.requires_grad]
