@@ -1,4 +1,4 @@
-"""The reproduction report: the table (methods x metrics, best in bold), the suite's further tables, the paper's
+"""The reproduction report: the table of methods x metrics (best in bold; or the suite's own tables), the paper's
 numbers beside ours, bar charts, loss curves."""
 
 from __future__ import annotations
@@ -85,17 +85,20 @@ def plain_table(suite: Suite, runs: dict[str, dict[str, Any]], table: TableSpec 
 
 
 def plain_tables(suite: Suite, runs: dict[str, dict[str, Any]]) -> str:
-    """The main table and each of the suite's further tables, for a terminal."""
-    parts = [plain_table(suite, runs), *(plain_table(suite, runs, t) for t in suite.tables)]
+    """The suite's tables for a terminal: its `tables`, or else the one of every method."""
+    parts = [plain_table(suite, runs, t) for t in suite.tables] if suite.tables else [plain_table(suite, runs)]
     return "\n\n".join(p for p in parts if p)
 
 
-def further_tables(suite: Suite, runs: dict[str, dict[str, Any]]) -> list[str]:
-    """The report's lines for the suite's further tables (a heading and a table each)."""
+def tables_of(suite: Suite, runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The report's lines for its tables: the suite's `tables` (a heading and a table each), or else the one of
+    every method."""
+    if not suite.tables:
+        return [markdown_table(suite, runs), ""]
     lines: list[str] = []
     for index, table in enumerate(suite.tables):
         if table_rows(suite, runs, table)[0]:
-            lines += [f"## {table.title or f'Table {index + 2}'}", "", markdown_table(suite, runs, table=table), ""]
+            lines += [f"## {table.title or f'Table {index + 1}'}", "", markdown_table(suite, runs, table=table), ""]
     return lines
 
 
@@ -192,9 +195,7 @@ def write_report(suite: Suite, out: Path, runs: dict[str, dict[str, Any]]) -> Pa
         "",
         "Values in %, best in bold; — where a protocol does not apply (no text tower).",
         "",
-        markdown_table(suite, runs),
-        "",
-        *further_tables(suite, runs),
+        *tables_of(suite, runs),
         *[f"![{p.stem}]({p.name})" for p in charts],
         "",
         *([f"## Beside the paper ({suite.paper.source})", "", PAPER_NOTE, "", versus, ""] if versus else []),

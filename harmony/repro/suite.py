@@ -29,8 +29,8 @@ eval:
 columns:                         # table columns: label -> task.metric
   zero-shot top-1: zeroshot.top1
   k-NN top-1: knn.k20_top1
-tables:                          # more tables of the report (optional): a title, rows, columns (default: above)
-  - {title: Masked image modelling, methods: [mae, ibot, harmony]}
+tables:                          # the report's tables, instead of one of every method (optional):
+  - {title: Masked image modelling, methods: [mae, ibot, harmony]}   # a title, rows, columns (default: above)
 paper:                           # the reported numbers (in %), method -> column -> value
   source: Table 1
   results:
@@ -102,7 +102,7 @@ class EvalSpec:
 
 @dataclass
 class TableSpec:
-    """One more table of the report: its rows (methods of the suite) and columns (the suite's when empty)."""
+    """One table of the report: its rows (methods of the suite) and columns (the suite's when empty)."""
 
     title: str = ""
     methods: list[str] = field(default_factory=list)
