@@ -1,4 +1,4 @@
-"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP), end to end: each is
+"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP, Barlow Twins), end to end: each is
 listed by `harmony presets`, trains two steps with finite losses in its range, and the benchmark's FLOP
 breakdown has its parts; then what is particular to one of them (SigLIP's scale and bias, FLIP's evaluation on
 full images). Training runs `harmony train` in this process; the benchmark's measurement is `harmony bench`'s
@@ -52,6 +52,14 @@ SMOKE = {
         heads=True,
     ),
     "flip": Smoke(lambda v: math.isfinite(v) and v > 0, frozenset({"student ViT", "text student"})),
+    # at most out_dim (64) on the diagonal plus lambda x the 64 x 63 off-diagonal entries, each C_ij^2 <= 1
+    "barlowtwins": Smoke(
+        lambda v: 0.0 <= v <= 64 + 5e-3 * 64 * 63,
+        frozenset({"student ViT", "heads"}),
+        heads=True,
+        no_teacher=True,
+        positive=("barlowtwins_on_diag", "barlowtwins_off_diag"),
+    ),
 }
 
 

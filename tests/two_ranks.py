@@ -33,6 +33,16 @@ SIGLIP_RUN = ("train", "--preset", "siglip-tiny-test", "--batch-size", "8", "--m
 SIGLIP_RUN += ("train.log_every=1",)
 MOCOV3_RUN = ("train", "--preset", "mocov3-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress")
 MOCOV3_RUN += ("train.log_every=1",)
+
+
+def three_steps(method: str) -> tuple[str, ...]:
+    """`harmony` arguments of a 3-step training of `<method>-tiny-test` at batch 8, every step logged."""
+    return ("train", "--preset", f"{method}-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress",
+            "train.log_every=1")  # fmt: skip
+
+
+# the methods whose loss uses the global batch, each compared with one process (tests/test_<method>.py)
+GLOBAL_BATCH_METHODS = ("barlowtwins",)
 CAPTIONS_RUN = ("train", "--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0")
 CAPTIONS_RUN += ("--no-progress", "--batch-size", "8", "--max-steps", "3", "model.context_length=77")
 CAPTIONS_RUN += ("train.log_every=1",)
@@ -53,6 +63,7 @@ TRAININGS: dict[str, tuple[str, ...]] = {
     "mocov3": MOCOV3_RUN,
     "cut_captions": CAPTIONS_RUN,  # each rank cuts its captions to its own batch's length
     "mixed_sources": MIXED_RUN,  # two sources drawn by weight, each rank its places of every batch
+    **{method: three_steps(method) for method in GLOBAL_BATCH_METHODS},
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from harmony.objective_config.barlowtwins import BarlowTwinsConfig
 from harmony.objective_config.section import DecoderConfig, HeadConfig, ObjectiveSection
 from harmony.objective_config.sections import (
     BYOLConfig,
@@ -27,6 +28,7 @@ from harmony.objective_config.sections import (
 
 __all__ = [
     "BYOLConfig",
+    "BarlowTwinsConfig",
     "ClipConfig",
     "DecoderConfig",
     "FLIPConfig",
@@ -59,6 +61,7 @@ class ObjectivesConfig:
     mocov3: MoCoV3Config | None = None
     siglip: SigLIPConfig | None = None
     flip: FLIPConfig | None = None
+    barlowtwins: BarlowTwinsConfig | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
