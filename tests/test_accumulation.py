@@ -71,6 +71,7 @@ FAMILIES = [
     "siglip-tiny-test",
     "flip-tiny-test",
     "barlowtwins-tiny-test",
+    "vicreg-tiny-test",
     "clip+mlm+tdist-tiny-test",
     "harmony-tiny-test",
 ]

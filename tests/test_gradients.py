@@ -106,6 +106,7 @@ def prefixes(names: set[str]) -> set[str]:
         ("simsiam-tiny-test", "simsiam", {"student.visual", "objectives.simsiam"}, {"student.text"}),
         ("mocov3-tiny-test", "mocov3", {"student.visual", "objectives.mocov3"}, {"student.text"}),
         ("barlowtwins-tiny-test", "barlowtwins", {"student.visual", "objectives.barlowtwins"}, {"student.text"}),
+        ("vicreg-tiny-test", "vicreg", {"student.visual", "objectives.vicreg"}, {"student.text"}),
         (
             "siglip-tiny-test",
             "siglip",

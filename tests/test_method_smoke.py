@@ -1,4 +1,4 @@
-"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP, Barlow Twins), end to end: each is
+"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP, Barlow Twins, VICReg), end to end: each is
 listed by `harmony presets`, trains two steps with finite losses in its range, and the benchmark's FLOP
 breakdown has its parts; then what is particular to one of them (SigLIP's scale and bias, FLIP's evaluation on
 full images). Training runs `harmony train` in this process; the benchmark's measurement is `harmony bench`'s
@@ -59,6 +59,14 @@ SMOKE = {
         heads=True,
         no_teacher=True,
         positive=("barlowtwins_on_diag", "barlowtwins_off_diag"),
+    ),
+    # 25 x the MSE of two BatchNorm'd expansions, 25 x the hinge (at most 1), the covariances: tens at the start
+    "vicreg": Smoke(
+        lambda v: 0.0 < v < 200.0,
+        frozenset({"student ViT", "heads"}),
+        heads=True,
+        no_teacher=True,
+        positive=("vicreg_invariance", "vicreg_variance", "vicreg_covariance"),
     ),
 }
 

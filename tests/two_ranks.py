@@ -42,7 +42,7 @@ def three_steps(method: str) -> tuple[str, ...]:
 
 
 # the methods whose loss uses the global batch, each compared with one process (tests/test_<method>.py)
-GLOBAL_BATCH_METHODS = ("barlowtwins",)
+GLOBAL_BATCH_METHODS = ("barlowtwins", "vicreg")
 CAPTIONS_RUN = ("train", "--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0")
 CAPTIONS_RUN += ("--no-progress", "--batch-size", "8", "--max-steps", "3", "model.context_length=77")
 CAPTIONS_RUN += ("train.log_every=1",)

@@ -25,6 +25,7 @@ from harmony.objective_config.sections import (
     SimSiamConfig,
     TextDistillConfig,
 )
+from harmony.objective_config.vicreg import VICRegConfig
 
 __all__ = [
     "BYOLConfig",
@@ -44,6 +45,7 @@ __all__ = [
     "SimCLRConfig",
     "SimSiamConfig",
     "TextDistillConfig",
+    "VICRegConfig",
 ]
 
 
@@ -62,6 +64,7 @@ class ObjectivesConfig:
     siglip: SigLIPConfig | None = None
     flip: FLIPConfig | None = None
     barlowtwins: BarlowTwinsConfig | None = None
+    vicreg: VICRegConfig | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
