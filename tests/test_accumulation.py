@@ -72,6 +72,7 @@ FAMILIES = [
     "flip-tiny-test",
     "barlowtwins-tiny-test",
     "vicreg-tiny-test",
+    "swav-tiny-test",
     "clip+mlm+tdist-tiny-test",
     "harmony-tiny-test",
 ]

@@ -107,6 +107,7 @@ def prefixes(names: set[str]) -> set[str]:
         ("mocov3-tiny-test", "mocov3", {"student.visual", "objectives.mocov3"}, {"student.text"}),
         ("barlowtwins-tiny-test", "barlowtwins", {"student.visual", "objectives.barlowtwins"}, {"student.text"}),
         ("vicreg-tiny-test", "vicreg", {"student.visual", "objectives.vicreg"}, {"student.text"}),
+        ("swav-tiny-test", "swav", {"student.visual", "objectives.swav"}, {"student.text"}),
         (
             "siglip-tiny-test",
             "siglip",

@@ -25,6 +25,7 @@ from harmony.objective_config.sections import (
     SimSiamConfig,
     TextDistillConfig,
 )
+from harmony.objective_config.swav import SwAVConfig
 from harmony.objective_config.vicreg import VICRegConfig
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "SigLIPConfig",
     "SimCLRConfig",
     "SimSiamConfig",
+    "SwAVConfig",
     "TextDistillConfig",
     "VICRegConfig",
 ]
@@ -65,6 +67,7 @@ class ObjectivesConfig:
     flip: FLIPConfig | None = None
     barlowtwins: BarlowTwinsConfig | None = None
     vicreg: VICRegConfig | None = None
+    swav: SwAVConfig | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
