@@ -73,6 +73,7 @@ FAMILIES = [
     "barlowtwins-tiny-test",
     "vicreg-tiny-test",
     "swav-tiny-test",
+    "filip-tiny-test",
     "clip+mlm+tdist-tiny-test",
     "harmony-tiny-test",
 ]

@@ -1,4 +1,4 @@
-"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP, Barlow Twins, VICReg, SwAV), end to end: each is
+"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP, Barlow Twins, VICReg, SwAV, FILIP), end to end: each is
 listed by `harmony presets`, trains two steps with finite losses in its range, and the benchmark's FLOP
 breakdown has its parts; then what is particular to one of them (SigLIP's scale and bias, FLIP's evaluation on
 full images). Training runs `harmony train` in this process; the benchmark's measurement is `harmony bench`'s
@@ -70,6 +70,7 @@ SMOKE = {
     ),
     # a cross-entropy against soft codes over 32 prototypes at tau 0.1: a few nats
     "swav": Smoke(lambda v: 0.0 < v < 20.0, frozenset({"student ViT", "heads"}), heads=True, no_teacher=True),
+    "filip": Smoke(lambda v: math.isfinite(v) and v > 0, frozenset({"student ViT", "text student"}), no_teacher=True),
 }
 
 

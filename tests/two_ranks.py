@@ -45,6 +45,8 @@ def three_steps(method: str) -> tuple[str, ...]:
 GLOBAL_BATCH_METHODS = ("barlowtwins", "vicreg", "swav")
 # SwAV with a queue of 16 at batch 8: filled by steps 1 and 2, used at step 3
 SWAV_QUEUE = (*three_steps("swav"), "objectives.swav.queue_length=16", "objectives.swav.queue_start_epochs=0")
+# FILIP with room to cut: each rank cuts its captions to its own batch's longest, and pads them for the gather
+FILIP_RUN = (*three_steps("filip"), "model.context_length=77")
 CAPTIONS_RUN = ("train", "--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0")
 CAPTIONS_RUN += ("--no-progress", "--batch-size", "8", "--max-steps", "3", "model.context_length=77")
 CAPTIONS_RUN += ("train.log_every=1",)
@@ -67,6 +69,7 @@ TRAININGS: dict[str, tuple[str, ...]] = {
     "mixed_sources": MIXED_RUN,  # two sources drawn by weight, each rank its places of every batch
     **{method: three_steps(method) for method in GLOBAL_BATCH_METHODS},
     "swav_queue": SWAV_QUEUE,
+    "filip": FILIP_RUN,
 }
 
 

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from harmony.objective_config.barlowtwins import BarlowTwinsConfig
+from harmony.objective_config.filip import FILIPConfig
 from harmony.objective_config.section import DecoderConfig, HeadConfig, ObjectiveSection
 from harmony.objective_config.sections import (
     BYOLConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "BarlowTwinsConfig",
     "ClipConfig",
     "DecoderConfig",
+    "FILIPConfig",
     "FLIPConfig",
     "HeadConfig",
     "IBOTConfig",
@@ -68,6 +70,7 @@ class ObjectivesConfig:
     barlowtwins: BarlowTwinsConfig | None = None
     vicreg: VICRegConfig | None = None
     swav: SwAVConfig | None = None
+    filip: FILIPConfig | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]

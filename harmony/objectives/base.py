@@ -53,8 +53,9 @@ class Needs:
     for a mask token), unmasked otherwise (DINO); `clean_crops` are the crops the student also sees without
     masks. `keep_ratio` / `text_mask_prob` are the MAE-style patch dropping and caption masking recipes;
     `embeddings` asks for the CLIP embeddings of crop 0 and the caption, taken from crop 0's patch-dropped
-    pass when `embeddings_dropped` (FLIP) and from its clean pass otherwise. Each field's metadata says how the
-    values of two objectives combine (`union`)."""
+    pass when `embeddings_dropped` (FLIP) and from its clean pass otherwise; `token_embeddings` asks for every
+    patch token of clean crop 0 and every caption token in the joint space (FILIP). Each field's metadata says how
+    the values of two objectives combine (`union`)."""
 
     num_global: int = field(default=1, metadata=LARGER)
     clean_crops: set[int] = field(default_factory=set, metadata=UNION)
@@ -91,6 +92,7 @@ class Needs:
             "two objectives read the image embedding, one of the full image and one of the patch-dropped image",
         ),
     )
+    token_embeddings: bool = field(default=False, metadata=UNION)
 
     def union(self, other: Needs) -> Needs:
         """What serves both: each field merged by its rule; a recipe both use must be the same."""
@@ -198,6 +200,8 @@ class Encoded:
     text_embed: Annotated[Tensor, Output("embeddings")]  # [B, E]
     teacher_image_embed: Annotated[Tensor, Output("embeddings", "teacher_text", "teacher_crops", trained=False)]
     teacher_text_embed: Annotated[Tensor, Output("embeddings", "teacher_text", "teacher_crops", trained=False)]
+    image_token_embed: Annotated[Tensor, Output("token_embeddings")]  # crop 0's patch tokens, joint space [B, N, E]
+    text_token_embed: Annotated[Tensor, Output("token_embeddings")]  # every caption token, joint space [B, T, E]
     clean: Annotated[dict[int, Tensor], Output("clean_crops", per_crop=True)]  # crop -> [B, 1 + N, D]
     dropped: Annotated[dict[int, Tensor], Output("dropped_crops", per_crop=True)]  # crop -> [B, 1 + K, D]
     grid: Annotated[tuple[int, int], Output("num_global", shared=True)]  # patch grid (gh, gw)
