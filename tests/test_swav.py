@@ -16,7 +16,7 @@ from harmony.models.normalize import normalize
 from harmony.objectives.base import StepInfo
 from harmony.objectives.swav import SwAVObjective, sinkhorn, swapped_prediction
 from harmony.presets import build_config
-from tests.conftest import TwoRanks
+from tests.conftest import Cli, TwoRanks
 from tests.test_accumulation import batches, make_stepper, train
 from tests.test_distributed import records
 from tests.test_global_batchnorm import direct_batchnorm_mlp
@@ -199,3 +199,19 @@ def test_swav_settings_that_cannot_work_are_refused(key: str, value: str, messag
     with pytest.raises(ConfigError, match=rf"'objectives.swav.{key}' {message}") as error:
         build_config("swav-tiny-test", [f"objectives.swav.{key}={value}"])
     assert "\n" not in str(error.value)
+
+
+def test_a_resumed_run_continues_with_its_queue(tmp_path: Path, cli: Cli) -> None:
+    """Queue 16 at batch 8: full after step 2, read at steps 3 and 4. Stopped after step 2 and resumed, the run gives
+    the losses of the uninterrupted one: the queue came back from the checkpoint."""
+    args = ("train", "--preset", "swav-tiny-test", "--data", "builtin:shapes", "--workers", "0", "--no-progress")
+    args += ("train.log_every=1", *QUEUE)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli(*args, "--out", str(whole), "--max-steps", "4").returncode == 0
+    assert cli(*args, "--out", str(split), "--max-steps", "2").returncode == 0
+    resumed = cli(*args, "--out", str(split), "--resume", "auto", "--max-steps", "4")
+    assert resumed.returncode == 0, resumed.stderr
+    rows, refs = records(split), records(whole)
+    assert [rows[step]["swav_queue_used"] for step in (1, 2, 3, 4)] == [0.0, 0.0, 1.0, 1.0]
+    for step in (1, 2, 3, 4):
+        assert rows[step]["loss_swav"] == pytest.approx(refs[step]["loss_swav"], rel=1e-5, abs=1e-6), step

@@ -125,5 +125,6 @@ class SwAVObjective(Objective):
         if not self.cfg.queue_length:
             return LossOutput(loss)
         if step.epoch >= self.cfg.queue_start_epochs:  # every rank's rows, crop-major [2, N, D]
-            self._pending = gather_no_grad(z[: 2 * bsz].detach().unflatten(0, (2, bsz)).transpose(0, 1)).transpose(0, 1)
+            rows = z[: 2 * bsz].detach().float().unflatten(0, (2, bsz)).transpose(0, 1)
+            self._pending = gather_no_grad(rows).transpose(0, 1)
         return LossOutput(loss, {"swav_queue_used": torch.tensor(float(queued is not None))})
