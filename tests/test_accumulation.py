@@ -72,18 +72,29 @@ FAMILIES = [
     "mocov2-tiny-test",
     "siglip-tiny-test",
     "flip-tiny-test",
+    "barlowtwins-tiny-test",
+    "vicreg-tiny-test",
+    "swav-tiny-test",
+    "filip-tiny-test",
     "clip+mlm+tdist-tiny-test",
     "harmony-tiny-test",
 ]
+
+# settings a family runs with here: the image tower's final norm feeds only a projector that starts with a
+# BatchNorm'd Linear (a shift of every row is normalised away), so its bias gets a gradient of zero in exact
+# arithmetic; AdamW moves it by the sign of the rounding noise, which differs with K, and a loss in the tens
+# (Barlow Twins) makes that noise larger than the tolerance
+FAMILY_OVERRIDES = {"barlowtwins-tiny-test": ("model.freeze=image.norm",)}
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_micro_batches_give_the_whole_batch_numbers(preset: str) -> None:
     """K = 1, 2, 4 at the same global batch: the same losses each step and the same parameters, teachers,
     heads and centres after 3 optimiser steps."""
-    reference, ref_state = train(preset, 1)
+    overrides = FAMILY_OVERRIDES.get(preset, ())
+    reference, ref_state = train(preset, 1, 3, *overrides)
     for accum in (2, 4):
-        rows, state = train(preset, accum)
+        rows, state = train(preset, accum, 3, *overrides)
         for step, (want, got) in enumerate(zip(reference, rows)):
             assert set(got) == set(want)
             for key in want:

@@ -36,7 +36,7 @@ def grads_of(task: PretrainTask, objective: str, batch: dict[str, torch.Tensor])
     return {n for n, p in task.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
-@pytest.mark.parametrize("method", ["harmony", "dino", "flip", "slip", "byol"])
+@pytest.mark.parametrize("method", ["harmony", "dino", "flip", "slip", "byol", "filip"])
 def test_the_table_of_outputs_says_what_the_passes_compute(method: str) -> None:
     """`Encoded`'s table gives exactly the per-sample outputs the passes compute for the needs, and which of them
     carry a gradient (what gradient accumulation caches, and differentiates); these methods read every output."""
@@ -107,6 +107,21 @@ def prefixes(names: set[str]) -> set[str]:
         ("simsiam-tiny-test", "simsiam", {"student.visual", "objectives.simsiam"}, {"student.text"}),
         ("mocov3-tiny-test", "mocov3", {"student.visual", "objectives.mocov3"}, {"student.text"}),
         ("mocov2-tiny-test", "mocov2", {"student.visual", "objectives.mocov2"}, {"student.text"}),
+        ("barlowtwins-tiny-test", "barlowtwins", {"student.visual", "objectives.barlowtwins"}, {"student.text"}),
+        ("vicreg-tiny-test", "vicreg", {"student.visual", "objectives.vicreg"}, {"student.text"}),
+        ("swav-tiny-test", "swav", {"student.visual", "objectives.swav"}, {"student.text"}),
+        (
+            "filip-tiny-test",
+            "filip",
+            {
+                "student.visual",
+                "student.text",
+                "student.visual_projection",
+                "student.text_projection",
+                "student.logit_scale",
+            },
+            set(),
+        ),
         (
             "siglip-tiny-test",
             "siglip",

@@ -13,7 +13,7 @@ from harmony.presets import build_config, method_names
 from tests.conftest import Cli
 
 # objectives whose loss needs two samples in the batch (a contrast, or BatchNorm over the batch)
-NEEDS_TWO = {"clip", "simclr", "siglip", "flip", "simsiam", "mocov3", "byol"}
+NEEDS_TWO = {"clip", "simclr", "siglip", "flip", "simsiam", "mocov3", "byol", "barlowtwins", "vicreg", "swav", "filip"}
 
 
 @pytest.mark.parametrize("weight", ["-1", "0"])

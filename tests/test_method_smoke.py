@@ -1,4 +1,5 @@
-"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP, MoCo v2, SimCLR, ALIGN), end to end: each is
+"""The methods added through the registry alone (BYOL, SimSiam, SigLIP, MoCo v3, FLIP, MoCo v2, SimCLR, ALIGN,
+Barlow Twins, VICReg, SwAV, FILIP), end to end: each is
 listed by `harmony presets`, trains two steps with finite losses in its range, and the benchmark's FLOP
 breakdown has its parts; then what is particular to one of them (SigLIP's scale and bias, FLIP's evaluation on
 full images). Training runs `harmony train` in this process; the benchmark's measurement is `harmony bench`'s
@@ -64,6 +65,25 @@ SMOKE = {
     "align": Smoke(
         lambda v: 0.0 < v <= math.log(8) + 1.5, frozenset({"student CNN", "text student"}), objective="clip"
     ),
+    # at most out_dim (64) on the diagonal plus lambda x the 64 x 63 off-diagonal entries, each C_ij^2 <= 1
+    "barlowtwins": Smoke(
+        lambda v: 0.0 <= v <= 64 + 5e-3 * 64 * 63,
+        frozenset({"student ViT", "heads"}),
+        heads=True,
+        no_teacher=True,
+        positive=("barlowtwins_on_diag", "barlowtwins_off_diag"),
+    ),
+    # 25 x the MSE of two BatchNorm'd expansions, 25 x the hinge (at most 1), the covariances: tens at the start
+    "vicreg": Smoke(
+        lambda v: 0.0 < v < 200.0,
+        frozenset({"student ViT", "heads"}),
+        heads=True,
+        no_teacher=True,
+        positive=("vicreg_invariance", "vicreg_variance", "vicreg_covariance"),
+    ),
+    # a cross-entropy against soft codes over 32 prototypes at tau 0.1: a few nats
+    "swav": Smoke(lambda v: 0.0 < v < 20.0, frozenset({"student ViT", "heads"}), heads=True, no_teacher=True),
+    "filip": Smoke(lambda v: math.isfinite(v) and v > 0, frozenset({"student ViT", "text student"}), no_teacher=True),
 }
 
 

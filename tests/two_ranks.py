@@ -35,15 +35,28 @@ MOCOV3_RUN = ("train", "--preset", "mocov3-tiny-test", "--batch-size", "8", "--m
 MOCOV3_RUN += ("train.log_every=1",)
 MOCOV2_RUN = ("train", "--preset", "mocov2-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress")
 MOCOV2_RUN += ("train.log_every=1",)
+
+
+def three_steps(method: str) -> tuple[str, ...]:
+    """`harmony` arguments of a 3-step training of `<method>-tiny-test` at batch 8, every step logged."""
+    return ("train", "--preset", f"{method}-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress",
+            "train.log_every=1")  # fmt: skip
+
+
+# the methods whose loss uses the global batch, each compared with one process (tests/test_<method>.py)
+GLOBAL_BATCH_METHODS = ("barlowtwins", "vicreg", "swav")
+# SwAV with a queue of 16 at batch 8: filled by steps 1 and 2, used at step 3
+SWAV_QUEUE = (*three_steps("swav"), "objectives.swav.queue_length=16", "objectives.swav.queue_start_epochs=0")
+# FILIP with room to cut: each rank cuts its captions to its own batch's longest, and pads them for the gather
+FILIP_RUN = (*three_steps("filip"), "model.context_length=77")
 CAPTIONS_RUN = ("train", "--preset", "harmony-tiny-test", "--data", "builtin:shapes", "--workers", "0")
 CAPTIONS_RUN += ("--no-progress", "--batch-size", "8", "--max-steps", "3", "model.context_length=77")
 CAPTIONS_RUN += ("train.log_every=1",)
 MIXED_RUN = ("train", "--preset", "clip-tiny-test", "--data", "builtin:shapes::builtin:shapes:val", "--workers", "0")
 MIXED_RUN += ("data.weights=0.3,0.7", "--batch-size", "8", "--max-steps", "3", "--no-progress", "train.log_every=1")
-# DINO on a CNN image tower: its BatchNorm layers take the statistics of the global batch
 # SimCLR's projector has plain BatchNorm1d layers: over the global batch with several processes
-SIMCLR_RUN = ("train", "--preset", "simclr-tiny-test", "--batch-size", "8", "--max-steps", "3", "--no-progress")
-SIMCLR_RUN += ("train.log_every=1",)
+SIMCLR_RUN = three_steps("simclr")
+# DINO on a CNN image tower: its BatchNorm layers take the statistics of the global batch
 CNN_RUN = ("train", "--preset", "dino-tiny-test", "model.vision=timm:resnet-tiny", "--batch-size", "8")
 CNN_RUN += ("--max-steps", "3", "--no-progress", "train.log_every=1")
 # a locked image tower and a text tower held for 2 steps (`model.freeze`, `model.freeze_until_step`)
@@ -64,6 +77,9 @@ TRAININGS: dict[str, tuple[str, ...]] = {
     "mixed_sources": MIXED_RUN,  # two sources drawn by weight, each rank its places of every batch
     "cnn_dino": CNN_RUN,
     "simclr": SIMCLR_RUN,
+    **{method: three_steps(method) for method in GLOBAL_BATCH_METHODS},
+    "swav_queue": SWAV_QUEUE,
+    "filip": FILIP_RUN,
 }
 
 

@@ -100,6 +100,14 @@ class ImageTextModel(nn.Module):
         assert self.text is not None
         return F.normalize(self.text.pool(features, ids) @ self.text_projection, dim=-1)
 
+    def image_token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised joint-space embedding of every patch token (CLS left out) of vision-tower output."""
+        return F.normalize(self.visual_projection(tokens[:, 1:]), dim=-1)
+
+    def text_token_embedding(self, features: torch.Tensor) -> torch.Tensor:
+        """L2-normalised joint-space embedding of every caption position of text-tower output (padding included)."""
+        return F.normalize(features @ self.text_projection, dim=-1)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_embedding(self.visual(images))
 

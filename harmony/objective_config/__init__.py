@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from harmony.objective_config.barlowtwins import BarlowTwinsConfig
+from harmony.objective_config.filip import FILIPConfig
 from harmony.objective_config.mocov2 import MoCoV2Config
 from harmony.objective_config.section import DecoderConfig, HeadConfig, ObjectiveSection
 from harmony.objective_config.sections import (
@@ -25,11 +27,15 @@ from harmony.objective_config.sections import (
     SimSiamConfig,
     TextDistillConfig,
 )
+from harmony.objective_config.swav import SwAVConfig
+from harmony.objective_config.vicreg import VICRegConfig
 
 __all__ = [
     "BYOLConfig",
+    "BarlowTwinsConfig",
     "ClipConfig",
     "DecoderConfig",
+    "FILIPConfig",
     "FLIPConfig",
     "HeadConfig",
     "IBOTConfig",
@@ -43,7 +49,9 @@ __all__ = [
     "SigLIPConfig",
     "SimCLRConfig",
     "SimSiamConfig",
+    "SwAVConfig",
     "TextDistillConfig",
+    "VICRegConfig",
 ]
 
 
@@ -62,6 +70,10 @@ class ObjectivesConfig:
     siglip: SigLIPConfig | None = None
     flip: FLIPConfig | None = None
     mocov2: MoCoV2Config | None = None
+    barlowtwins: BarlowTwinsConfig | None = None
+    vicreg: VICRegConfig | None = None
+    swav: SwAVConfig | None = None
+    filip: FILIPConfig | None = None
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]

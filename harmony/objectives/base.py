@@ -54,10 +54,11 @@ class Needs:
     for a mask token), unmasked otherwise (DINO); `clean_crops` are the crops the student also sees without
     masks. `keep_ratio` / `text_mask_prob` are the MAE-style patch dropping and caption masking recipes;
     `embeddings` asks for the CLIP embeddings of crop 0 and the caption, taken from crop 0's patch-dropped
-    pass when `embeddings_dropped` (FLIP) and from its clean pass otherwise. `patch_tokens` says the objective
-    reads the image tower's patch tokens, not only its pooled (CLS) row; block masks and dropped patches imply it
-    (`reads_patch_tokens`), and a CNN image tower, which has none, refuses such an objective. Each field's metadata
-    says how the values of two objectives combine (`union`)."""
+    pass when `embeddings_dropped` (FLIP) and from its clean pass otherwise; `token_embeddings` asks for every
+    patch token of clean crop 0 and every caption token in the joint space (FILIP). `patch_tokens` says the
+    objective reads the image tower's patch tokens, not only its pooled (CLS) row; block masks, dropped patches and
+    token embeddings imply it (`reads_patch_tokens`), and a CNN image tower, which has none, refuses such an
+    objective. Each field's metadata says how the values of two objectives combine (`union`)."""
 
     num_global: int = field(default=1, metadata=LARGER)
     clean_crops: set[int] = field(default_factory=set, metadata=UNION)
@@ -94,6 +95,7 @@ class Needs:
             "two objectives read the image embedding, one of the full image and one of the patch-dropped image",
         ),
     )
+    token_embeddings: bool = field(default=False, metadata=UNION)
 
     patch_tokens: bool = field(default=False, metadata=UNION)
 
@@ -124,7 +126,7 @@ class Needs:
     @property
     def reads_patch_tokens(self) -> bool:
         """Whether the image tower must give patch tokens (a ViT), not only a pooled feature."""
-        return self.patch_tokens or self.block_masks is not None or bool(self.dropped_crops)
+        return self.patch_tokens or self.token_embeddings or self.block_masks is not None or bool(self.dropped_crops)
 
 
 @dataclass
@@ -208,6 +210,8 @@ class Encoded:
     text_embed: Annotated[Tensor, Output("embeddings")]  # [B, E]
     teacher_image_embed: Annotated[Tensor, Output("embeddings", "teacher_text", "teacher_crops", trained=False)]
     teacher_text_embed: Annotated[Tensor, Output("embeddings", "teacher_text", "teacher_crops", trained=False)]
+    image_token_embed: Annotated[Tensor, Output("token_embeddings")]  # crop 0's patch tokens, joint space [B, N, E]
+    text_token_embed: Annotated[Tensor, Output("token_embeddings")]  # every caption token, joint space [B, T, E]
     clean: Annotated[dict[int, Tensor], Output("clean_crops", per_crop=True)]  # crop -> [B, 1 + N, D]
     dropped: Annotated[dict[int, Tensor], Output("dropped_crops", per_crop=True)]  # crop -> [B, 1 + K, D]
     grid: Annotated[tuple[int, int], Output("num_global", shared=True)]  # patch grid (gh, gw)

@@ -67,10 +67,10 @@ def set_random_state(device: torch.device, state: list[torch.Tensor]) -> None:
 
 
 def tower_needs(needs: Needs, towers: Collection[str]) -> Needs:
-    """`needs` with only the student passes of `towers` (no teacher, no embeddings; every recipe kept)."""
+    """`needs` with only the student passes of `towers` (no teacher, no joint-space embeddings; every recipe kept)."""
     blank = Needs()
     off = {name for tower, passes in TOWER_PASSES.items() if tower not in towers for name in passes}
-    off |= {"teacher_crops", "teacher_text", "embeddings", "embeddings_dropped"}
+    off |= {"teacher_crops", "teacher_text", "embeddings", "embeddings_dropped", "token_embeddings"}
     return dataclasses.replace(needs, **{name: getattr(blank, name) for name in off})
 
 

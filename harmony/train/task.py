@@ -210,6 +210,9 @@ class PretrainTask(nn.Module):
             enc.image_embed = student.image_embedding(enc.dropped[0] if needs.embeddings_dropped else enc.clean[0])
             enc.text_embed = student.text_embedding(enc.text, batch["text"])
             enc.logit_scale = student.scale()
+        if needs.token_embeddings:
+            enc.image_token_embed = student.image_token_embedding(enc.clean[0])
+            enc.text_token_embed = student.text_token_embedding(enc.text)
         return enc
 
     @torch.no_grad()
