@@ -89,6 +89,7 @@ def test_a_teacher_starts_as_a_copy_with_the_students_batchnorm_statistics() -> 
         ("mae-tiny-test", "mae"),
         ("flip-tiny-test", "flip"),
         ("maskclip-tiny-test", "masked_distill"),
+        ("filip-tiny-test", "filip"),
     ],
 )
 def test_methods_that_read_patch_tokens_are_refused_in_one_line(
