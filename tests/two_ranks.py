@@ -38,6 +38,11 @@ CAPTIONS_RUN += ("--no-progress", "--batch-size", "8", "--max-steps", "3", "mode
 CAPTIONS_RUN += ("train.log_every=1",)
 MIXED_RUN = ("train", "--preset", "clip-tiny-test", "--data", "builtin:shapes::builtin:shapes:val", "--workers", "0")
 MIXED_RUN += ("data.weights=0.3,0.7", "--batch-size", "8", "--max-steps", "3", "--no-progress", "train.log_every=1")
+# evaluation every 2 steps on the built-in val split, in batches of 8 (each rank encodes 2 of its 4)
+EVAL_SETTINGS = ("eval.knn_val=builtin:shapes:val", "eval.zeroshot_data=builtin:shapes:val", "eval.workers=0")
+EVAL_SETTINGS += ("eval.retrieval_data=builtin:shapes:val", "eval.knn.batch_size=8", "eval.zeroshot.batch_size=8")
+EVAL_SETTINGS += ("eval.retrieval.batch_size=8", "train.eval_every=2")
+EVAL_RUN = ("train", *HARMONY, "--max-steps", "4", *EVAL_SETTINGS)
 # a locked image tower and a text tower held for 2 steps (`model.freeze`, `model.freeze_until_step`)
 FROZEN = ("model.freeze=image", "model.freeze_until_step=2")
 
@@ -53,6 +58,8 @@ TRAININGS: dict[str, tuple[str, ...]] = {
     "mocov3": MOCOV3_RUN,
     "cut_captions": CAPTIONS_RUN,  # each rank cuts its captions to its own batch's length
     "mixed_sources": MIXED_RUN,  # two sources drawn by weight, each rank its places of every batch
+    "eval_ddp": (*EVAL_RUN, "train.strategy=ddp"),  # each rank encodes its share of the evaluation sets
+    "eval_fsdp": (*EVAL_RUN, "train.strategy=fsdp"),  # ... from the gathered shards of the weights
 }
 
 
