@@ -116,6 +116,8 @@ class _Sets:
 
 
 class _ZeroShot:
+    """`harmony eval zeroshot`: its images decoded and its class prompts tokenised once; `score` embeds both."""
+
     task, needs_text = "zeroshot", True
 
     def __init__(self, sets: _Sets) -> None:
@@ -135,6 +137,8 @@ class _ZeroShot:
 
 
 class _Knn:
+    """`harmony eval knn`: both splits decoded once; `score` takes their token summaries and votes."""
+
     task, needs_text = "knn", False
 
     def __init__(self, sets: _Sets) -> None:
@@ -175,6 +179,8 @@ class _Knn:
 
 
 class _Retrieval:
+    """`harmony eval retrieval`: the images decoded and their captions tokenised once; `score` ranks both ways."""
+
     task, needs_text = "retrieval", True
 
     def __init__(self, sets: _Sets) -> None:
