@@ -15,12 +15,13 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from harmony.core.errors import run_reported
 
 # name -> (one-line help, "module:function" that adds the command's parser to the subparsers)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("pre-train a model", "harmony.train.cli:add_train_parser"),
+    "train": ("pre-train a model", "harmony.cli:add_train_command"),
     "presets": ("list methods and sizes", "harmony.cli:add_presets_parser"),
     "data": ("dataset tools: synth, from-csv, from-folder, inspect", "harmony.data.cli:add_data_parser"),
     "eval": ("evaluate checkpoints (zero-shot, retrieval, k-NN, linear, ...)", "harmony.eval.cli:add_eval_parser"),
@@ -45,6 +46,21 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for name in size_names():
         print(f"  {name:<20} {describe('sizes', name)}")
     return 0
+
+
+def evaluation_during_training(*args: Any) -> Any:
+    """`harmony.eval.during.DuringTraining`, imported when a run evaluates (the trainer sits below `eval`)."""
+    from harmony.eval.during import DuringTraining
+
+    return DuringTraining(*args)
+
+
+def add_train_command(sub: argparse._SubParsersAction) -> None:
+    """`harmony train`, with the evaluation during training its runs build when the config asks for it."""
+    from harmony.train.cli import add_train_parser
+
+    add_train_parser(sub)
+    sub.choices["train"].set_defaults(evaluation=evaluation_during_training)
 
 
 def add_presets_parser(sub: argparse._SubParsersAction) -> None:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import yaml
 
+from harmony.eval_config import EvalConfig, check_eval
 from harmony.models.parts import parse_pattern
 from harmony.models.sizes import CNN_PREFIX, TEXT_SIZES, VISION_SIZES, CNNSize, TextSize, VisionSize, cnn_size
 from harmony.objective_config import HeadConfig, ObjectivesConfig
@@ -186,6 +187,11 @@ class TrainConfig:
     # gradient accumulation: each rank's share of batch_size in this many micro-batches, one optimiser step,
     # exactly the numbers of the whole batch (harmony.train.accumulate); trades time for memory
     accum_steps: int = 1
+    # evaluation (the `eval` section's tasks) every this many steps and at the end; 0: at the end only
+    eval_every: int = 0
+    keep_best: str = ""  # a logged metric: checkpoints/best.pt is the checkpoint of its best value
+    keep_best_mode: Literal["max", "min"] = "max"
+    wandb: str = ""  # a Weights & Biases project that also receives the scalars and the config
 
 
 @dataclass
@@ -198,6 +204,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys renamed since runs were written: {old dotted key: new keys}. Stored configs (checkpoints, config.yaml),
@@ -311,6 +318,7 @@ def validate(cfg: Config) -> None:
                 f"(e.g. {max(round(size / patch), 1) * patch})"
             )
     _validate_freezing(cfg)
+    check_eval(cfg.eval, cfg.train.eval_every, cfg.train.keep_best)
     if cfg.model.context_length < 3:
         raise ConfigError("config key 'model.context_length' must be at least 3 (start, one word, end)")
     for key, value in {"train.max_steps": cfg.train.max_steps, "data.num_workers": cfg.data.num_workers}.items():

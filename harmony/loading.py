@@ -47,6 +47,15 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def model_for(cfg: Config, weights: dict[str, torch.Tensor]) -> tuple[ImageTextModel, CaptionTokenizer | None]:
+    """The image-text model the student's or teacher's `weights` (state dict) load into, with its tokenizer when
+    they hold a text tower; it has no gradients and is in eval mode, but its weights are still to be loaded."""
+    with_text = any(k.startswith("text.") for k in weights)
+    tokenizer = CaptionTokenizer(cfg.model.context_length)
+    model = build_pair(cfg, tokenizer, with_text=with_text, use_mask_token=False)
+    return model.requires_grad_(False).eval(), tokenizer if with_text else None
+
+
 def load(path: str | Path, weights: Weights = "auto", device: str | torch.device = "cpu") -> Pretrained:
     """Build the image-text model of a checkpoint and load its weights (strictly).
 
@@ -76,18 +85,16 @@ def load(path: str | Path, weights: Weights = "auto", device: str | torch.device
     if weights == "teacher" and not teacher:
         raise ckpt.CheckpointError(f"checkpoint '{path}' has no teacher (method {cfg.name}); use weights=student")
     chosen = teacher if weights == "teacher" else student
-    chosen_text = any(k.startswith("text.") for k in chosen)
-    tokenizer = CaptionTokenizer(cfg.model.context_length)
-    model = build_pair(cfg, tokenizer, with_text=chosen_text, use_mask_token=False)
+    model, tokenizer = model_for(cfg, chosen)
     ckpt.load_state_strict(model, chosen, f"checkpoint '{path}' ({weights})")
-    model.requires_grad_(False).eval().to(device)
+    model.to(device)
     bias = model_state.get("objectives.siglip.logit_bias")
     return Pretrained(
         model,
-        tokenizer if chosen_text else None,
+        tokenizer,
         cfg,
         weights,
         int(state.get("step", 0)),
         Path(path),
-        float(bias.reshape(())) if bias is not None and chosen_text else None,
+        float(bias.reshape(())) if bias is not None and tokenizer is not None else None,
     )

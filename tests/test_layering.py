@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"core"},  # shared helpers: the user-facing errors, devices, collectives, ramps, colours, checkpoint files
     {"typed", "outputs"},  # config typing, output checks
     {"models"},  # towers and heads, plain arguments
-    {"objective_config"},  # the objectives' config sections (torch-free)
+    {"objective_config", "eval_config"},  # the objectives' and evaluation's config sections (torch-free)
     {"config"},
     {"presets"},
     {"objectives"},  # the objective registry and plug-ins

@@ -59,6 +59,11 @@ SIMCLR_RUN = three_steps("simclr")
 # DINO on a CNN image tower: its BatchNorm layers take the statistics of the global batch
 CNN_RUN = ("train", "--preset", "dino-tiny-test", "model.vision=timm:resnet-tiny", "--batch-size", "8")
 CNN_RUN += ("--max-steps", "3", "--no-progress", "train.log_every=1")
+# evaluation every 2 steps on the built-in val split, in batches of 8 (each rank encodes 2 of its 4)
+EVAL_SETTINGS = ("eval.knn_val=builtin:shapes:val", "eval.zeroshot_data=builtin:shapes:val", "eval.workers=0")
+EVAL_SETTINGS += ("eval.retrieval_data=builtin:shapes:val", "eval.knn.batch_size=8", "eval.zeroshot.batch_size=8")
+EVAL_SETTINGS += ("eval.retrieval.batch_size=8", "train.eval_every=2")
+EVAL_RUN = ("train", *HARMONY, "--max-steps", "4", *EVAL_SETTINGS)
 # a locked image tower and a text tower held for 2 steps (`model.freeze`, `model.freeze_until_step`)
 FROZEN = ("model.freeze=image", "model.freeze_until_step=2")
 
@@ -80,6 +85,8 @@ TRAININGS: dict[str, tuple[str, ...]] = {
     **{method: three_steps(method) for method in GLOBAL_BATCH_METHODS},
     "swav_queue": SWAV_QUEUE,
     "filip": FILIP_RUN,
+    "eval_ddp": (*EVAL_RUN, "train.strategy=ddp"),  # each rank encodes its share of the evaluation sets
+    "eval_fsdp": (*EVAL_RUN, "train.strategy=fsdp"),  # ... from the gathered shards of the weights
 }
 
 

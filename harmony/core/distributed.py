@@ -158,3 +158,12 @@ def global_count(local_count: torch.Tensor) -> torch.Tensor:
     global sum over the global count, whatever the per-rank counts are.
     """
     return (all_reduce_sum(local_count.float()) / world_size()).clamp(min=1.0)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable: CPU tensors, lists), in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -7,13 +7,14 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from harmony.config import Config
 from harmony.core.colors import WHITE
@@ -259,6 +260,36 @@ class EvalViews(Dataset[tuple[torch.Tensor, int] | SampleError]):
         return eval_transform(image, self.image_size), label
 
 
+def eval_batches(
+    data: LabelledImages,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    skips: Skips,
+    index: Sequence[int] | None = None,
+) -> SkippingLoader[list[torch.Tensor]]:
+    """Batches (uint8 eval views [B, 3, S, S], labels [B]) of a labelled set, or of its images `index` in that
+    order; unreadable images are counted in `skips` and left out."""
+    views: Dataset[Any] = EvalViews(data, image_size)
+    if index is not None:
+        views = Subset(views, list(index))
+    return SkippingLoader(views, skips, batch_size=batch_size, num_workers=num_workers)
+
+
+@torch.no_grad()
+def encode_batches(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[Sequence[torch.Tensor]],
+    device: torch.device,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(float32 CPU features of each batch from `encode(normalised images)`, the batches' labels)."""
+    feats, labels = [], []
+    for images, target in batches:
+        feats.append(encode(normalize(images.to(device))).float().cpu())
+        labels.append(target)
+    return feats, labels
+
+
 @torch.no_grad()
 def extract(
     encode: Callable[[torch.Tensor], torch.Tensor],
@@ -272,12 +303,6 @@ def extract(
     """(features [N, ...] from `encode(normalised images)`, labels [N]) over the readable images of a
     labelled set; the unreadable ones are counted in `skips` (DataError when none is readable)."""
     skips = Skips() if skips is None else skips
-    loader: SkippingLoader[list[torch.Tensor]] = SkippingLoader(
-        EvalViews(data, image_size), skips, batch_size=batch_size, num_workers=num_workers
-    )
-    feats, labels = [], []
-    for images, target in loader:
-        feats.append(encode(normalize(images.to(device))).float().cpu())
-        labels.append(target)
+    feats, labels = encode_batches(encode, eval_batches(data, image_size, batch_size, num_workers, skips), device)
     require_some(len(labels), skips, data.name)
     return torch.cat(feats), torch.cat(labels)

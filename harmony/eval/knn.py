@@ -56,6 +56,25 @@ def neighbour_counts(ks: tuple[int, ...], num_train: int) -> list[int]:
     return used
 
 
+def knn_metrics(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    ks: list[int],
+    temperature: float,
+    num_classes: int,
+) -> dict[str, float]:
+    """`k<k>_top1` / `k<k>_top5` of weighted k-NN for each k: the (token summaries, labels) of the evaluation
+    images against those of the training images, by their last CLS token (`harmony.eval.features`)."""
+    train_cls = F.normalize(train[0][:, -2], dim=-1)
+    test_cls = F.normalize(test[0][:, -2], dim=-1)
+    metrics: dict[str, float] = {}
+    for k in ks:
+        votes = knn_scores(train_cls, train[1], test_cls, k, temperature, num_classes)
+        acc = topk_accuracy(votes, test[1])
+        metrics[f"k{k}_top1"], metrics[f"k{k}_top5"] = acc["top1"], acc["top5"]
+    return metrics
+
+
 def run_knn(
     pretrained: Pretrained,
     data_spec: str,
@@ -81,14 +100,10 @@ def run_knn(
     }
     train_feats, train_labels = cached_summaries(pretrained, splits.train, **extract)
     test_feats, test_labels = cached_summaries(pretrained, splits.test, **extract)
-    train_cls = F.normalize(train_feats[:, -2], dim=-1)
-    test_cls = F.normalize(test_feats[:, -2], dim=-1)
     used = neighbour_counts(s.ks, len(train_labels))
-    metrics: dict[str, float] = {}
-    for k in used:
-        votes = knn_scores(train_cls, train_labels, test_cls, k, s.temperature, splits.num_classes)
-        acc = topk_accuracy(votes, test_labels)
-        metrics[f"k{k}_top1"], metrics[f"k{k}_top5"] = acc["top1"], acc["top5"]
+    metrics = knn_metrics(
+        (train_feats, train_labels), (test_feats, test_labels), used, s.temperature, splits.num_classes
+    )
     metrics["chance"] = 1.0 / splits.num_classes
     dataset = {
         "spec": data_spec,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from harmony.eval.settings import resolve
 from harmony.eval.transforms import eval_transform
 from harmony.loading import Pretrained
 from harmony.models.normalize import normalize
+from harmony.models.pair import ImageTextModel
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,29 @@ def _collate(batch: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor,
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
 
 
+def pair_batches(
+    data: CaptionedImages, index: list[int], image_size: int, batch_size: int, num_workers: int, skips: Skips
+) -> SkippingLoader[tuple[torch.Tensor, list[list[str]]]]:
+    """Batches (uint8 eval views, each image's captions) of the images `index`; unreadable ones counted in `skips`."""
+    return SkippingLoader(
+        _Views(data, index, image_size), skips, _collate, batch_size=batch_size, num_workers=num_workers
+    )
+
+
 @torch.no_grad()
+def embed_pair_batch(
+    model: ImageTextModel, pixels: torch.Tensor, ids: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image embeddings, caption embeddings) of one batch: uint8 images and its captions' token ids."""
+    images = model.encode_image(normalize(pixels.to(device))).float().cpu()
+    return images, model.encode_text(ids.to(device)).float().cpu()
+
+
+def caption_owners(counts: Sequence[int]) -> torch.Tensor:
+    """The image index of each caption, from the number of captions of each image in order."""
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+
+
 def embed_pairs(
     pretrained: Pretrained,
     data: CaptionedImages,
@@ -74,24 +98,26 @@ def embed_pairs(
     model, tokenizer = pretrained.model, pretrained.tokenizer
     assert tokenizer is not None
     skips = Skips() if skips is None else skips
-    loader = SkippingLoader(
-        _Views(data, index, pretrained.image_size),
-        skips,
-        _collate,
-        batch_size=batch_size,
-        num_workers=num_workers,
-    )
     images, texts = [], []
-    owners: list[int] = []
-    seen = 0
-    for pixels, captions in loader:
-        images.append(model.encode_image(normalize(pixels.to(device))).float().cpu())
-        flat = [c for group in captions for c in group]
-        texts.append(model.encode_text(tokenizer(flat).to(device)).float().cpu())
-        owners.extend(seen + i for i, group in enumerate(captions) for _ in group)
-        seen += len(captions)
-    require_some(seen, skips, data.name)
-    return torch.cat(images), torch.cat(texts), torch.tensor(owners)
+    counts: list[int] = []
+    for pixels, captions in pair_batches(data, index, pretrained.image_size, batch_size, num_workers, skips):
+        image_emb, text_emb = embed_pair_batch(
+            model, pixels, tokenizer([c for group in captions for c in group]), device
+        )
+        images.append(image_emb)
+        texts.append(text_emb)
+        counts.extend(len(group) for group in captions)
+    require_some(len(counts), skips, data.name)
+    return torch.cat(images), torch.cat(texts), caption_owners(counts)
+
+
+def recall_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, owners: torch.Tensor, ks: Sequence[int]
+) -> dict[str, float]:
+    """Recall@k image->text and text->image, and their mean (`mean_recall`)."""
+    metrics = retrieval_recall(image_emb @ text_emb.t(), owners, ks)
+    metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
+    return metrics
 
 
 def run_retrieval(
@@ -125,8 +151,7 @@ def run_retrieval(
             f"recall@{','.join(map(str, trivial))} is 1 by construction",
             file=sys.stderr,
         )
-    metrics = retrieval_recall(image_emb @ text_emb.t(), owners, s.ks)
-    metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
+    metrics = recall_metrics(image_emb, text_emb, owners, s.ks)
     dataset = {
         "spec": data_spec,
         "num_images": len(image_emb),

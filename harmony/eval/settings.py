@@ -128,3 +128,19 @@ def add_flags(parser: argparse.ArgumentParser, defaults: object, full: object) -
 
 def overrides_from(args: argparse.Namespace, defaults: object) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in fields(defaults) if getattr(args, f.name, None) is not None}  # type: ignore[arg-type]
+
+
+def from_config(defaults: S, full: S, data_spec: str, given: Mapping[str, Any], key: str) -> S:
+    """A protocol's settings from a config mapping (`eval.knn`: values as YAML or `key=value` text gives them),
+    read as the `--flag`s read them; an unknown name or a value of the wrong type is a ConfigError naming the key."""
+    names = [f.name for f in fields(defaults)]  # type: ignore[arg-type]
+    overrides: dict[str, Any] = {}
+    for name, value in given.items():
+        if name not in names:
+            raise ConfigError(f"unknown config key '{key}.{name}'; known: {', '.join(names)}")
+        text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        try:
+            overrides[name] = parse_value(getattr(defaults, name), text)
+        except ConfigError as exc:
+            raise ConfigError(f"config key '{key}.{name}': {exc}") from None
+    return resolve(defaults, full, data_spec, overrides)

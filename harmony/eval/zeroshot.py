@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from harmony.core.colors import WHITE
 from harmony.core.errors import CheckpointError, ConfigError
 from harmony.eval import settings
-from harmony.eval.datasets import extract, open_labelled, subset
+from harmony.eval.datasets import LabelledImages, extract, open_labelled, subset
 from harmony.eval.images import Colour, Skips
 from harmony.eval.metrics import per_class_recall, topk_accuracy
 from harmony.eval.report import make_result
@@ -106,7 +106,20 @@ def class_name_set(name: str) -> list[str]:
     return read_lines(name)
 
 
+def prompt_tokens(
+    tokenizer: CaptionTokenizer, class_names: Sequence[str], templates: Sequence[str]
+) -> list[torch.Tensor]:
+    """Per class, the token ids of its prompts (one row per template)."""
+    return [tokenizer([t.format(name) for t in templates]) for name in class_names]
+
+
 @torch.no_grad()
+def embed_prompts(model: ImageTextModel, tokens: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """[C, E]: per class, the normalised mean of its prompts' normalised embeddings."""
+    rows = [F.normalize(model.encode_text(ids.to(device)).float().mean(dim=0), dim=-1) for ids in tokens]
+    return torch.stack(rows)
+
+
 def class_embeddings(
     model: ImageTextModel,
     tokenizer: CaptionTokenizer,
@@ -115,11 +128,27 @@ def class_embeddings(
     device: torch.device,
 ) -> torch.Tensor:
     """[C, E]: per class, the normalised mean of the normalised template embeddings."""
-    rows = []
-    for name in class_names:
-        ids = tokenizer([t.format(name) for t in templates]).to(device)
-        rows.append(F.normalize(model.encode_text(ids).float().mean(dim=0), dim=-1))
-    return torch.stack(rows)
+    return embed_prompts(model, prompt_tokens(tokenizer, class_names, templates), device)
+
+
+def class_prompt_names(s: ZeroShotSettings, data: LabelledImages) -> list[str]:
+    """The names the prompts use: the `classnames` set or file, else the class folders' names."""
+    names = class_name_set(s.classnames) if s.classnames else [prompt_name(n) for n in data.class_names]
+    if len(names) != len(data.class_names):
+        raise ConfigError(f"{len(names)} class names given for a dataset with {len(data.class_names)} classes")
+    return names
+
+
+def zeroshot_scores(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[dict[str, float], list[float | None]]:
+    """(top-1, top-5, mean per-class recall and chance; each class's recall, None for a class without images)."""
+    metrics = topk_accuracy(logits, labels)
+    recalls = per_class_recall(logits, labels)
+    present = [r for r in recalls if r is not None]
+    metrics["mean_per_class_recall"] = sum(present) / len(present)
+    metrics["chance"] = 1.0 / num_classes
+    return metrics, recalls
 
 
 def run_zeroshot(
@@ -142,22 +171,14 @@ def run_zeroshot(
             f"checkpoint '{pretrained.path}' has no text tower ({pretrained.weights}); zero-shot needs one"
         )
     data = subset(open_labelled(data_spec, pretrained.config, background), s.max_eval)
-    if prompt_names:
-        names = list(prompt_names)
-    else:
-        names = class_name_set(s.classnames) if s.classnames else [prompt_name(n) for n in data.class_names]
+    names = list(prompt_names) if prompt_names else class_prompt_names(s, data)
     if len(names) != len(data.class_names):
         raise ConfigError(f"{len(names)} class names given for a dataset with {len(data.class_names)} classes")
     prompts = list(prompt_templates or template_set(s.templates))
     weights = class_embeddings(model, tokenizer, names, prompts, device)
     skips = Skips()
     feats, labels = extract(model.encode_image, data, pretrained.image_size, device, s.batch_size, num_workers, skips)
-    logits = feats @ weights.cpu().t()
-    metrics = topk_accuracy(logits, labels)
-    recalls = per_class_recall(logits, labels)
-    present = [r for r in recalls if r is not None]
-    metrics["mean_per_class_recall"] = sum(present) / len(present)
-    metrics["chance"] = 1.0 / len(names)
+    metrics, recalls = zeroshot_scores(feats @ weights.cpu().t(), labels, len(names))
     counts = torch.bincount(labels, minlength=len(names)).tolist()
     per_class = {c: {"recall": r, "images": n} for c, r, n in zip(data.class_names, recalls, counts)}
     dataset = {

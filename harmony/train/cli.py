@@ -108,7 +108,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_dir(out)
     from harmony.train.loop import train
 
-    result = train(cfg, out, resume=resume, progress=not args.no_progress, overwrite=args.overwrite, init=source)
+    result = train(
+        cfg,
+        out,
+        resume=resume,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        init=source,
+        evaluation=getattr(args, "evaluation", None),
+    )
     if result.is_main:
         print(result.summary())
     return 0

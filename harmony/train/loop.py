@@ -19,7 +19,16 @@ import torch
 from harmony.config import Config, dump_yaml, to_dict, upgrade_keys
 from harmony.core import checkpoint as ckpt
 from harmony.core.device import resolve_device
-from harmony.core.distributed import DistInfo, all_reduce_mean, all_reduce_sum, full, init_distributed, shutdown
+from harmony.core.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    full,
+    gather_objects,
+    init_distributed,
+    shutdown,
+)
+from harmony.core.errors import ConfigError
 from harmony.data.guard import describe_skips
 from harmony.data.loader import build_train_data
 from harmony.data.views import ViewMaker
@@ -27,6 +36,7 @@ from harmony.train.logger import MetricsLogger
 from harmony.train.preemption import StopRequest
 from harmony.train.runfolder import claim
 from harmony.train.step import Stepper, TrainingError
+from harmony.train.watch import BestKeeper, Evaluation, EvaluationBuilder, preserved_rng, tower_weights
 from harmony.typed import changed_keys
 from harmony.weights.apply import InitSummary
 from harmony.weights.resolve import open_init_source
@@ -83,18 +93,21 @@ class Trainer:
         progress: bool = True,
         overwrite: bool = False,
         init: Source | None = None,
+        evaluation: EvaluationBuilder | None = None,
     ) -> None:
         self.cfg, self.out_dir = cfg, out_dir
         requested = resolve_device(cfg.train.device)
         self.dist: DistInfo = init_distributed(requested.type)
         self.lock = claim(out_dir, resume, overwrite) if self.dist.is_main else None
         try:
-            self._build(resume, progress, init)
+            self._build(resume, progress, init, evaluation)
         except BaseException:
             self._release()
             raise
 
-    def _build(self, resume: str | None, progress: bool, init: Source | None) -> None:
+    def _build(
+        self, resume: str | None, progress: bool, init: Source | None, evaluation: EvaluationBuilder | None
+    ) -> None:
         cfg, out_dir = self.cfg, self.out_dir
         self.device = resolve_device(cfg.train.device, self.dist)
         if cfg.train.threads > 0:
@@ -114,8 +127,17 @@ class Trainer:
         self._captions_checked = False
         if checkpoint is not None:
             self._resume(checkpoint)
+        self.evaluation = self._start_evaluation(evaluation)
+        self.best = self._best_keeper()
         self.logger = MetricsLogger(
-            out_dir, self.total_steps, self.step, self.dist.is_main, progress=progress, label=cfg.name
+            out_dir,
+            self.total_steps,
+            self.step,
+            self.dist.is_main,
+            progress=progress,
+            label=cfg.name,
+            wandb_project=cfg.train.wandb,
+            config=to_dict(cfg),
         )
         if self.dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +146,37 @@ class Trainer:
             self.logger.message(left_out)
         if self.stepper.init_summary is not None:
             self._report_init(self.stepper.init_summary)
+        if self.evaluation is not None:
+            every = f"every {cfg.train.eval_every} steps and " if cfg.train.eval_every else ""
+            self.logger.message(f"evaluating {', '.join(cfg.eval.tasks())} {every}at the end")
+
+    def _start_evaluation(self, builder: EvaluationBuilder | None) -> Evaluation | None:
+        """The run's evaluation (`eval` names data): its sets decoded now, before the first step, drawing no
+        random number training would have drawn."""
+        cfg = self.cfg
+        if not cfg.eval.tasks():
+            return None
+        if builder is None:
+            raise ConfigError(
+                "config key 'train.eval_every' (with the eval section's data): evaluation during training runs under "
+                "`harmony train`, which brings the evaluation code"
+            )
+        task = self.stepper.task
+        towers = {"student": task.student.text is not None}
+        if task.teacher is not None:
+            towers["teacher"] = task.teacher.text is not None
+        with preserved_rng(self.device):
+            return builder(cfg, self.dist, self.device, towers)
+
+    def _best_keeper(self) -> BestKeeper | None:
+        """`train.keep_best`, checked against what the evaluation logs; the best so far (rank 0's `best.json`,
+        so every rank decides alike when to save) when the run continues."""
+        if not self.cfg.train.keep_best:
+            return None
+        keeper = BestKeeper(self.cfg.train.keep_best, self.cfg.train.keep_best_mode, self.out_dir)
+        keeper.check_known(self.evaluation.metric_names() if self.evaluation is not None else [])
+        keeper.best = gather_objects(keeper.best)[0]
+        return keeper
 
     def _release(self) -> None:
         if self.lock is not None:
@@ -156,7 +209,8 @@ class Trainer:
         if self.dist.is_main:
             (self.out_dir / "init.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
 
-    def save(self, periodic: bool) -> Path:
+    def save(self, periodic: bool, last_too: bool = True, best: bool = False) -> Path:
+        """`checkpoints/last.pt` (unless not `last_too`), `step_*.pt` when `periodic`, `best.pt` when `best`."""
         last = self.ckpt_dir / "last.pt"
         step_state = self.stepper.state_dict()  # a collective under FSDP: every rank takes part
         if not self.dist.is_main:
@@ -170,7 +224,11 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             **step_state,
         }
-        ckpt.save_atomic(state, last)
+        if last_too:
+            ckpt.save_atomic(state, last)
+        if best and self.best is not None:
+            ckpt.save_atomic(state, self.ckpt_dir / "best.pt")
+            self.best.record(self.step, self.ckpt_dir / "best.pt")
         if periodic:
             ckpt.save_atomic(state, self.ckpt_dir / f"step_{self.step:08d}.pt")
             ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)
@@ -245,13 +303,33 @@ class Trainer:
         window.steps += 1
         self.logger.advance()
         record = None
-        if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+        final = self.step == self.total_steps
+        if self.step % cfg.train.log_every == 0 or final:
             record = self._log(metrics)
             self.window = _Window()
             self._check_bad_steps(int(record["bad_steps_in_a_row"]))
+        rows = [(record, True)] if record is not None else []
+        if self.evaluation is not None and (final or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0)):
+            rows.append((self._evaluate(self.evaluation), False))
+        best = self.best is not None and any([self.best.improves(row, training) for row, training in rows])
         save_every = cfg.train.save_every or self.steps_per_epoch
-        if self.step % save_every == 0 or self.step == self.total_steps:
-            self.save(periodic=self.step % save_every == 0)
+        due = self.step % save_every == 0 or final
+        if due or best:
+            self.save(periodic=self.step % save_every == 0, last_too=due, best=best)
+        return record
+
+    def _evaluate(self, evaluation: Evaluation) -> dict[str, float]:
+        """An evaluation's row (`harmony.eval.during`): no random number is drawn from training's generators, and
+        its time is left out of the next log step's throughput."""
+        started = time.perf_counter()
+        task = self.stepper.task
+        with preserved_rng(self.device):
+            values = evaluation(tower_weights({"student": task.student, "teacher": task.teacher}))
+        seconds = time.perf_counter() - started
+        record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **values}
+        record["eval/time_s"] = seconds
+        self.logger.log_eval(record)
+        self.window.start += seconds
         return record
 
     def _check_bad_steps(self, in_a_row: int) -> None:
@@ -302,10 +380,12 @@ def train(
     progress: bool = True,
     overwrite: bool = False,
     init: Source | None = None,
+    evaluation: EvaluationBuilder | None = None,
 ) -> RunResult:
     """Train `cfg` into `out_dir`; `resume` is 'auto' or a checkpoint, `overwrite` starts a used folder over,
-    `init` the source a new run starts from (else `model.init` is opened when the run starts fresh)."""
-    trainer = Trainer(cfg, out_dir, resume, progress, overwrite, init)
+    `init` the source a new run starts from (else `model.init` is opened when the run starts fresh), `evaluation`
+    builds the evaluation during training (`harmony.eval.during`; needed when the config's `eval` names data)."""
+    trainer = Trainer(cfg, out_dir, resume, progress, overwrite, init, evaluation)
     try:
         return trainer.fit()
     finally:

@@ -40,7 +40,16 @@ SAFE_ON_RESUME = (
     "train.accum_steps",  # exact: the same numbers in fewer or more micro-batches
     "data.pin_memory",
     "data.caption_padding",  # exact: the padding after the longest caption reaches no loss
+    "train.eval_every",  # evaluation, the best checkpoint and W&B read the weights and change none
+    "train.keep_best",
+    "train.keep_best_mode",
+    "train.wandb",
 )
+
+
+def safe_on_resume(key: str) -> bool:
+    """A dotted key whose change leaves the numbers of a resumed run those of one never interrupted."""
+    return key in SAFE_ON_RESUME or key.startswith("eval.")
 
 
 @dataclass
@@ -124,7 +133,7 @@ def resumed_config(point: ResumePoint, preset: str | None, overrides: list[str],
     for assignment in overrides:
         cfg = set_override(cfg, assignment)
     validate(cfg)
-    locked = [k for k in changed_keys(stored, cfg) if k not in SAFE_ON_RESUME]
+    locked = [k for k in changed_keys(stored, cfg) if not safe_on_resume(k)]
     if locked and not force:
         shown = ", ".join(locked[:6]) + (", ..." if len(locked) > 6 else "")
         raise ConfigError(

@@ -18,7 +18,7 @@ from pathlib import Path
 from harmony.outputs import PROBE_PREFIX, OutputError, check_output_dir
 
 LOCK_FILE = ".harmony.lock"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.yaml")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.yaml", "best.json", "wandb", "wandb-id")
 
 
 class RunLock:
