@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harmony.core import checkpoint as ckpt
-from tests.conftest import Cli
+from tests.conftest import Cli, TwoRanks
 
 TRAIN = ["train", "--preset", "clip-tiny-test", "--no-progress", "--workers", "0", "train.log_every=1"]
 
@@ -53,3 +53,17 @@ def test_a_log_write_that_fails_is_one_line(tmp_path: Path, cli: Cli, monkeypatc
 def test_the_size_estimate_counts_every_tensor() -> None:
     state = {"a": torch.zeros(256, dtype=torch.float32), "b": [torch.zeros(8, dtype=torch.float16)], "c": 3}
     assert ckpt.state_bytes(state) == 256 * 4 + 8 * 2
+
+
+@pytest.mark.slow
+def test_with_two_ranks_a_checkpoint_rank_0_cannot_write_stops_both_in_one_line(two_ranks: TwoRanks) -> None:
+    """Only rank 0 writes checkpoints: when it fails, rank 1 learns it at once (it would otherwise wait in the next
+    collective until the process group times out) and both exit with the same one-line error."""
+    folder = two_ranks.folder("checkpoint_write_failure")
+    codes = [int((folder / f"code{rank}").read_text()) for rank in (0, 1)]
+    assert codes[0] == codes[1] == ckpt.CheckpointWriteError.exit_code != 0
+    errors = [
+        [line for line in (folder / f"rank{rank}.log").read_text().splitlines() if "error" in line] for rank in (0, 1)
+    ]
+    assert len(errors[0]) == 1 and "no space left on the device" in errors[0][0]
+    assert len(errors[1]) == 1 and "could not be written (rank 0 says why)" in errors[1][0]

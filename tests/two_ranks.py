@@ -108,6 +108,25 @@ def global_batchnorm(folder: Path) -> None:
     normalise_this_ranks_rows(dist.get_rank(), folder)
 
 
+def checkpoint_write_failure(folder: Path) -> None:
+    """Rank 0 cannot write its checkpoint (a full disk): both ranks end with one line and an exit code, none waits
+    for the other in a collective. Each rank's exit code goes to `code<rank>`."""
+    from harmony.core import checkpoint as ckpt
+
+    original = ckpt.save_atomic
+
+    def full_disk(state: object, path: Path) -> None:
+        raise ckpt.CheckpointWriteError(f"no space left on the device to write '{path}'")
+
+    if dist.get_rank() == 0:
+        ckpt.save_atomic = full_disk  # type: ignore[assignment]
+    try:
+        code = main([*three_steps("clip"), "--out", str(folder / "run")])
+    finally:
+        ckpt.save_atomic = original  # type: ignore[assignment]
+    (folder / f"code{dist.get_rank()}").write_text(str(code))
+
+
 def frozen_resumed(strategy: str) -> Callable[[Path], None]:
     def check(folder: Path) -> None:
         from tests.test_freeze import resume_after_the_warm_up_on_this_rank
@@ -121,6 +140,7 @@ CHECKS: dict[str, Callable[[Path], None]] = {
     "text_distill_and_sharded_clipping": text_distill_and_sharded_clipping,
     "global_batchnorm": global_batchnorm,
     "simclr_global_batch": simclr_global_batch,
+    "checkpoint_write_failure": checkpoint_write_failure,
     "ddp_frozen_resumed": frozen_resumed("ddp"),
     "fsdp_frozen_resumed": frozen_resumed("fsdp"),
 }

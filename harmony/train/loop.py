@@ -213,8 +213,24 @@ class Trainer:
         """`checkpoints/last.pt` (unless not `last_too`), `step_*.pt` when `periodic`, `best.pt` when `best`."""
         last = self.ckpt_dir / "last.pt"
         step_state = self.stepper.state_dict()  # a collective under FSDP: every rank takes part
-        if not self.dist.is_main:
-            return last
+        failure: ckpt.CheckpointWriteError | None = None
+        if self.dist.is_main:
+            try:
+                self._write(step_state, last, periodic, last_too, best)
+            except ckpt.CheckpointWriteError as err:
+                failure = err
+        # every rank learns whether the main one wrote: the others would wait in the next step's collectives
+        failed = all_reduce_sum(torch.tensor([float(failure is not None)], device=self.device)).item()
+        if failure is not None:
+            raise failure
+        if failed:
+            raise ckpt.CheckpointWriteError(
+                f"the checkpoint in '{self.ckpt_dir}' could not be written (rank 0 says why)"
+            )
+        return last
+
+    def _write(self, step_state: dict[str, Any], last: Path, periodic: bool, last_too: bool, best: bool) -> None:
+        """The main process's writing of `save`'s checkpoints."""
         state: dict[str, Any] = {
             "format": ckpt.FORMAT,
             "version": ckpt.VERSION,
@@ -232,7 +248,6 @@ class Trainer:
         if periodic:
             ckpt.save_atomic(state, self.ckpt_dir / f"step_{self.step:08d}.pt")
             ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)
-        return last
 
     def fit(self) -> RunResult:
         """Train to `total_steps` (or until a stop signal: then save and return normally)."""
