@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harmony.config import ConfigError
+from harmony.presets import build_config
 from harmony.repro.report import markdown_table
 from harmony.repro.suite import Suite, load_suite, suite_names
 from tests.conftest import Cli, in_process
@@ -105,7 +106,10 @@ def test_builtin_suites_load() -> None:
     given = {"paper-table1": {**data, "coco": "coco"}, "paper-table4": data}
     for name in suite_names():
         suite = load_suite(name, given.get(name))
-        assert "clip" in suite.methods and "harmony" in suite.methods, name
+        for run in suite.presets(with_ablations=True):  # every run is a preset with valid settings
+            build_config(suite.preset_of(run), suite.overrides_for(run))
+        if name != "lecture-tiny":  # the self-supervised methods alone
+            assert "clip" in suite.methods and "harmony" in suite.methods, name
     table = load_suite("shapes-tiny")
     assert table.methods == ["clip", "slip", "maskclip", "ibot", "mae", "harmony"]
 
