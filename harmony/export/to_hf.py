@@ -19,6 +19,7 @@ import torch
 from harmony.export.common import ExportError, check_against, cpu, image_size, readable, vit_of
 from harmony.models.pair import ImageTextModel
 from harmony.models.tokenizer import CaptionTokenizer
+from harmony.weights.hf_source import TEXT_BLOCK_NAMES
 
 
 def _transformers() -> Any:
@@ -75,11 +76,8 @@ def clip_text_state(model: ImageTextModel) -> dict[str, torch.Tensor]:
         for kind in ("weight", "bias"):
             for name, part in zip(("q", "k", "v"), _split_qkv(own[f"{block}.attn.in_proj_{kind}"])):
                 out[f"{layer}.self_attn.{name}_proj.{kind}"] = part
-            out[f"{layer}.self_attn.out_proj.{kind}"] = own[f"{block}.attn.out_proj.{kind}"]
-            out[f"{layer}.layer_norm1.{kind}"] = own[f"{block}.ln_1.{kind}"]
-            out[f"{layer}.layer_norm2.{kind}"] = own[f"{block}.ln_2.{kind}"]
-            out[f"{layer}.mlp.fc1.{kind}"] = own[f"{block}.mlp.c_fc.{kind}"]
-            out[f"{layer}.mlp.fc2.{kind}"] = own[f"{block}.mlp.c_proj.{kind}"]
+            for ours, hf in TEXT_BLOCK_NAMES:
+                out[f"{layer}.{hf}.{kind}"] = own[f"{block}.{ours}.{kind}"]
     return out
 
 

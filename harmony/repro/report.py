@@ -23,12 +23,17 @@ def metric(evals: dict[str, Any], path: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def columns_of(suite: Suite, table: TableSpec | None) -> dict[str, str]:
+    """A table's columns (label -> task.metric): its own, else the suite's."""
+    return suite.columns if table is None or not table.columns else table.columns
+
+
 def table_rows(
     suite: Suite, runs: dict[str, dict[str, Any]], table: TableSpec | None = None
 ) -> tuple[list[str], list[list[float | None]]]:
     """Row names and values of the main table (every run, the suite's columns) or of one of `suite.tables`."""
     names = list(runs) if table is None else [r for m in table.methods if (r := f"{m}-{suite.size}") in runs]
-    columns = suite.columns if table is None or not table.columns else table.columns
+    columns = columns_of(suite, table)
     values = [[metric(runs[name]["evals"], path) for path in columns.values()] for name in names]
     return names, values
 
@@ -37,7 +42,7 @@ def markdown_table(
     suite: Suite, runs: dict[str, dict[str, Any]], bold: bool = True, table: TableSpec | None = None
 ) -> str:
     names, values = table_rows(suite, runs, table)
-    columns = list(suite.columns if table is None or not table.columns else table.columns)
+    columns = list(columns_of(suite, table))
     best = [max((v for row in values if (v := row[c]) is not None), default=None) for c in range(len(columns))]
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, row in zip(names, values):
@@ -72,7 +77,7 @@ def plain_table(suite: Suite, runs: dict[str, dict[str, Any]], table: TableSpec 
     names, values = table_rows(suite, runs, table)
     if not names:
         return ""
-    columns = list(suite.columns if table is None or not table.columns else table.columns)
+    columns = list(columns_of(suite, table))
     width = max(len(n) for n in names) + 2
     head = f"{'method':<{width}}" + "".join(f"{c:>{max(len(c), 7) + 2}}" for c in columns)
     lines = [head, "-" * len(head)]

@@ -153,6 +153,16 @@ def _vision_to_timm(state: State, prefix: str) -> State:
     return out
 
 
+# a text block's tensors besides the fused q/k/v: (Harmony's / open_clip's name, transformers' CLIP name)
+TEXT_BLOCK_NAMES = (
+    ("attn.out_proj", "self_attn.out_proj"),
+    ("ln_1", "layer_norm1"),
+    ("ln_2", "layer_norm2"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
+)
+
+
 def _text_to_ours(state: State, layers: int) -> State:
     """HF CLIP text names -> Harmony's (open_clip's) text tower names, under `text.`."""
     p = "text_model."
@@ -166,9 +176,6 @@ def _text_to_ours(state: State, layers: int) -> State:
         layer, block = f"{p}encoder.layers.{i}", f"text.transformer.resblocks.{i}"
         for kind in ("weight", "bias"):
             out[f"{block}.attn.in_proj_{kind}"] = _qkv(state, f"{layer}.self_attn", kind)
-            out[f"{block}.attn.out_proj.{kind}"] = state[f"{layer}.self_attn.out_proj.{kind}"]
-            out[f"{block}.ln_1.{kind}"] = state[f"{layer}.layer_norm1.{kind}"]
-            out[f"{block}.ln_2.{kind}"] = state[f"{layer}.layer_norm2.{kind}"]
-            out[f"{block}.mlp.c_fc.{kind}"] = state[f"{layer}.mlp.fc1.{kind}"]
-            out[f"{block}.mlp.c_proj.{kind}"] = state[f"{layer}.mlp.fc2.{kind}"]
+            for ours, hf in TEXT_BLOCK_NAMES:
+                out[f"{block}.{ours}.{kind}"] = state[f"{layer}.{hf}.{kind}"]
     return out
